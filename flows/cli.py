@@ -1,0 +1,112 @@
+"""``convlens`` command line. Each sub-command lives beside its flow: a flow module that defines
+``register(subparsers)`` is picked up from :data:`COMMAND_MODULES` (modules not present are skipped).
+
+Stages run through Prefect when a Prefect API is configured (``PREFECT_API_URL``, e.g. a local
+``prefect server start``) or ``--prefect`` is given, so runs are tracked in the UI; otherwise the same task
+functions run in-process (no server needed). Errors a user can fix print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+__all__ = ["main", "build_parser", "COMMAND_MODULES", "use_prefect", "run_stage", "add_store_argument", "emit"]
+
+COMMAND_MODULES = (
+    "flows.extract_features",
+    "flows.info",
+    "flows.build_index",
+    "flows.dataset_audit",
+    "flows.project",
+    "flows.audit",
+    "flows.neurons",
+    "flows.report",
+    "flows.nightly_audit",
+    "flows.deployments",
+    "flows.verify",
+    "flows.layers",
+    "flows.demo",
+)
+
+
+def add_store_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default=os.environ.get("CONVLENS_STORE", "convlens-store"),
+                   help="store directory (default ./convlens-store or $CONVLENS_STORE)")
+
+
+def use_prefect(args: argparse.Namespace) -> bool:
+    flag = getattr(args, "prefect", None)
+    if flag is not None:
+        return flag
+    return bool(os.environ.get("PREFECT_API_URL"))
+
+
+def run_stage(args: argparse.Namespace, flow_fn: Callable[..., Any], plain_fn: Callable[[], Any], **flow_kwargs: Any) -> Any:
+    """Run ``flow_fn(**flow_kwargs)`` under Prefect when configured, else ``plain_fn()`` in-process."""
+    if use_prefect(args):
+        return flow_fn(**flow_kwargs)
+    return plain_fn()
+
+
+def emit(obj: Any, as_json: bool, text: str | None = None) -> None:
+    """Print ``obj`` as JSON for scripts, or ``text`` for people."""
+    if as_json:
+        print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    elif text is not None:
+        print(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convlens",
+        description="Audit image CNNs over whole datasets: features, neighbours, maps, attributions, reports.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    orch = parser.add_mutually_exclusive_group()
+    orch.add_argument("--prefect", dest="prefect", action="store_true", default=None,
+                      help="run stages as Prefect flows (default when PREFECT_API_URL is set)")
+    orch.add_argument("--no-prefect", dest="prefect", action="store_false", help="run stages in-process")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose + 1, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from storage.errors import ConvlensError
+
+    try:
+        result = args.func(args)
+    except (ConvlensError, ValueError, FileNotFoundError) as exc:
+        print(f"convlens {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"convlens {args.command}: interrupted; the last published output is intact, rerun to resume", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

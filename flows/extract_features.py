@@ -1,0 +1,109 @@
+"""Flow: extract one layer's features for a whole image dataset into the Parquet feature store.
+
+Parameters mirror ``convlens extract``. Steps (each a task that passes paths and small records):
+plan (list + hash + diff against the store) -> extract new images into journalled parts -> publish the
+manifest. Incremental: a rerun extracts only images whose content hash is not stored yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from prefect import flow, task, get_run_logger
+
+from tasks.features import ExtractConfig, run_extraction
+
+__all__ = ["extract_features", "extract_task", "add_arguments", "config_from_args", "summarise"]
+
+
+@task(name="extract-features", retries=0)
+def extract_task(cfg: ExtractConfig) -> dict[str, Any]:
+    """Plan, extract and publish under the artefact lock; returns the published manifest."""
+    return run_extraction(cfg)
+
+
+@flow(name="extract-features", log_prints=False)
+def extract_features(data: str, store: str = "convlens-store", model: str = "mobilenet_v2", weights: str = "imagenet",
+                     layer: str | None = None, pool: str = "avg", batch_size: int = 64, device: str = "auto",
+                     num_workers: int | None = None, max_reject_rate: float = 0.2, seed: int = 0,
+                     root: str | None = None, allow_outside_root: bool = False) -> dict[str, Any]:
+    """Extract features of DATA into STORE; returns a small summary (artefact id, rows, rejects, timings)."""
+    cfg = ExtractConfig(data=data, store=store, model=model, weights=weights, layer=layer, pool=pool,
+                        batch_size=batch_size, device=device, num_workers=num_workers,
+                        max_reject_rate=max_reject_rate, seed=seed, root=root,
+                        allow_outside_root=allow_outside_root, progress=False)
+    manifest = extract_task(cfg)
+    summary = summarise(manifest)
+    get_run_logger().info("published %(artefact_id)s: %(rows)d rows, %(rejects)d rejects, %(extracted)d extracted", summary)
+    return summary
+
+
+def summarise(manifest: dict[str, Any]) -> dict[str, Any]:
+    run = manifest.get("run", {})
+    return {
+        "artefact_id": manifest["artefact_id"], "rows": manifest["rows"], "rejects": manifest["rejects"],
+        "dim": manifest["dim"], "extracted": run.get("extracted", 0), "images_per_s": run.get("images_per_s", 0.0),
+        "layer": manifest["layer"]["name"], "model": manifest["model"].get("arch"),
+    }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="image folder, or CSV/Parquet list with a 'path' column")
+    p.add_argument("--model", default="mobilenet_v2", help="torchvision architecture name (default mobilenet_v2)")
+    p.add_argument("--weights", default="imagenet", help="imagenet (default) | none | PATH to a state dict")
+    p.add_argument("--weights-prefix", default=None, help="strip this key prefix from the state dict (e.g. 'module.')")
+    p.add_argument("--layer", default=None, help="module name or alias fc6|fc7|penultimate (default fc7, else penultimate)")
+    p.add_argument("--pool", default="avg", choices=["avg", "max", "none"], help="reduce conv maps (default avg)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader decode workers")
+    p.add_argument("--max-reject-rate", type=float, default=0.2, help="fail (publish nothing) above this reject rate")
+    p.add_argument("--seed", type=int, default=0, help="seed for --weights none")
+    p.add_argument("--root", default=None, help="resolve list paths against this folder (default: the list's folder)")
+    p.add_argument("--allow-outside-root", action="store_true", help="accept list entries outside the root")
+    p.add_argument("--allow-extension-mismatch", action="store_true", help="decode e.g. a PNG named .jpg instead of rejecting it")
+
+
+def config_from_args(a: argparse.Namespace) -> ExtractConfig:
+    return ExtractConfig(data=a.data, store=a.store, model=a.model, weights=a.weights, layer=a.layer, pool=a.pool,
+                         batch_size=a.batch_size, device=a.device, num_workers=a.num_workers,
+                         max_reject_rate=a.max_reject_rate, seed=a.seed, root=a.root,
+                         allow_outside_root=a.allow_outside_root, strict_extension=not a.allow_extension_mismatch,
+                         weights_prefix=a.weights_prefix, progress=True)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from flows.cli import emit, run_stage
+
+    cfg = config_from_args(args)
+    result = run_stage(
+        args, extract_features, lambda: summarise(run_extraction(cfg)),
+        data=cfg.data, store=cfg.store, model=cfg.model, weights=cfg.weights, layer=cfg.layer, pool=cfg.pool,
+        batch_size=cfg.batch_size, device=cfg.device, num_workers=cfg.num_workers,
+        max_reject_rate=cfg.max_reject_rate, seed=cfg.seed, root=cfg.root, allow_outside_root=cfg.allow_outside_root,
+    )
+    emit(result, args.json, (
+        f"features {result['artefact_id']}: {result['rows']} rows (D={result['dim']}, layer {result['layer']}), "
+        f"{result['extracted']} extracted this run at {result['images_per_s']} img/s, {result['rejects']} rejects\n"
+        f"store: {cfg.store}"))
+    return 0
+
+
+def register(sub) -> None:
+    from flows.cli import add_store_argument
+
+    p = sub.add_parser("extract", help="extract a layer's features for a dataset into the store",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    add_store_argument(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cli)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from flows.cli import main
+
+    sys.exit(main(["extract", *sys.argv[1:]]))

@@ -1,0 +1,87 @@
+"""Atomic file writes and content hashes.
+
+Every published file goes through :func:`atomic_write_bytes` / :func:`atomic_write_json`: a temp file in
+the same directory, ``fsync``, ``os.replace``, then an ``fsync`` of the directory, so a crash leaves either
+the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "fsync_dir",
+    "sha256_bytes",
+    "sha256_file",
+    "sha256_stream",
+    "TMP_PREFIX",
+]
+
+TMP_PREFIX = ".tmp-"
+_CHUNK = 1 << 20
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_stream(fh: BinaryIO) -> str:
+    """Hex sha256 of a binary stream read in 1 MiB chunks (memory O(1))."""
+    h = hashlib.sha256()
+    for chunk in iter(lambda: fh.read(_CHUNK), b""):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a local file, streamed."""
+    with open(path, "rb") as fh:
+        return sha256_stream(fh)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory so a rename inside it is durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp + fsync + replace). The temp file is removed on error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as pretty, key-sorted JSON atomically."""
+    data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8")
+    atomic_write_bytes(path, data + b"\n")

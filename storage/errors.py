@@ -1,0 +1,25 @@
+"""Named project errors. Each message says what was wrong and what to do."""
+
+from __future__ import annotations
+
+__all__ = ["ConvlensError", "StoreError", "ChecksumError", "LockedError", "QualityGateError"]
+
+
+class ConvlensError(Exception):
+    """Base class: a problem the user can fix; the CLI prints it without a traceback."""
+
+
+class StoreError(ConvlensError):
+    """The store or one of its artefacts is missing, unreadable or inconsistent."""
+
+
+class ChecksumError(StoreError):
+    """A file's sha256 does not match the one its manifest lists."""
+
+
+class LockedError(StoreError):
+    """Another writer holds the artefact's lock."""
+
+
+class QualityGateError(ConvlensError):
+    """A run's output failed a quality check; nothing was published."""

@@ -1,0 +1,251 @@
+"""Dataset listing and content hashing.
+
+DATA is an image folder (class sub-folders become ``label``; a ``train``/``val``/``test`` level becomes
+``split``) or a CSV / Parquet list with a ``path`` column and optional ``label``, ``split`` and any extra
+columns (kept). Relative list paths resolve against the list's folder (or ``root``); entries that escape it
+are rejected unless ``allow_outside`` is set.
+
+Hashing (``image_id`` = sha256 of the file's bytes) is parallel and incremental: a cache keyed by path,
+size and mtime skips files that did not change. Memory: O(number of files) small records.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.atomic import atomic_write_bytes, sha256_stream
+from tasks.images import EXTENSION_FORMATS, UNSUPPORTED_IMAGE_EXTENSIONS
+
+__all__ = [
+    "ImageRecord",
+    "Reject",
+    "SPLIT_NAMES",
+    "list_dataset",
+    "hash_records",
+    "display_path",
+]
+
+log = logging.getLogger(__name__)
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+_LIST_SUFFIXES = {".csv", ".parquet", ".pq"}
+
+
+@dataclass
+class ImageRecord:
+    """One listed image. ``path`` is relative to the dataset root (display form); ``src`` opens it."""
+
+    path: str
+    src: str
+    label: str | None = None
+    split: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    image_id: str | None = None
+    size: int | None = None
+    mtime_ns: int | None = None
+
+
+@dataclass
+class Reject:
+    path: str
+    reason: str
+    detail: str = ""
+
+
+def display_path(p: str) -> str:
+    """A path as a valid UTF-8 string (undecodable bytes shown as ``\\xNN``)."""
+    return p.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _is_candidate(name: str) -> bool:
+    suffix = Path(name).suffix.lower()
+    return suffix in EXTENSION_FORMATS or suffix in UNSUPPORTED_IMAGE_EXTENSIONS
+
+
+def _list_folder(root: Path) -> tuple[list[ImageRecord], list[Reject], int]:
+    records: list[ImageRecord] = []
+    rejects: list[Reject] = []
+    skipped = 0
+
+    def onerror(err: OSError) -> None:
+        rel = os.path.relpath(err.filename, root) if err.filename else "?"
+        rejects.append(Reject(display_path(rel), "unreadable", f"cannot list directory: {err.strerror}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = Path(dirpath).relative_to(root)
+        parts = rel_dir.parts
+        split = None
+        label_parts = list(parts)
+        if parts and parts[0].lower() in SPLIT_NAMES:
+            split = SPLIT_NAMES[parts[0].lower()]
+            label_parts = list(parts[1:])
+        label = display_path(label_parts[-1]) if label_parts else None
+        # A sub-directory named like an image is listed so it becomes a reject row, not silently lost.
+        names = sorted(filenames) + sorted(d for d in dirnames if _is_candidate(d))
+        for name in names:
+            if name.startswith("."):
+                continue
+            if not _is_candidate(name):
+                skipped += 1
+                continue
+            rel = str(rel_dir / name) if parts else name
+            records.append(ImageRecord(path=display_path(rel), src=str(Path(dirpath) / name), label=label, split=split))
+    return records, rejects, skipped
+
+
+def _read_list(path: Path) -> pd.DataFrame:
+    if path.suffix.lower() == ".csv":
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    return pq.read_table(path).to_pandas()
+
+
+def _list_table(list_path: Path, root: Path | None, allow_outside: bool) -> tuple[list[ImageRecord], list[Reject], Path]:
+    df = _read_list(list_path)
+    if "path" not in df.columns:
+        raise ValueError(
+            f"{list_path} has no 'path' column (columns: {', '.join(map(str, df.columns))}); "
+            "a list needs a 'path' column and may have 'label', 'split' and extra columns"
+        )
+    base = (root or list_path.parent).resolve()
+    extra_cols = [c for c in df.columns if c not in ("path", "label", "split")]
+    records: list[ImageRecord] = []
+    rejects: list[Reject] = []
+    for row in df.itertuples(index=False):
+        row = row._asdict()
+        raw = row["path"]
+        if raw is None or (isinstance(raw, float) and pd.isna(raw)) or str(raw) == "":
+            rejects.append(Reject("", "bad-list-entry", "empty path"))
+            continue
+        raw = str(raw)
+        full = Path(raw) if os.path.isabs(raw) else base / raw
+        try:
+            resolved = full.resolve(strict=False)
+        except (OSError, RuntimeError) as exc:  # symlink loop
+            rejects.append(Reject(display_path(raw), "unreadable", str(exc)))
+            continue
+        inside = resolved == base or base in resolved.parents
+        if not inside and not allow_outside:
+            rejects.append(Reject(display_path(raw), "outside-root",
+                                  f"resolves outside {display_path(str(base))}; pass --allow-outside-root to permit"))
+            continue
+        rel = os.path.relpath(full, base) if not os.path.isabs(raw) else raw
+        label = row.get("label")
+        split = row.get("split")
+        extras = {c: row[c] for c in extra_cols}
+        records.append(ImageRecord(
+            path=display_path(rel), src=str(full),
+            label=None if label is None or (isinstance(label, float) and pd.isna(label)) else str(label),
+            split=None if split is None or (isinstance(split, float) and pd.isna(split)) else str(split),
+            extras=extras,
+        ))
+    return records, rejects, base
+
+
+def list_dataset(data: str | os.PathLike[str], root: str | os.PathLike[str] | None = None,
+                 allow_outside: bool = False) -> tuple[list[ImageRecord], list[Reject], Path]:
+    """List DATA. Returns ``(records, rejects, dataset_root)``.
+
+    Raises ``ValueError`` when DATA does not exist or is not a folder / CSV / Parquet list.
+    """
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise ValueError(f"dataset {data!r} does not exist; pass an image folder or a CSV/Parquet list with a 'path' column")
+    if path.is_dir():
+        root_path = path.resolve()
+        records, rejects, skipped = _list_folder(root_path)
+        if skipped:
+            log.info("skipped %d non-image files in %s", skipped, root_path)
+        return records, rejects, root_path
+    if path.suffix.lower() in _LIST_SUFFIXES:
+        records, rejects, base = _list_table(path.resolve(), Path(root).resolve() if root else None, allow_outside)
+        return records, rejects, base
+    raise ValueError(f"dataset {data!r} is a file but not a .csv or .parquet list; pass a folder or a list")
+
+
+_CACHE_SCHEMA = pa.schema([("src", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("image_id", pa.string())])
+
+
+def _load_cache(cache_path: Path | None) -> dict[str, tuple[int, int, str]]:
+    if cache_path is None or not cache_path.is_file():
+        return {}
+    try:
+        t = pq.read_table(cache_path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        log.warning("ignoring unreadable hash cache %s: %s", cache_path, exc)
+        return {}
+    d = t.to_pydict()
+    return {s: (z, m, i) for s, z, m, i in zip(d["src"], d["size"], d["mtime_ns"], d["image_id"])}
+
+
+def _hash_one(rec: ImageRecord, cache: dict[str, tuple[int, int, str]]) -> tuple[ImageRecord, Reject | None, bool]:
+    try:
+        st = os.stat(rec.src)
+    except OSError as exc:
+        return rec, Reject(rec.path, "unreadable", exc.strerror or str(exc)), False
+    if stat.S_ISDIR(st.st_mode):
+        return rec, Reject(rec.path, "not-a-file", "is a directory"), False
+    if not stat.S_ISREG(st.st_mode):
+        return rec, Reject(rec.path, "not-a-file", "not a regular file (FIFO, socket or device)"), False
+    if st.st_size == 0:
+        return rec, Reject(rec.path, "empty-file", "0 bytes"), False
+    rec.size, rec.mtime_ns = st.st_size, st.st_mtime_ns
+    hit = cache.get(display_path(rec.src))
+    if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+        rec.image_id = hit[2]
+        return rec, None, True
+    try:
+        with open(rec.src, "rb") as fh:
+            rec.image_id = sha256_stream(fh)
+    except OSError as exc:
+        return rec, Reject(rec.path, "unreadable", exc.strerror or str(exc)), False
+    return rec, None, False
+
+
+def hash_records(records: Iterable[ImageRecord], cache_path: Path | None = None, workers: int = 8,
+                 progress: bool = False) -> tuple[list[ImageRecord], list[Reject], dict[str, int]]:
+    """Fill ``image_id`` for each record (parallel, cached by path+size+mtime).
+
+    Returns ``(hashed, rejects, stats)`` with stats ``{"hashed": n, "cached": m}``; the cache is rewritten
+    atomically when given.
+    """
+    records = list(records)
+    cache = _load_cache(cache_path)
+    hashed: list[ImageRecord] = []
+    rejects: list[Reject] = []
+    stats = {"hashed": 0, "cached": 0}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(records), desc="hash", unit="file", leave=False)
+    with cf.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for rec, rej, from_cache in pool.map(lambda r: _hash_one(r, cache), records, chunksize=64):
+            if bar is not None:
+                bar.update(1)
+            if rej is not None:
+                rejects.append(rej)
+                continue
+            stats["cached" if from_cache else "hashed"] += 1
+            hashed.append(rec)
+    if bar is not None:
+        bar.close()
+    if cache_path is not None:
+        table = pa.table(
+            {"src": [display_path(r.src) for r in hashed], "size": [r.size for r in hashed],
+             "mtime_ns": [r.mtime_ns for r in hashed], "image_id": [r.image_id for r in hashed]},
+            schema=_CACHE_SCHEMA,
+        )
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        atomic_write_bytes(cache_path, sink.getvalue().to_pybytes())
+    return hashed, rejects, stats

@@ -1,0 +1,121 @@
+"""Hook plumbing in one place: layer resolution (names and aliases) and activation capture.
+
+Aliases: ``fc6`` / ``fc7`` (AlexNet / VGG 4096-d FC layers after their ReLU), ``penultimate`` (the input of
+the model's final ``nn.Linear``). Hooks are registered inside a context manager and always removed in
+``finally``. Captured tensors are cloned so a later in-place op cannot change them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["LayerRef", "resolve_layer", "capture", "default_layer", "LAYER_ALIASES", "get_module"]
+
+LAYER_ALIASES = ("fc6", "fc7", "penultimate")
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """Where to read: module ``name``; ``side`` = ``output`` (forward hook) or ``input`` (pre-hook)."""
+
+    alias: str
+    name: str
+    side: str = "output"
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    modules = dict(model.named_modules())
+    if name not in modules:
+        raise KeyError(name)
+    return modules[name]
+
+
+def _fc_relus(model: nn.Module) -> list[str] | None:
+    """Names of the ReLUs right after the last-but-two and last-but-one Linear layers, or None."""
+    names = [n for n, _ in model.named_modules()]
+    mods = dict(model.named_modules())
+    linears = [i for i, n in enumerate(names) if isinstance(mods[n], nn.Linear)]
+    if len(linears) < 3:
+        return None
+    out = []
+    for li in linears[-3:-1]:
+        relu = next((names[j] for j in range(li + 1, len(names)) if isinstance(mods[names[j]], nn.ReLU)), None)
+        if relu is None or (names.index(relu) > linears[-1]):
+            return None
+        out.append(relu)
+    if mods[names[linears[-3]]].out_features != mods[names[linears[-2]]].in_features:
+        return None
+    return out
+
+
+def resolve_layer(model: nn.Module, layer: str | None) -> LayerRef:
+    """Resolve a module name or alias to a :class:`LayerRef`; ``None`` means ``fc7`` where it exists, else ``penultimate``.
+
+    Raises ``ValueError`` listing valid choices for an unknown name.
+    """
+    from tasks.models import ModelError
+
+    if layer in (None, "", "default"):
+        return resolve_layer(model, "fc7" if _fc_relus(model) else "penultimate")
+    if layer in ("fc6", "fc7"):
+        relus = _fc_relus(model)
+        if not relus:
+            raise ModelError(f"layer alias {layer!r} needs an AlexNet/VGG-style classifier (three Linear layers with ReLUs); "
+                             "use --layer penultimate or a module name (see `convlens layers`)")
+        return LayerRef(layer, relus[0] if layer == "fc6" else relus[1], "output")
+    if layer == "penultimate":
+        last = None
+        for n, m in model.named_modules():
+            if isinstance(m, nn.Linear):
+                last = n
+        if last is None:
+            raise ModelError("layer alias 'penultimate' needs a final nn.Linear; pass a module name instead (see `convlens layers`)")
+        return LayerRef(layer, last, "input")
+    names = [n for n, _ in model.named_modules() if n]
+    if layer not in names:
+        close = [n for n in names if layer.split(".")[0] in n][:6]
+        raise ModelError(
+            f"unknown layer {layer!r}; use an alias ({', '.join(LAYER_ALIASES)}) or a module name from "
+            f"named_modules()" + (f", e.g. {', '.join(close)}" if close else f", e.g. {', '.join(names[:6])}")
+            + " (list them all with `convlens layers --model ...`)"
+        )
+    return LayerRef(layer, layer, "output")
+
+
+def default_layer(model: nn.Module) -> LayerRef:
+    return resolve_layer(model, None)
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, refs: list[LayerRef] | LayerRef, detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Capture the activations at ``refs`` during forward passes inside the block.
+
+    Yields a dict ``alias -> tensor`` refreshed on every forward. With ``detach=False`` the tensors keep
+    their graph (for gradient methods). Hooks are removed when the block exits, even on error.
+    """
+    if isinstance(refs, LayerRef):
+        refs = [refs]
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    try:
+        for ref in refs:
+            module = get_module(model, ref.name)
+            if ref.side == "input":
+                def pre(_m, args, _alias=ref.alias):
+                    x = args[0]
+                    store[_alias] = x.detach().clone() if detach else x
+                handles.append(module.register_forward_pre_hook(pre))
+            else:
+                def post(_m, _args, out, _alias=ref.alias):
+                    x = out[0] if isinstance(out, (tuple, list)) else out
+                    store[_alias] = x.detach().clone() if detach else x
+                handles.append(module.register_forward_hook(post))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()

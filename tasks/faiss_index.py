@@ -1,14 +1,46 @@
 """FAISS behind one module: every FAISS import in convlens goes through :func:`import_faiss`.
 
-Exact search (``IndexFlatIP`` for cosine on L2-normalised vectors, ``IndexFlatL2``) with block iteration,
-so memory is O(block x k) beyond the index itself.
+Two layers:
+
+- :func:`knn_search`: exact all-vs-all kNN of an in-memory matrix (``IndexFlatIP`` on L2-normalised vectors for
+  cosine, ``IndexFlatL2``) with block iteration, so memory is O(block x k) beyond the index itself.
+- Index building / querying for stored indexes: :func:`new_index` (any FAISS index-factory string; ``Flat`` is
+  exact, ``IVF<n>,PQ<m>`` etc. are trained on a sample by :func:`train_index`), :func:`add_vectors`,
+  :func:`search_index` (blocked, optional GPU, ``nprobe``), :func:`serialize_index` / :func:`deserialize_index`.
+
+Distances everywhere: for ``cosine`` the "distance" is ``1 - cosine similarity`` (vectors L2-normalised before
+they enter the index, inner-product metric); for ``l2`` the *squared* Euclidean distance (FAISS convention).
 """
 
 from __future__ import annotations
 
+import logging
+import re
+from typing import Any
+
 import numpy as np
 
-__all__ = ["import_faiss", "knn_search"]
+__all__ = [
+    "import_faiss",
+    "knn_search",
+    "METRICS",
+    "prepare_vectors",
+    "new_index",
+    "needs_training",
+    "train_index",
+    "add_vectors",
+    "search_index",
+    "set_nprobe",
+    "to_device",
+    "gpu_available",
+    "serialize_index",
+    "deserialize_index",
+    "supports_incremental_add",
+    "index_kind",
+]
+
+log = logging.getLogger(__name__)
+METRICS = ("cosine", "l2")
 
 
 def import_faiss():
@@ -64,3 +96,181 @@ def knn_search(x: np.ndarray, k: int, metric: str = "cosine", exclude_self: bool
         idx[start:start + len(q)] = i[:, :k]
         dist[start:start + len(q)] = d[:, :k]
     return idx, dist
+
+
+# --------------------------------------------------------------------------------------------- stored indexes
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"metric must be 'cosine' or 'l2', got {metric!r}")
+
+
+def prepare_vectors(x: np.ndarray, metric: str) -> np.ndarray:
+    """``(N, D)`` -> contiguous float32 ready for the index (L2-normalised copy for ``cosine``).
+
+    Raises ``ValueError`` on a wrong shape or NaN / Inf (say which rows).
+    """
+    _check_metric(metric)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"expected a (N, D) matrix, got shape {x.shape}")
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} vectors contain NaN or Inf (first row {int(np.flatnonzero(bad)[0])}); "
+                         "fix the feature artefact (`convlens verify`) before indexing")
+    if metric == "cosine":
+        x = x.copy()
+        import_faiss().normalize_L2(x)
+    return x
+
+
+def new_index(dim: int, factory: str = "Flat", metric: str = "cosine"):
+    """An empty CPU index from a FAISS index-factory string (``Flat``, ``IVF1024,PQ32``, ``HNSW32`` ...).
+
+    Cosine uses the inner-product metric on normalised vectors. Raises ``ValueError`` for a string FAISS rejects.
+    """
+    _check_metric(metric)
+    faiss = import_faiss()
+    mt = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+    if dim < 1:
+        raise ValueError(f"cannot index {dim}-d vectors")
+    try:
+        return faiss.index_factory(int(dim), factory, mt)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else "rejected"
+        raise ValueError(f"FAISS rejected the index factory string {factory!r} for D={dim}: {first}. "
+                         "Use e.g. 'Flat' (exact) or 'IVF1024,PQ32' (D must be divisible by the PQ size)") from None
+
+
+def index_kind(factory: str) -> str:
+    """``flat`` | ``ivf`` | ``other``: what an incremental add is allowed for."""
+    f = factory.replace(" ", "")
+    if re.fullmatch(r"(IDMap2?,)?Flat", f):
+        return "flat"
+    if re.match(r"(OPQ\d+(_\d+)?,|PCAR?\d+,)?IVF\d+", f):
+        return "ivf"
+    return "other"
+
+
+def supports_incremental_add(factory: str) -> bool:
+    """Flat and IVF indexes take new rows without a rebuild (their coarse quantiser / codebooks stay valid)."""
+    return index_kind(factory) in ("flat", "ivf")
+
+
+def needs_training(index) -> bool:
+    return not bool(index.is_trained)
+
+
+def train_index(index, sample: np.ndarray) -> None:
+    """Train ``index`` (IVF centroids, PQ codebooks) on ``sample`` ``(S, D) float32`` already prepared.
+
+    Raises ``ValueError`` when the sample is too small for the factory (e.g. fewer rows than IVF lists).
+    """
+    ivf = _ivf(index)
+    nlist = int(ivf.nlist) if ivf is not None else 0
+    if nlist and len(sample) < nlist:
+        raise ValueError(f"cannot train IVF{nlist} on {len(sample)} vectors: use fewer lists (e.g. IVF{max(1, len(sample) // 39)}) "
+                         "or the exact 'Flat' factory for a set this small")
+    if nlist and len(sample) < 39 * nlist:
+        log.warning("training IVF%d on %d vectors (< 39 per list); recall may suffer", nlist, len(sample))
+    try:
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    except RuntimeError as exc:
+        raise ValueError(f"FAISS could not train the index on {len(sample)} vectors: {str(exc).strip().splitlines()[-1][:200]}") from None
+
+
+def _ivf(index):
+    faiss = import_faiss()
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def add_vectors(index, x: np.ndarray) -> None:
+    """Append prepared ``(n, D) float32`` rows; they get the next consecutive row numbers."""
+    index.add(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def set_nprobe(index, nprobe: int | None) -> None:
+    """Set ``nprobe`` on an IVF index (no-op for others). Works for CPU and GPU indexes."""
+    if not nprobe:
+        return
+    faiss = import_faiss()
+    if _ivf(index) is None and not hasattr(index, "nprobe"):
+        return
+    gpu = hasattr(faiss, "GpuParameterSpace") and type(index).__name__.startswith("Gpu")
+    ps = faiss.GpuParameterSpace() if gpu else faiss.ParameterSpace()
+    ps.set_index_parameter(index, "nprobe", int(nprobe))
+
+
+def gpu_available() -> bool:
+    """True when the installed FAISS is a GPU build and sees at least one GPU."""
+    faiss = import_faiss()
+    return hasattr(faiss, "get_num_gpus") and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def to_device(index, gpu: str = "auto") -> tuple[Any, str]:
+    """Move ``index`` to GPU 0 when ``gpu`` is ``on``, or ``auto`` and a GPU FAISS is present.
+
+    Returns ``(index, "gpu"|"cpu")``. ``gpu="on"`` without a GPU build raises ``ValueError``. Results are the same
+    (up to float rounding) on either device.
+    """
+    if gpu not in ("auto", "on", "off"):
+        raise ValueError(f"--gpu must be auto, on or off, got {gpu!r}")
+    if gpu == "off":
+        return index, "cpu"
+    if not gpu_available():
+        if gpu == "on":
+            raise ValueError("--gpu on, but this FAISS has no GPU support or sees no GPU (faiss-cpu is installed); "
+                             "install faiss-gpu on a CUDA machine or use --gpu auto/off")
+        return index, "cpu"
+    faiss = import_faiss()
+    res = faiss.StandardGpuResources()
+    try:
+        gindex = faiss.index_cpu_to_gpu(res, 0, index)
+    except RuntimeError as exc:  # e.g. an index type FAISS cannot run on GPU
+        if gpu == "on":
+            raise ValueError(f"this index cannot run on the GPU: {str(exc).strip().splitlines()[-1][:200]}") from None
+        log.warning("index stays on CPU: %s", str(exc).strip().splitlines()[-1][:200])
+        return index, "cpu"
+    gindex.referenced_resources = res  # keep the resources alive as long as the index
+    return gindex, "gpu"
+
+
+def search_index(index, q: np.ndarray, k: int, metric: str, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Search prepared queries ``(Q, D) float32`` -> ``(indices (Q, k) int64, distances (Q, k) float32)``.
+
+    Distances use the module convention (``1 - cos`` or squared L2). Missing hits (fewer than ``k`` candidates
+    probed) are ``-1`` with distance ``inf``. Memory O(block x k).
+    """
+    _check_metric(metric)
+    n = len(q)
+    idx = np.empty((n, k), np.int64)
+    dist = np.empty((n, k), np.float32)
+    for start in range(0, n, block):
+        d, i = index.search(np.ascontiguousarray(q[start:start + block], dtype=np.float32), k)
+        if metric == "cosine":
+            d = 1.0 - d
+        d = np.where(i < 0, np.inf, d)
+        idx[start:start + len(d)] = i
+        dist[start:start + len(d)] = d
+    return idx, dist
+
+
+def serialize_index(index) -> bytes:
+    """A CPU copy of ``index`` as bytes (FAISS's own format)."""
+    faiss = import_faiss()
+    if type(index).__name__.startswith("Gpu"):
+        index = faiss.index_gpu_to_cpu(index)
+    return faiss.serialize_index(index).tobytes()
+
+
+def deserialize_index(data: bytes):
+    """Inverse of :func:`serialize_index`. Raises ``ValueError`` for bytes FAISS cannot read."""
+    faiss = import_faiss()
+    try:
+        return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError as exc:
+        raise ValueError(f"not a readable FAISS index: {str(exc).strip().splitlines()[-1][:200]}") from None

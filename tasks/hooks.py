@@ -14,7 +14,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-__all__ = ["LayerRef", "resolve_layer", "capture", "default_layer", "LAYER_ALIASES", "get_module"]
+__all__ = ["LayerRef", "resolve_layer", "capture", "default_layer", "LAYER_ALIASES", "get_module", "capture_for_grad",
+           "override_outputs"]
 
 LAYER_ALIASES = ("fc6", "fc7", "penultimate")
 
@@ -119,3 +120,66 @@ def capture(model: nn.Module, refs: list[LayerRef] | LayerRef, detach: bool = Tr
     finally:
         for h in handles:
             h.remove()
+
+
+# --- gradient-side helpers (attribution methods) -------------------------------------------------------
+
+
+@contextlib.contextmanager
+def capture_for_grad(model: nn.Module, name: str) -> Iterator[dict[str, torch.Tensor]]:
+    """Keep the output of module ``name`` with its graph, safe from later in-place ops, during the block.
+
+    The forward hook stores the module's own output tensor and hands a *clone* downstream, so a following
+    ``ReLU(inplace=True)`` modifies the clone, never the stored tensor (pytorch-grad-cam's hook reads the
+    in-place-modified storage). Gradients w.r.t. the stored tensor are then exact:
+    ``torch.autograd.grad(score, store["output"])``. The hook is removed on exit, even on error.
+    """
+    module = get_module(model, name)
+    store: dict[str, torch.Tensor] = {}
+
+    def post(_m, _args, out):
+        x = out[0] if isinstance(out, (tuple, list)) else out
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"module {name!r} does not output a tensor; pick a conv layer or block")
+        store["output"] = x
+        return x.clone() if not isinstance(out, (tuple, list)) else type(out)([x.clone(), *out[1:]])
+
+    handle = module.register_forward_hook(post)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def override_outputs(model: nn.Module, predicate, make_output) -> Iterator[int]:
+    """Replace the output of every module where ``predicate(module)`` with ``make_output(module, input)``.
+
+    ``input`` is the module's original (pre-call) input tensor: a pre-hook hands the module a clone when the
+    module works in place (``inplace=True``), so the original is never modified. Used for backprop rules
+    (guided backprop / deconvnet ReLU overrides). Yields the number of hooked modules; every hook is removed on
+    exit, even on error.
+    """
+    handles = []
+    stash: dict[int, torch.Tensor] = {}
+    try:
+        for module in model.modules():
+            if not predicate(module):
+                continue
+
+            def pre(m, args):
+                stash[id(m)] = args[0]
+                if getattr(m, "inplace", False):
+                    return (args[0].clone(), *args[1:])
+                return None
+
+            def post(m, _args, _out):
+                return make_output(m, stash.pop(id(m)))
+
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post))
+        yield len(handles) // 2
+    finally:
+        for h in handles:
+            h.remove()
+        stash.clear()

@@ -1,0 +1,207 @@
+"""Index artefacts (store kind ``indexes``): a FAISS index file, its id map, optional kNN graphs, a manifest.
+
+Layout of ``<store>/indexes/<artefact_id>/`` (every data file listed in ``manifest.json`` with its sha256):
+
+- ``index-<sha16>.faiss`` (role ``index``): the CPU FAISS index (``faiss.serialize_index`` bytes). Its sha256 is
+  verified before **every** load; a mismatch raises :class:`ChecksumError` naming the file.
+- ``idmap-<sha16>.parquet`` (role ``idmap``): one row per FAISS row: ``row`` int64 (FAISS row number),
+  ``image_id``, ``path`` (relative to the dataset root), ``label``, ``split`` (strings, nullable).
+- ``knn-k<K>-<sha16>.parquet`` (role ``knn``, ``k`` = K): the all-rows kNN graph written by
+  ``convlens neighbors --all -k K`` (columns in :data:`KNN_COLUMNS`).
+
+File names carry their content hash, so an update writes new files and publishes a new manifest last; a reader
+of the previous manifest keeps valid files until garbage removal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.atomic import TMP_PREFIX, atomic_write_bytes, fsync_dir, sha256_bytes, sha256_file
+from storage.errors import ChecksumError, StoreError
+from storage.manifest import read_manifest, safe_member, verify_files, write_manifest
+from storage.features import remove_garbage
+
+__all__ = [
+    "IDMAP_COLUMNS",
+    "KNN_COLUMNS",
+    "idmap_schema",
+    "knn_schema",
+    "write_index_file",
+    "write_idmap",
+    "load_index_bytes",
+    "read_idmap",
+    "KnnGraphWriter",
+    "read_knn_graph",
+    "file_with_role",
+    "publish_index_manifest",
+    "verify_index_artefact",
+]
+
+IDMAP_COLUMNS = ("row", "image_id", "path", "label", "split")
+KNN_COLUMNS = ("row", "image_id", "path", "rank", "neighbor_row", "neighbor_id", "neighbor_path", "distance")
+
+
+def idmap_schema() -> pa.Schema:
+    return pa.schema([("row", pa.int64()), ("image_id", pa.string()), ("path", pa.string()),
+                      ("label", pa.string()), ("split", pa.string())])
+
+
+def knn_schema() -> pa.Schema:
+    """kNN graph: ``rank`` is 1-based; ``distance`` is ``1 - cos`` (cosine index) or squared L2 (l2 index)."""
+    return pa.schema([("row", pa.int64()), ("image_id", pa.string()), ("path", pa.string()), ("rank", pa.int32()),
+                      ("neighbor_row", pa.int64()), ("neighbor_id", pa.string()), ("neighbor_path", pa.string()),
+                      ("distance", pa.float32())])
+
+
+def _entry(name: str, data_len: int, digest: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "bytes": data_len, "sha256": digest, **extra}
+
+
+def write_index_file(adir: Path, data: bytes) -> dict[str, Any]:
+    """Write serialized index bytes as ``index-<sha16>.faiss`` atomically; return its manifest entry."""
+    digest = sha256_bytes(data)
+    name = f"index-{digest[:16]}.faiss"
+    path = Path(adir) / name
+    if not (path.is_file() and path.stat().st_size == len(data)):
+        atomic_write_bytes(path, data)
+    return _entry(name, len(data), digest, role="index")
+
+
+def write_idmap(adir: Path, idmap: pd.DataFrame) -> dict[str, Any]:
+    """Write the id map (columns :data:`IDMAP_COLUMNS`) as ``idmap-<sha16>.parquet``; return its entry."""
+    missing = [c for c in IDMAP_COLUMNS if c not in idmap.columns]
+    if missing:
+        raise ValueError(f"id map lacks columns {missing}")
+    df = idmap[list(IDMAP_COLUMNS)].copy()
+    for c in ("image_id", "path", "label", "split"):
+        df[c] = df[c].astype(object).where(df[c].notna(), None)
+    table = pa.Table.from_pandas(df, schema=idmap_schema(), preserve_index=False)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    data = sink.getvalue().to_pybytes()
+    digest = sha256_bytes(data)
+    name = f"idmap-{digest[:16]}.parquet"
+    path = Path(adir) / name
+    if not (path.is_file() and path.stat().st_size == len(data)):
+        atomic_write_bytes(path, data)
+    return _entry(name, len(data), digest, role="idmap", rows=len(df))
+
+
+def file_with_role(manifest: dict[str, Any], role: str, **match: Any) -> dict[str, Any] | None:
+    """The manifest's file entry with ``role`` (and matching extra keys), or None."""
+    for e in manifest.get("files", []):
+        if e.get("role") == role and all(e.get(k) == v for k, v in match.items()):
+            return e
+    return None
+
+
+def _verified(adir: Path, entry: dict[str, Any], what: str) -> Path:
+    path = safe_member(adir, entry["name"])
+    if not path.is_file():
+        raise ChecksumError(f"{what} file {path} is listed in the manifest but missing; rebuild with `convlens index --rebuild`")
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+        raise ChecksumError(
+            f"checksum mismatch for {what} file {path}: manifest says sha256 {entry['sha256'][:16]}…, file has "
+            f"{digest[:16]}…; the file was modified or corrupted — rebuild it with `convlens index --rebuild`"
+        )
+    return path
+
+
+def load_index_bytes(adir: Path, manifest: dict[str, Any]) -> bytes:
+    """The index file's bytes after verifying its sha256 against the manifest (:class:`ChecksumError` if not)."""
+    entry = file_with_role(manifest, "index")
+    if entry is None:
+        raise StoreError(f"index artefact {adir} lists no index file; rebuild it with `convlens index --rebuild`")
+    path = _verified(Path(adir), entry, "index")
+    data = path.read_bytes()
+    if sha256_bytes(data) != entry["sha256"]:  # changed between hashing and reading
+        raise ChecksumError(f"checksum mismatch for index file {path} (changed while loading); retry or rebuild")
+    return data
+
+
+def read_idmap(adir: Path, manifest: dict[str, Any]) -> pd.DataFrame:
+    """The verified id map as a DataFrame sorted by ``row``."""
+    entry = file_with_role(manifest, "idmap")
+    if entry is None:
+        raise StoreError(f"index artefact {adir} lists no id map; rebuild it with `convlens index --rebuild`")
+    path = _verified(Path(adir), entry, "id map")
+    return pq.read_table(path).to_pandas().sort_values("row", kind="stable").reset_index(drop=True)
+
+
+class KnnGraphWriter:
+    """Streams kNN-graph blocks into a temp Parquet file; :meth:`close` renames it to ``knn-k<K>-<sha16>.parquet``.
+
+    Memory O(block x k). On error call :meth:`abort` (the temp file is removed).
+    """
+
+    def __init__(self, adir: Path, k: int) -> None:
+        self.adir, self.k = Path(adir), int(k)
+        self.tmp = self.adir / f"{TMP_PREFIX}knn-{os.getpid()}.parquet"
+        self.writer = pq.ParquetWriter(self.tmp, knn_schema(), compression="zstd")
+        self.rows = 0
+
+    def add(self, block: dict[str, Any]) -> None:
+        table = pa.table({c: block[c] for c in KNN_COLUMNS}, schema=knn_schema())
+        self.writer.write_table(table, row_group_size=65536)
+        self.rows += table.num_rows
+
+    def close(self) -> dict[str, Any]:
+        self.writer.close()
+        with open(self.tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        digest = sha256_file(self.tmp)
+        name = f"knn-k{self.k}-{digest[:16]}.parquet"
+        os.replace(self.tmp, self.adir / name)
+        fsync_dir(self.adir)
+        return _entry(name, (self.adir / name).stat().st_size, digest, role="knn", k=self.k, rows=self.rows)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp.unlink()
+
+
+def read_knn_graph(adir: Path, manifest: dict[str, Any], k: int | None = None) -> pd.DataFrame:
+    """A verified kNN graph of the index: the one with exactly ``k`` (or the largest K >= k, cut to ranks <= k).
+
+    Raises :class:`StoreError` when none is stored (build it with ``convlens neighbors --all -k K``).
+    """
+    graphs = [e for e in manifest.get("files", []) if e.get("role") == "knn"]
+    usable = [e for e in graphs if k is None or int(e.get("k", 0)) >= k]
+    if not usable:
+        have = ", ".join(str(e.get("k")) for e in graphs) or "none"
+        raise StoreError(f"index {Path(adir).name} has no kNN graph with k >= {k} (stored: {have}); "
+                         f"run `convlens neighbors --all -k {k or 10} --store ...`")
+    entry = min(usable, key=lambda e: int(e["k"])) if k is not None else max(usable, key=lambda e: int(e["k"]))
+    path = _verified(Path(adir), entry, "kNN graph")
+    df = pq.read_table(path).to_pandas()
+    if k is not None and int(entry["k"]) > k:
+        df = df[df["rank"] <= k].reset_index(drop=True)
+    return df
+
+
+def publish_index_manifest(adir: Path, manifest: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Publish ``manifest`` (atomically, last) and remove files it no longer lists. Caller holds the lock."""
+    out = write_manifest(adir, manifest)
+    remove_garbage(Path(adir), out, keep=keep)
+    return out
+
+
+def verify_index_artefact(adir: Path) -> dict[str, Any]:
+    """Read the manifest and verify every listed file (for ``convlens verify``)."""
+    m = read_manifest(adir)
+    verify_files(adir, m)
+    return m
+
+
+

@@ -147,6 +147,11 @@ class _DecodeDataset(torch.utils.data.Dataset):
             return i, None, 0, 0, exc.reason, exc.detail
 
 
+def _worker_init(_worker_id: int) -> None:
+    # Decode workers resize with PIL; one torch thread each keeps them from fighting the model for cores.
+    torch.set_num_threads(1)
+
+
 def _collate(items):
     good = [it for it in items if it[1] is not None]
     bad = [(it[0], it[4], it[5]) for it in items if it[1] is None]
@@ -263,7 +268,7 @@ def extract_records(plan: ExtractPlan, lm: LoadedModel, records: list[ImageRecor
     loader = torch.utils.data.DataLoader(
         _DecodeDataset(items, plan.preprocess, limits), batch_size=cfg.batch_size, shuffle=False,
         num_workers=workers if len(items) > cfg.batch_size else 0, collate_fn=_collate,
-        pin_memory=device.type == "cuda", persistent_workers=False,
+        pin_memory=device.type == "cuda", persistent_workers=False, worker_init_fn=_worker_init,
         prefetch_factor=4 if workers and len(items) > cfg.batch_size else None,
     )
     with_preds = _has_head(module)

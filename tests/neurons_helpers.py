@@ -33,7 +33,7 @@ class Tiny(nn.Module):
             c1.weight.mul_(0.1)
             c1.weight[0] = 0
             c1.weight[0, :, 1, 1] = torch.tensor([1.0, -1.0, -1.0])
-            c1.bias[0] = 0
+            c1.bias[0] = 0.01  # alive at a black image (class visualisation starts there)
             c2.weight.mul_(0.1)
             c2.weight[0] = 0
             c2.weight[0, 0] = 1 / 9

@@ -62,7 +62,7 @@ def deepdream(net: Normalised, x: torch.Tensor, layer: str, cfg: DreamConfig = D
                 a = a[:, cfg.channel]
             obj = 0.5 * a.pow(2).mean()
             grad, = torch.autograd.grad(obj, xj)
-            hist.append({"octave": o, "step": step, "size": s[0], "objective": float(obj)})
+            hist.append({"octave": o, "step": step, "size": s[0], "objective": float(obj.detach())})
             with torch.no_grad():
                 grad = torch.roll(grad, shifts=(-dy, -dx), dims=(2, 3))
                 img = (img + cfg.lr * grad / grad.abs().mean().clamp_min(1e-12)).clamp(0, 1)

@@ -64,7 +64,7 @@ def invert_features(net: Normalised, x0: torch.Tensor, layer: str, cfg: Inversio
         hist.append({"step": step, "feature_distance": float(dist.detach()), "tv": float(tv.detach()), "loss": float(loss.detach())})
     with torch.no_grad():
         final = float((forward_to(net, x, layer).float() - target).pow(2).sum() / denom)
-    hist.append({"step": cfg.steps, "feature_distance": final, "tv": float(total_variation(x)), "loss": float("nan")})
+    hist.append({"step": cfg.steps, "feature_distance": final, "tv": float(total_variation(x.detach())), "loss": float("nan")})
     return x.detach()[0].cpu(), pd.DataFrame(hist)
 
 

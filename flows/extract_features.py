@@ -27,12 +27,18 @@ def extract_task(cfg: ExtractConfig) -> dict[str, Any]:
 def extract_features(data: str, store: str = "convlens-store", model: str = "mobilenet_v2", weights: str = "imagenet",
                      layer: str | None = None, pool: str = "avg", batch_size: int = 64, device: str = "auto",
                      num_workers: int | None = None, max_reject_rate: float = 0.2, seed: int = 0,
-                     root: str | None = None, allow_outside_root: bool = False) -> dict[str, Any]:
+                     root: str | None = None, allow_outside_root: bool = False, strict_extension: bool = True,
+                     weights_prefix: str | None = None, resize: int | None = None, crop: int | None = None,
+                     mean: list[float] | None = None, std: list[float] | None = None,
+                     interpolation: str | None = None) -> dict[str, Any]:
     """Extract features of DATA into STORE; returns a small summary (artefact id, rows, rejects, timings)."""
     cfg = ExtractConfig(data=data, store=store, model=model, weights=weights, layer=layer, pool=pool,
                         batch_size=batch_size, device=device, num_workers=num_workers,
                         max_reject_rate=max_reject_rate, seed=seed, root=root,
-                        allow_outside_root=allow_outside_root, progress=False)
+                        allow_outside_root=allow_outside_root, strict_extension=strict_extension,
+                        weights_prefix=weights_prefix, resize=resize, crop=crop,
+                        mean=tuple(mean) if mean else None, std=tuple(std) if std else None,
+                        interpolation=interpolation, progress=False)
     manifest = extract_task(cfg)
     summary = summarise(manifest)
     get_run_logger().info("published %(artefact_id)s: %(rows)d rows, %(rejects)d rejects, %(extracted)d extracted", summary)
@@ -50,7 +56,8 @@ def summarise(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="image folder, or CSV/Parquet list with a 'path' column")
-    p.add_argument("--model", default="mobilenet_v2", help="torchvision architecture name (default mobilenet_v2)")
+    p.add_argument("--model", default="mobilenet_v2",
+                   help="torchvision name (default mobilenet_v2) | timm:NAME | module.path:factory | TorchScript file")
     p.add_argument("--weights", default="imagenet", help="imagenet (default) | none | PATH to a state dict")
     p.add_argument("--weights-prefix", default=None, help="strip this key prefix from the state dict (e.g. 'module.')")
     p.add_argument("--layer", default=None, help="module name or alias fc6|fc7|penultimate (default fc7, else penultimate)")
@@ -62,7 +69,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for --weights none")
     p.add_argument("--root", default=None, help="resolve list paths against this folder (default: the list's folder)")
     p.add_argument("--allow-outside-root", action="store_true", help="accept list entries outside the root")
+    p.add_argument("--resize", type=int, default=None, help="override: shorter-side resize (px)")
+    p.add_argument("--crop", type=int, default=None, help="override: centre-crop size (px)")
+    p.add_argument("--mean", type=_triple, default=None, help="override: normalisation mean R,G,B")
+    p.add_argument("--std", type=_triple, default=None, help="override: normalisation std R,G,B")
+    p.add_argument("--interpolation", default=None, help="override: nearest|bilinear|bicubic|lanczos")
     p.add_argument("--allow-extension-mismatch", action="store_true", help="decode e.g. a PNG named .jpg instead of rejecting it")
+
+
+def _triple(text: str) -> tuple[float, float, float]:
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not three comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+    if len(vals) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r}: need exactly three numbers (R,G,B)")
+    return vals  # type: ignore[return-value]
 
 
 def config_from_args(a: argparse.Namespace) -> ExtractConfig:
@@ -70,7 +92,8 @@ def config_from_args(a: argparse.Namespace) -> ExtractConfig:
                          batch_size=a.batch_size, device=a.device, num_workers=a.num_workers,
                          max_reject_rate=a.max_reject_rate, seed=a.seed, root=a.root,
                          allow_outside_root=a.allow_outside_root, strict_extension=not a.allow_extension_mismatch,
-                         weights_prefix=a.weights_prefix, progress=True)
+                         weights_prefix=a.weights_prefix, resize=a.resize, crop=a.crop, mean=a.mean, std=a.std,
+                         interpolation=a.interpolation, progress=True)
 
 
 def _cli(args: argparse.Namespace) -> int:
@@ -82,6 +105,8 @@ def _cli(args: argparse.Namespace) -> int:
         data=cfg.data, store=cfg.store, model=cfg.model, weights=cfg.weights, layer=cfg.layer, pool=cfg.pool,
         batch_size=cfg.batch_size, device=cfg.device, num_workers=cfg.num_workers,
         max_reject_rate=cfg.max_reject_rate, seed=cfg.seed, root=cfg.root, allow_outside_root=cfg.allow_outside_root,
+        strict_extension=cfg.strict_extension, weights_prefix=cfg.weights_prefix, resize=cfg.resize, crop=cfg.crop,
+        mean=list(cfg.mean) if cfg.mean else None, std=list(cfg.std) if cfg.std else None, interpolation=cfg.interpolation,
     )
     emit(result, args.json, (
         f"features {result['artefact_id']}: {result['rows']} rows (D={result['dim']}, layer {result['layer']}), "

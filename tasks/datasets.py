@@ -17,7 +17,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import pandas as pd
 import pyarrow as pa
@@ -33,6 +33,7 @@ __all__ = [
     "list_dataset",
     "hash_records",
     "display_path",
+    "is_url",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,79 @@ def display_path(p: str) -> str:
     return p.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def is_url(text: str) -> bool:
+    """True for an fsspec URL other than a plain local path (``s3://``, ``gs://``, ``memory://``, ...)."""
+    return "://" in text and not text.startswith("file://")
+
+
+def _split_label(parts: Sequence[str]) -> tuple[str | None, str | None]:
+    split = None
+    label_parts = list(parts)
+    if parts and parts[0].lower() in SPLIT_NAMES:
+        split = SPLIT_NAMES[parts[0].lower()]
+        label_parts = list(parts[1:])
+    return split, (display_path(label_parts[-1]) if label_parts else None)
+
+
+def _url_mtime_ns(info: dict[str, Any]) -> int:
+    """Best-effort modification time of an fsspec object in ns (-1 when the backend has none: never cached)."""
+    import datetime as dt
+
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        v = info.get(key)
+        if v is None:
+            continue
+        if isinstance(v, (int, float)):
+            return int(float(v) * 1e9)
+        if isinstance(v, dt.datetime):
+            return int(v.timestamp() * 1e9)
+        try:
+            return int(dt.datetime.fromisoformat(str(v).replace("Z", "+00:00")).timestamp() * 1e9)
+        except ValueError:
+            continue
+    return -1
+
+
+def _list_url(url: str) -> tuple[list[ImageRecord], list[Reject], str]:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    if not fs.exists(root):
+        raise ValueError(f"dataset {url!r} does not exist")
+    proto = url.split("://", 1)[0]
+    if not fs.isdir(root):
+        suffix = Path(root).suffix.lower()
+        if suffix not in _LIST_SUFFIXES:
+            raise ValueError(f"dataset {url!r} is a file but not a .csv or .parquet list")
+        with fs.open(root, "rb") as fh:
+            df = pd.read_csv(fh, dtype=str, keep_default_na=False, na_values=[""]) if suffix == ".csv" else pq.read_table(fh).to_pandas()
+        base = root.rsplit("/", 1)[0]
+        records, rejects = [], []
+        if "path" not in df.columns:
+            raise ValueError(f"{url} has no 'path' column")
+        extra_cols = [c for c in df.columns if c not in ("path", "label", "split")]
+        for row in df.to_dict("records"):
+            rel = str(row["path"])
+            if rel.startswith("/") or ".." in rel.split("/") or "://" in rel:
+                rejects.append(Reject(rel, "outside-root", f"list entries must be relative paths under {base}"))
+                continue
+            records.append(ImageRecord(path=rel, src=f"{proto}://{base}/{rel}",
+                                       label=None if pd.isna(row.get("label")) else str(row.get("label")) if "label" in row else None,
+                                       split=None if pd.isna(row.get("split")) else str(row.get("split")) if "split" in row else None,
+                                       extras={c: row[c] for c in extra_cols}))
+        return records, rejects, f"{proto}://{base}"
+    root = root.rstrip("/")
+    records = []
+    for full in sorted(fs.find(root)):
+        rel = full[len(root):].lstrip("/")
+        if any(part.startswith(".") for part in rel.split("/")) or not _is_candidate(rel):
+            continue
+        parts = rel.split("/")[:-1]
+        split, label = _split_label(parts)
+        records.append(ImageRecord(path=rel, src=f"{proto}://{full}", label=label, split=split))
+    return records, [], f"{proto}://{root}"
+
+
 def _is_candidate(name: str) -> bool:
     suffix = Path(name).suffix.lower()
     return suffix in EXTENSION_FORMATS or suffix in UNSUPPORTED_IMAGE_EXTENSIONS
@@ -84,12 +158,7 @@ def _list_folder(root: Path) -> tuple[list[ImageRecord], list[Reject], int]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel_dir = Path(dirpath).relative_to(root)
         parts = rel_dir.parts
-        split = None
-        label_parts = list(parts)
-        if parts and parts[0].lower() in SPLIT_NAMES:
-            split = SPLIT_NAMES[parts[0].lower()]
-            label_parts = list(parts[1:])
-        label = display_path(label_parts[-1]) if label_parts else None
+        split, label = _split_label(parts)
         # A sub-directory named like an image is listed so it becomes a reject row, not silently lost.
         names = sorted(filenames) + sorted(d for d in dirnames if _is_candidate(d))
         for name in names:
@@ -152,11 +221,17 @@ def _list_table(list_path: Path, root: Path | None, allow_outside: bool) -> tupl
 
 
 def list_dataset(data: str | os.PathLike[str], root: str | os.PathLike[str] | None = None,
-                 allow_outside: bool = False) -> tuple[list[ImageRecord], list[Reject], Path]:
-    """List DATA. Returns ``(records, rejects, dataset_root)``.
+                 allow_outside: bool = False) -> tuple[list[ImageRecord], list[Reject], Path | str]:
+    """List DATA (local path or fsspec URL). Returns ``(records, rejects, dataset_root)`` — a ``Path`` for
+    local data, the root URL string for fsspec data.
 
     Raises ``ValueError`` when DATA does not exist or is not a folder / CSV / Parquet list.
     """
+    data = str(data)
+    if data.startswith("file://"):
+        data = data[len("file://"):]
+    if is_url(data):
+        return _list_url(data)  # type: ignore[return-value]
     path = Path(data).expanduser()
     if not path.exists():
         raise ValueError(f"dataset {data!r} does not exist; pass an image folder or a CSV/Parquet list with a 'path' column")
@@ -187,7 +262,31 @@ def _load_cache(cache_path: Path | None) -> dict[str, tuple[int, int, str]]:
     return {s: (z, m, i) for s, z, m, i in zip(d["src"], d["size"], d["mtime_ns"], d["image_id"])}
 
 
+def _hash_url(rec: ImageRecord, cache: dict[str, tuple[int, int, str]]) -> tuple[ImageRecord, Reject | None, bool]:
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(rec.src)
+        info = fs.info(path)
+        if info.get("type") == "directory":
+            return rec, Reject(rec.path, "not-a-file", "is a directory"), False
+        rec.size, rec.mtime_ns = int(info.get("size") or 0), _url_mtime_ns(info)
+        if rec.size == 0:
+            return rec, Reject(rec.path, "empty-file", "0 bytes"), False
+        hit = cache.get(rec.src)
+        if hit and rec.mtime_ns >= 0 and hit[0] == rec.size and hit[1] == rec.mtime_ns:
+            rec.image_id = hit[2]
+            return rec, None, True
+        with fs.open(path, "rb") as fh:
+            rec.image_id = sha256_stream(fh)
+    except (OSError, ValueError) as exc:
+        return rec, Reject(rec.path, "unreadable", str(exc)[:300]), False
+    return rec, None, False
+
+
 def _hash_one(rec: ImageRecord, cache: dict[str, tuple[int, int, str]]) -> tuple[ImageRecord, Reject | None, bool]:
+    if is_url(rec.src):
+        return _hash_url(rec, cache)
     try:
         st = os.stat(rec.src)
     except OSError as exc:

@@ -10,6 +10,7 @@ buffer, O(number of files) small listing records. Never O(dataset x D).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -20,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch import nn
 
@@ -35,7 +37,7 @@ from storage.paths import Store, artefact_id
 from tasks.datasets import ImageRecord, Reject, hash_records, list_dataset
 from tasks.hooks import LayerRef, capture, resolve_layer
 from tasks.images import DecodeLimits, RejectedImage, decode_image, read_file_bytes
-from tasks.models import LoadedModel, Preprocess, load_model
+from tasks.models import LoadedModel, Preprocess, apply_preprocess_overrides, load_model
 
 __all__ = [
     "ExtractConfig",
@@ -75,6 +77,11 @@ class ExtractConfig:
     min_side: int = 4
     max_pixels: int = 89_478_485
     weights_prefix: str | None = None
+    resize: int | None = None
+    crop: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    interpolation: str | None = None
     progress: bool = True
 
     def validate(self) -> None:
@@ -166,7 +173,7 @@ class ExtractPlan:
     config: ExtractConfig
     artefact_id: str
     artefact_dir: Path
-    dataset_root: Path
+    dataset_root: Path | str
     records: list[ImageRecord]
     rejects: list[Reject]
     todo: list[ImageRecord]
@@ -176,6 +183,7 @@ class ExtractPlan:
     preprocess: Preprocess
     hash_stats: dict[str, int]
     extra_columns: list[str] = field(default_factory=list)
+    donors: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)  # sibling artefacts' parts (same model key)
 
 
 def _stored_ids(directory: Path, entries: list[dict[str, Any]]) -> set[str]:
@@ -189,6 +197,8 @@ def plan_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> tuple[
     """List and hash DATA, resolve model and layer, and work out which images are new."""
     cfg.validate()
     lm = lm or load_model(cfg.model, cfg.weights, cfg.seed, cfg.weights_prefix)
+    if any(v is not None for v in (cfg.resize, cfg.crop, cfg.mean, cfg.std, cfg.interpolation)):
+        lm = apply_preprocess_overrides(lm, cfg.resize, cfg.crop, cfg.mean, cfg.std, cfg.interpolation)
     ref = resolve_layer(lm.module, cfg.layer)
     records, rejects, root = list_dataset(cfg.data, cfg.root, cfg.allow_outside_root)
     store = Store(cfg.store)
@@ -196,7 +206,8 @@ def plan_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> tuple[
         "dataset_root": str(root), "model": {k: v for k, v in lm.spec.items() if k != "weights_source"},
         "layer": ref.name, "side": ref.side, "pool": cfg.pool, "preprocess": lm.preprocess.to_dict(),
     }
-    aid = artefact_id(f"{root.name}-{lm.spec.get('arch', 'model')}-{ref.alias}", key)
+    root_name = root.name if isinstance(root, Path) else str(root).rstrip("/").rsplit("/", 1)[-1]
+    aid = artefact_id(f"{root_name}-{str(lm.spec.get('arch', 'model')).replace(':', '-')}-{ref.alias}", key)
     adir = store.artefact_dir("features", aid)
     cache = store.kind_dir("cache") / f"hashes-{sha256_bytes(str(root).encode())[:16]}.parquet"
     hashed, hrejects, stats = hash_records(records, cache, progress=cfg.progress)
@@ -210,6 +221,29 @@ def plan_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> tuple[
             stored |= _stored_ids(adir, [e])
         except StoreError as exc:  # a journalled part that did not survive: redo its images
             log.warning("dropping journalled part %s: %s", e.get("name"), exc)
+    # Identity is the content hash: features of the same bytes under the same model/layer/preprocessing in any
+    # other dataset of this store (e.g. a copy in another bucket) are reused, not re-extracted.
+    model_key = {k: v for k, v in key.items() if k != "dataset_root"}
+    donors: list[tuple[Path, dict[str, Any]]] = []
+    wanted = {r.image_id for r in hashed} - stored
+    if wanted:
+        for other_id, om in store.iter_artefacts("features"):
+            if other_id == aid or om.get("pool") != cfg.pool or om.get("layer", {}).get("name") != ref.name:
+                continue
+            okey = {"model": {k: v for k, v in om.get("model", {}).items() if k not in ("weights_source",)},
+                    "layer": om["layer"]["name"], "side": om["layer"]["side"], "pool": om.get("pool"),
+                    "preprocess": om.get("preprocessing")}
+            if json.dumps(okey, sort_keys=True, default=str) != json.dumps(model_key, sort_keys=True, default=str):
+                continue
+            odir = store.artefact_dir("features", other_id)
+            for e in part_entries(om):
+                try:
+                    ids = set(read_part(odir, e, columns=["image_id"]).column("image_id").to_pylist())
+                except StoreError:
+                    continue
+                if ids & wanted:
+                    donors.append((odir, e))
+                    stored |= ids & wanted
     seen: set[str] = set()
     todo = []
     for r in hashed:
@@ -217,7 +251,8 @@ def plan_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> tuple[
             seen.add(r.image_id)
             todo.append(r)
     extra = sorted({k for r in hashed for k in r.extras})
-    return ExtractPlan(cfg, aid, adir, root, hashed, rejects, todo, stored, ref, lm.spec, lm.preprocess, stats, extra), lm
+    return ExtractPlan(cfg, aid, adir, root, hashed, rejects, todo, stored, ref, lm.spec, lm.preprocess, stats, extra,
+                       donors), lm
 
 
 def _forward_batch(module: nn.Module, x: torch.Tensor, ref: LayerRef, pool: str, device: torch.device,
@@ -226,7 +261,8 @@ def _forward_batch(module: nn.Module, x: torch.Tensor, ref: LayerRef, pool: str,
     with capture(module, ref) as acts, torch.inference_mode():
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             out = module(x)
-        feats = pool_features(acts[ref.alias].float(), pool)
+        act = acts[ref.alias] if ref.name else out
+        feats = pool_features(act.float(), pool)
     preds = probs = None
     if with_preds and isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] >= 5:
         p = torch.softmax(out.float(), dim=1)
@@ -265,6 +301,8 @@ def extract_records(plan: ExtractPlan, lm: LoadedModel, records: list[ImageRecor
     limits = DecodeLimits(max_pixels=cfg.max_pixels, min_side=cfg.min_side, strict_extension=cfg.strict_extension)
     items = [(r.src, r.path, r.image_id) for r in records]
     workers = cfg.num_workers if cfg.num_workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else min(2, os.cpu_count() or 1))
+    if isinstance(plan.dataset_root, str):
+        workers = 0  # fsspec filesystems (s3fs, memory) are not fork-safe: decode in-process
     loader = torch.utils.data.DataLoader(
         _DecodeDataset(items, plan.preprocess, limits), batch_size=cfg.batch_size, shuffle=False,
         num_workers=workers if len(items) > cfg.batch_size else 0, collate_fn=_collate,
@@ -376,6 +414,16 @@ def publish_features(plan: ExtractPlan, new_entries: list[dict[str, Any]], decod
             kept.append(e)
         elif keep:
             kept.append(write_part(adir, t.take(pa.array(keep)).cast(feature_schema(dim, with_preds, extra))))
+    for odir, e in plan.donors:  # sibling artefacts: donors only, never kept as our own parts
+        try:
+            ids = read_part(odir, e, columns=["image_id"]).column("image_id").to_pylist()
+        except StoreError:
+            continue
+        if dim is None:
+            fschema = pq.read_schema(odir / e["name"])
+            dim, with_preds = fschema.field("feature").type.list_size, "pred_top5" in fschema.names
+        for i, iid in enumerate(ids):
+            donor.setdefault(iid, (dict(e, _dir=str(odir)), i))
     missing = [p for p in desired if p not in satisfied]
     patch_rows = []
     for p in missing:
@@ -386,7 +434,9 @@ def publish_features(plan: ExtractPlan, new_entries: list[dict[str, Any]], decod
         cache: dict[str, pa.Table] = {}
         rows = []
         for p, r, (e, i) in patch_rows:
-            t = cache.get(e["name"]) or cache.setdefault(e["name"], read_part(adir, e, verify=False))
+            src_dir = Path(e["_dir"]) if "_dir" in e else adir
+            ckey = f"{src_dir}/{e['name']}"
+            t = cache.get(ckey) or cache.setdefault(ckey, read_part(src_dir, e, verify=False))
             row = t.slice(i, 1).to_pylist()[0]
             row.update({"path": p, "label": r.label, "split": r.split, **{c: None if r.extras.get(c) is None else str(r.extras.get(c)) for c in extra}})
             rows.append(row)

@@ -17,7 +17,7 @@ from torch import nn
 __all__ = ["LayerRef", "resolve_layer", "capture", "default_layer", "LAYER_ALIASES", "get_module", "capture_for_grad",
            "override_outputs"]
 
-LAYER_ALIASES = ("fc6", "fc7", "penultimate")
+LAYER_ALIASES = ("fc6", "fc7", "penultimate", "cls", "output")
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class LayerRef:
     alias: str
     name: str
     side: str = "output"
+    token: int | None = None  # for (N, tokens, D) outputs: keep this token only (``cls`` alias)
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -61,6 +62,14 @@ def resolve_layer(model: nn.Module, layer: str | None) -> LayerRef:
     """
     from tasks.models import ModelError
 
+    if isinstance(model, torch.jit.ScriptModule):
+        # Hooks cannot be registered inside TorchScript: the scripted model's output is the feature.
+        if layer not in (None, "", "default", "output"):
+            raise ModelError(f"layer {layer!r} is not available on a TorchScript model (no hooks inside TorchScript); "
+                             "use --layer output and script a feature extractor, or pass the architecture + a state dict")
+        return LayerRef("output", "", "output")
+    if layer == "output":
+        return LayerRef("output", "", "output")
     if layer in (None, "", "default"):
         return resolve_layer(model, "fc7" if _fc_relus(model) else "penultimate")
     if layer in ("fc6", "fc7"):
@@ -77,6 +86,15 @@ def resolve_layer(model: nn.Module, layer: str | None) -> LayerRef:
         if last is None:
             raise ModelError("layer alias 'penultimate' needs a final nn.Linear; pass a module name instead (see `convlens layers`)")
         return LayerRef(layer, last, "input")
+    if layer == "cls":
+        last_ln = None
+        for n, m in model.named_modules():
+            if isinstance(m, nn.LayerNorm):
+                last_ln = n
+        if last_ln is None:
+            raise ModelError("layer alias 'cls' needs a transformer with a final LayerNorm over tokens (e.g. a ViT); "
+                             "use --layer penultimate for CNNs")
+        return LayerRef(layer, last_ln, "output", token=0)
     names = [n for n, _ in model.named_modules() if n]
     if layer not in names:
         close = [n for n in names if layer.split(".")[0] in n][:6]
@@ -105,15 +123,21 @@ def capture(model: nn.Module, refs: list[LayerRef] | LayerRef, detach: bool = Tr
     handles = []
     try:
         for ref in refs:
+            if ref.name == "":
+                continue  # the model's own output: callers read it from the forward's return value
             module = get_module(model, ref.name)
             if ref.side == "input":
-                def pre(_m, args, _alias=ref.alias):
+                def pre(_m, args, _alias=ref.alias, _tok=ref.token):
                     x = args[0]
+                    if _tok is not None and x.dim() == 3:
+                        x = x[:, _tok]
                     store[_alias] = x.detach().clone() if detach else x
                 handles.append(module.register_forward_pre_hook(pre))
             else:
-                def post(_m, _args, out, _alias=ref.alias):
+                def post(_m, _args, out, _alias=ref.alias, _tok=ref.token):
                     x = out[0] if isinstance(out, (tuple, list)) else out
+                    if _tok is not None and x.dim() == 3:
+                        x = x[:, _tok]
                     store[_alias] = x.detach().clone() if detach else x
                 handles.append(module.register_forward_hook(post))
         yield store
@@ -183,3 +207,34 @@ def override_outputs(model: nn.Module, predicate, make_output) -> Iterator[int]:
         for h in handles:
             h.remove()
         stash.clear()
+
+
+def layer_table(model: nn.Module, input_size: int = 224) -> list[dict]:
+    """One dummy forward ``(1, 3, input_size, input_size)``; every module's name, type, depth, output shape
+    and own parameter count, in ``named_modules()`` order (modules not run in forward have shape ``None``)."""
+    shapes: dict[str, tuple | None] = {}
+    handles = []
+
+    def hook(name):
+        def fn(_m, _a, out):
+            x = out[0] if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) else out
+            shapes[name] = tuple(x.shape) if isinstance(x, torch.Tensor) else None
+        return fn
+
+    try:
+        for name, m in model.named_modules():
+            if name:
+                handles.append(m.register_forward_hook(hook(name)))
+        with torch.no_grad():
+            model(torch.zeros(1, 3, input_size, input_size))
+    finally:
+        for h in handles:
+            h.remove()
+    rows = []
+    for name, m in model.named_modules():
+        if not name:
+            continue
+        own = sum(p.numel() for p in m.parameters(recurse=False))
+        rows.append({"name": name, "type": type(m).__name__, "depth": name.count("."),
+                     "output_shape": shapes.get(name), "params": int(own)})
+    return rows

@@ -62,7 +62,22 @@ class DecodeLimits:
 
 
 def read_file_bytes(path: str | os.PathLike[str], limits: DecodeLimits = DecodeLimits()) -> bytes:
-    """Read a local file's bytes, refusing non-regular files (FIFOs, directories, devices) before opening."""
+    """Read a file's bytes (local path or fsspec URL), refusing non-regular files (FIFOs, directories,
+    devices) before opening."""
+    path = str(path)
+    if "://" in path and not path.startswith("file://"):
+        import fsspec
+
+        try:
+            fs, p = fsspec.core.url_to_fs(path)
+            size = int(fs.info(p).get("size") or 0)
+            if size == 0:
+                raise RejectedImage("empty-file", "0 bytes")
+            if size > limits.max_bytes:
+                raise RejectedImage("too-large", f"{size} bytes > limit {limits.max_bytes}")
+            return fs.cat_file(p)
+        except (OSError, ValueError) as exc:
+            raise RejectedImage("unreadable", str(exc)[:300]) from None
     try:
         st = os.stat(path)
     except OSError as exc:

@@ -33,6 +33,7 @@ __all__ = [
     "EMBEDDED_PACKAGE",
     "EMBEDDED_SHA256",
     "load_state_dict_file",
+    "apply_preprocess_overrides",
 ]
 
 log = logging.getLogger(__name__)
@@ -213,8 +214,7 @@ def _load_torchvision(name: str, weights: str, seed: int, weights_prefix: str | 
         _check_keys(module, _strip_prefix(load_state_dict_file(path), weights_prefix), str(path))
         spec.update({"weights": str(path.name), "weights_sha256": digest, "weights_source": "file"})
         categories = categories if categories and _num_outputs(module) == len(categories) else None
-    return LoadedModel(module.eval(), spec, _preprocess_from_weights(default_w), categories,
-                       sum(p.numel() for p in module.parameters()))
+    return _finish(module, spec, _preprocess_from_weights(default_w), categories)
 
 
 def _num_outputs(module: nn.Module) -> int | None:
@@ -225,15 +225,138 @@ def _num_outputs(module: nn.Module) -> int | None:
     return last.out_features if last is not None else None
 
 
+def _finish(module: nn.Module, spec: dict[str, Any], pre: Preprocess, categories: list[str] | None) -> LoadedModel:
+    n = sum(p.numel() for p in module.parameters())
+    spec = {**spec, "num_params": int(n)}
+    return LoadedModel(module.eval(), spec, pre, categories, n)
+
+
+def _apply_weights(module: nn.Module, weights: str, weights_prefix: str | None, spec: dict[str, Any], seed: int) -> None:
+    if weights in ("none", "", None):
+        spec.update({"weights": "none", "weights_sha256": None, "seed": seed})
+        return
+    if weights == "imagenet":
+        raise ModelError("--weights imagenet is only for torchvision architectures; pass --weights PATH to a state dict "
+                         "(.pth/.pt/.safetensors) or --weights none")
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ModelError(f"weights file {weights} does not exist")
+    _check_keys(module, _strip_prefix(load_state_dict_file(path), weights_prefix), str(path))
+    spec.update({"weights": path.name, "weights_sha256": sha256_file(path), "weights_source": "file"})
+
+
+def _load_factory(target: str, weights: str, seed: int, weights_prefix: str | None) -> LoadedModel:
+    import importlib
+
+    mod_name, _, attr = target.partition(":")
+    try:
+        module_obj = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ModelError(f"cannot import {mod_name!r} for --model {target}: {exc}; is the package installed in this venv?") from None
+    factory = getattr(module_obj, attr, None)
+    if not callable(factory):
+        raise ModelError(f"{mod_name} has no callable {attr!r} (from --model {target})")
+    torch.manual_seed(seed)
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"--model {target} returned {type(model).__name__}, not a torch.nn.Module")
+    spec: dict[str, Any] = {"source": "factory", "arch": target}
+    _apply_weights(model, weights, weights_prefix, spec, seed)
+    return _finish(model, spec, Preprocess(), None)
+
+
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _load_torchscript(path: Path) -> LoadedModel:
+    if not path.is_file():
+        raise ModelError(f"TorchScript file {path} does not exist")
+    if not _is_torchscript(path):
+        raise ModelError(f"{path} is not a TorchScript archive (torch.jit.save); for a state dict pass "
+                         "--model ARCH --weights PATH instead")
+    module = torch.jit.load(str(path), map_location="cpu")
+    spec = {"source": "torchscript", "arch": path.name, "weights": path.name, "weights_sha256": sha256_file(path)}
+    return _finish(module, spec, Preprocess(), None)
+
+
+def _load_timm(name: str, weights: str, seed: int, weights_prefix: str | None) -> LoadedModel:
+    try:
+        import timm
+        from timm.data import resolve_data_config
+    except ImportError:
+        raise ModelError("timm is not installed; install convlens with the 'timm' extra (make setup does)") from None
+    torch.manual_seed(seed)
+    try:
+        module = timm.create_model(name, pretrained=False)
+    except (RuntimeError, ValueError) as exc:
+        raise ModelError(f"unknown timm model {name!r} ({exc}); see timm.list_models()") from None
+    spec: dict[str, Any] = {"source": "timm", "arch": f"timm:{name}"}
+    _apply_weights(module, weights, weights_prefix, spec, seed)
+    cfg = resolve_data_config({}, model=module)
+    crop = int(cfg["input_size"][-1])
+    resize = int(round(crop / float(cfg.get("crop_pct", 0.875))))
+    pre = Preprocess(resize, crop, tuple(cfg["mean"]), tuple(cfg["std"]), str(cfg.get("interpolation", "bilinear")))
+    return _finish(module, spec, pre, None)
+
+
+def apply_preprocess_overrides(lm: LoadedModel, resize: int | None = None, crop: int | None = None,
+                               mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                               interpolation: str | None = None) -> LoadedModel:
+    """Override parts of the model's preprocessing; logs a warning when it departs from the weights' own."""
+    own = lm.preprocess
+    new = Preprocess(resize or own.resize, crop or own.crop, tuple(mean) if mean else own.mean,
+                     tuple(std) if std else own.std, interpolation or own.interpolation)
+    if new.crop > new.resize:
+        raise ValueError(f"--crop {new.crop} is larger than --resize {new.resize}")
+    if interpolation and interpolation not in ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"):
+        raise ValueError(f"--interpolation {interpolation!r}: use nearest, bilinear, bicubic, lanczos, box or hamming")
+    if len(new.mean) != 3 or len(new.std) != 3:
+        raise ValueError("--mean and --std take three comma-separated numbers (R,G,B)")
+    if new != own:
+        if lm.spec.get("weights") not in ("none", None):
+            log.warning("preprocessing %s differs from the weights' own %s; features may be off-distribution",
+                        new.to_dict(), own.to_dict())
+        lm.extra["preprocess_default"] = own.to_dict()
+    lm.preprocess = new
+    return lm
+
+
 def load_model(model: str = "mobilenet_v2", weights: str = "imagenet", seed: int = 0,
                weights_prefix: str | None = None) -> LoadedModel:
     """Build a model in eval mode on CPU.
 
-    ``model``: a torchvision architecture name (``alexnet``, ``resnet50``, ...), optionally ``torchvision:NAME``.
-    ``weights``: ``imagenet`` | ``none`` (random init seeded with ``seed``) | path to a state dict.
-    Raises :class:`ModelError` with what to do for unknown models, missing weights or mismatched keys.
+    ``model``:
+    - a torchvision architecture name (``alexnet``, ``resnet50``, ...), optionally ``torchvision:NAME``;
+    - ``timm:NAME`` (built with ``pretrained=False``; preprocessing from timm's data config);
+    - ``module.path:factory`` — an importable callable returning an ``nn.Module``;
+    - a TorchScript file (``torch.jit.save``), as a path or ``torchscript:PATH``.
+    ``weights``: ``imagenet`` (torchvision only) | ``none`` (random init seeded with ``seed``) | path to a state
+    dict (``.pth``/``.pt`` loaded with ``weights_only=True``, or ``.safetensors``); ``weights_prefix`` is
+    stripped from its keys. Raises :class:`ModelError` with what to do for unknown models, missing weights,
+    mismatched keys or a pickled full module.
     """
     if not model:
-        raise ModelError("empty --model; pass e.g. mobilenet_v2, resnet50 or torchvision:alexnet")
-    name = model.split(":", 1)[1] if model.startswith("torchvision:") else model
-    return _load_torchvision(name, weights, seed, weights_prefix)
+        raise ModelError("empty --model; pass e.g. mobilenet_v2, resnet50, timm:resnet18 or my_pkg.models:build")
+    if model.startswith("torchscript:"):
+        return _load_torchscript(Path(model.split(":", 1)[1]).expanduser())
+    if model.startswith("timm:"):
+        return _load_timm(model.split(":", 1)[1], weights, seed, weights_prefix)
+    if model.startswith("torchvision:"):
+        return _load_torchvision(model.split(":", 1)[1], weights, seed, weights_prefix)
+    as_path = Path(model).expanduser()
+    if as_path.suffix in (".pt", ".pth", ".ts", ".zip") or as_path.is_file():
+        if as_path.is_file() and not _is_torchscript(as_path):
+            raise ModelError(
+                f"{model} is a file but not a TorchScript archive. A state dict goes in --weights with its architecture "
+                "in --model; a pickled full model is refused — export `model.state_dict()` (or torch.jit.save) instead")
+        return _load_torchscript(as_path)
+    if ":" in model:
+        return _load_factory(model, weights, seed, weights_prefix)
+    return _load_torchvision(model, weights, seed, weights_prefix)

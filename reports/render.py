@@ -1,0 +1,503 @@
+"""Render the model-review report: one self-contained, offline HTML file.
+
+:func:`build_report` gathers every section from the store (sha256-verified), :func:`render_html` fills the
+Jinja2 template (autoescape on) and :func:`write_report` writes the file atomically. Data for the interactive
+parts is embedded as JSON in ``<script type="application/json">`` elements via :func:`reports.figures.safe_json`;
+images are small JPEG/PNG data URIs; plotly.js is inlined from ``reports/static`` (vendored from the plotly
+package). The page makes no network request (a Content-Security-Policy forbids any).
+
+Memory: O(N x D) for the features (they are loaded once) + O(N x 768) bytes for the pixel-space vectors +
+the embedded thumbnails (bounded by ``thumb_budget_bytes``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from reports.figures import PALETTE, clean_text, pca2, safe_json, thumbnail
+from reports.sections import core, stored
+from storage.atomic import atomic_write_bytes
+from storage.errors import StoreError
+from storage.features import load_features, part_entries, read_part
+from storage.manifest import CODE_VERSION, read_manifest, safe_member, utc_now, verify_files
+from storage.paths import Store
+
+__all__ = ["ReportOptions", "image_file", "build_report", "render_html", "write_report", "resolve_compare", "default_report_path"]
+
+log = logging.getLogger(__name__)
+
+MISSING = {
+    "accuracy": "needs labels and a model with a classifier head (`convlens extract DATA` on a labelled folder)",
+    "tsne_grid": "run `convlens project --store STORE --method tsne` (with the image grid) to create it",
+    "audit": "run `convlens dataset-audit --store STORE` to find duplicates, leaks, label errors and outliers",
+    "attribution": "run `convlens audit --store STORE` to compute occlusion / saliency / Grad-CAM galleries",
+    "neurons": "run `convlens neurons ... --store STORE` (filters, max-activating patches, class visualisation, ...)",
+    "drift": "pass `--compare PREVIOUS` (a features artefact id, a store path or an artefact folder)",
+}
+
+
+@dataclass
+class ReportOptions:
+    """Knobs of the report. Sizes in pixels / bytes."""
+
+    thumb_px: int = 64                   # max side of embedded thumbnails
+    thumb_quality: int = 70              # JPEG quality of thumbnails
+    thumb_budget_bytes: int = 12_000_000  # total base64 bytes of thumbnails; sampled above it
+    pixel_px: int = 16                   # pixel-space neighbour vectors are pixel_px^2 x 3
+    k: int = 6                           # neighbours shown per clicked point
+    max_neighbor_queries: int = 20_000   # points whose neighbours are embedded (others: sampled)
+    max_points: int = 200_000            # points in the scatter (sampled above)
+    workers: int = 4                     # decode threads for thumbnails
+    seed: int = 0
+    title: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_report_path(store: str | Path, fid: str) -> Path:
+    return Store(store).kind_dir("reports") / f"report-{fid}.html"
+
+
+def resolve_compare(store: Store, compare: str) -> tuple[str, dict[str, Any], Path]:
+    """``--compare`` value -> (id, manifest, dir) of a features artefact.
+
+    Accepts a features artefact id (or prefix) in ``store``, a path to another store (its newest features
+    artefact) or a path to a features artefact folder.
+    """
+    p = Path(compare).expanduser()
+    if p.is_dir():
+        if (p / "manifest.json").is_file():
+            m = read_manifest(p)
+            if m.get("kind", "features") != "features":
+                raise ValueError(f"--compare {compare}: {p} is a {m.get('kind')} artefact, not a features artefact")
+            return p.name, m, p
+        other = Store(p)
+        aid, m = other.resolve("features", None)
+        return aid, m, other.artefact_dir("features", aid)
+    try:
+        aid, m = store.resolve("features", compare)
+    except StoreError as exc:
+        raise ValueError(f"--compare {compare!r} is neither a features artefact id in {store.root} nor a folder: {exc}") from None
+    return aid, m, store.artefact_dir("features", aid)
+
+
+def _categories(fdir: Path, fman: dict[str, Any]) -> list[str] | None:
+    entry = next((f for f in fman.get("files", []) if f.get("role") == "categories"), None)
+    if entry is None:
+        return None
+    verify_files(fdir, {"files": [entry]})
+    return [str(c) for c in json.loads(safe_member(fdir, entry["name"]).read_text("utf-8"))]
+
+
+def _rejects(fdir: Path, fman: dict[str, Any]) -> pd.DataFrame:
+    frames = [read_part(fdir, e).to_pandas() for e in part_entries(fman, "rejects")]
+    if not frames:
+        return pd.DataFrame(columns=["path", "reason", "detail"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def _knn_rows(x: np.ndarray, queries: np.ndarray, k: int, metric: str) -> np.ndarray:
+    """Top-``k`` neighbours (row indices, self excluded) of ``x[queries]`` among all rows of ``x``. Exact FAISS."""
+    from tasks.faiss_index import import_faiss, knn_search
+
+    n = len(x)
+    k = min(k, n - 1)
+    if k <= 0:
+        return np.zeros((len(queries), 0), np.int64)
+    if len(queries) == n:
+        idx, _ = knn_search(x, k, metric=metric)
+        return idx
+    faiss = import_faiss()
+    x = np.ascontiguousarray(x, np.float32)
+    if metric == "cosine":
+        x = x.copy()
+        faiss.normalize_L2(x)
+        index = faiss.IndexFlatIP(x.shape[1])
+    else:
+        index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    out = np.empty((len(queries), k), np.int64)
+    for s in range(0, len(queries), 4096):
+        q = queries[s:s + 4096]
+        _, i = index.search(x[q], k + 1)
+        keep = i != q[:, None]
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+        out[s:s + len(q)] = np.take_along_axis(i, order, axis=1)
+    return out
+
+
+def _stored_knn(store: Store, fid: str, n: int, queries: np.ndarray, k: int) -> np.ndarray | None:
+    """Feature-space neighbours from a published kNN graph of an index built on ``fid`` (None if none fits)."""
+    try:
+        from storage.index_store import read_knn_graph
+    except ImportError:
+        return None
+    for aid, m, adir in stored.related_artefacts(store, "indexes", fid):
+        if m.get("space", "feature") != "feature" or int(m.get("rows", -1)) != n:
+            continue
+        entries = [e for e in m.get("files", []) if e.get("role") == "knn" and int(e.get("k", 0)) >= min(k, n - 1)]
+        if not entries:
+            continue
+        try:
+            g = read_knn_graph(adir, m, int(entries[0]["k"])) if _takes_k(read_knn_graph) else read_knn_graph(adir, m)
+        except (StoreError, TypeError, ValueError, KeyError) as exc:
+            log.warning("cannot use kNN graph of %s: %s", aid, exc)
+            continue
+        if not {"row", "rank", "neighbor_row"} <= set(g.columns):
+            continue
+        g = g[g["rank"] <= k].sort_values(["row", "rank"])
+        kk = min(k, n - 1)
+        table = np.full((n, kk), -1, np.int64)
+        r = g["row"].to_numpy(np.int64)
+        c = g["rank"].to_numpy(np.int64) - 1
+        ok = (r >= 0) & (r < n) & (c < kk)
+        table[r[ok], c[ok]] = g["neighbor_row"].to_numpy(np.int64)[ok]
+        log.info("feature neighbours from stored kNN graph %s", aid)
+        return table[queries]
+    return None
+
+
+def _takes_k(fn: Callable[..., Any]) -> bool:
+    import inspect
+
+    try:
+        return "k" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def image_file(root: Path, rel: str) -> Path | bytes:
+    """The file of a stored (display) path. Non-UTF-8 names are stored with ``\\xNN`` escapes; map them back."""
+    path = root / rel
+    if "\\x" not in rel or path.exists():
+        return path
+    raw = re.sub(rb"\\x([0-9a-fA-F]{2})", lambda m: bytes([int(m.group(1), 16)]), rel.encode("utf-8"))
+    candidate = os.path.join(os.fsencode(root), raw)
+    return candidate if os.path.exists(candidate) else path
+
+
+def _decode_all(paths: list[Path | bytes], order: np.ndarray, opts: ReportOptions, must: set[int]
+                ) -> tuple[dict[int, str], np.ndarray, np.ndarray]:
+    """Decode every image once (thread pool): pixel vectors for all rows, thumbnails within the byte budget.
+
+    ``order`` is the priority order of rows; rows in ``must`` always get a thumbnail. Returns
+    ``(thumbs {row: data uri}, pixels (N, P) uint8, has_pixels (N,) bool)``.
+    """
+    n = len(paths)
+    pdim = opts.pixel_px * opts.pixel_px * 3
+    pixels = np.zeros((n, pdim), np.uint8)
+    has = np.zeros(n, bool)
+    thumbs: dict[int, str] = {}
+    used = 0
+
+    def work(i: int) -> tuple[int, str | None, np.ndarray | None]:
+        uri, pix = thumbnail(paths[i], opts.thumb_px, opts.pixel_px, opts.thumb_quality)
+        return i, uri, pix
+
+    with ThreadPoolExecutor(max_workers=max(1, opts.workers)) as pool:
+        for i, uri, pix in pool.map(work, order.tolist(), chunksize=64):
+            if pix is not None:
+                pixels[i] = pix
+                has[i] = True
+            if uri is not None and (i in must or used + len(uri) <= opts.thumb_budget_bytes):
+                thumbs[i] = uri
+                used += len(uri)
+    return thumbs, pixels, has
+
+
+def _colorings(meta: pd.DataFrame, names: list[str | None], acc: dict[str, Any], flags: dict[int, list[str]]
+               ) -> dict[str, dict[str, Any]]:
+    def encode(values: list[Any]) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for v in values:
+            counts[v] = counts.get(v, 0) + 1
+        cats = sorted(counts, key=lambda c: (-counts[c], c))
+        pos = {c: i for i, c in enumerate(cats)}
+        return {"cats": [clean_text(c) for c in cats], "counts": [counts[c] for c in cats], "idx": [pos[v] for v in values]}
+
+    n = len(meta)
+    out = {}
+    if "label" in meta.columns:
+        out["label"] = encode(["(none)" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in meta["label"]])
+    if any(x is not None for x in names):
+        out["prediction"] = encode(["(none)" if x is None else x for x in names])
+    if "split" in meta.columns and meta["split"].notna().any():
+        out["split"] = encode(["(none)" if v is None else str(v) for v in meta["split"]])
+    if acc.get("mode") == "accuracy":
+        corr = acc["correct"]
+        out["correct"] = encode(["correct" if corr.get(i) else ("wrong" if i in corr else "(unlabelled)") for i in range(n)])
+    if flags:
+        out["audit flag"] = encode([",".join(sorted(flags[i])) if i in flags else "ok" for i in range(n)])
+    return out
+
+
+def _audit_flags(cards: list[dict[str, Any]], store: Store, fid: str, path_rows: dict[str, int]) -> dict[int, list[str]]:
+    """Per-row audit flags from dataset-audit tables that have a ``path``/``row`` column and a flag column."""
+    flags: dict[int, list[str]] = {}
+    for aid, m, adir in stored.related_artefacts(store, "audits", fid):
+        if not _is_dataset_audit(m):
+            continue
+        for entry in m.get("files", []):
+            if not entry["name"].endswith(".parquet"):
+                continue
+            try:
+                df = stored.read_verified_table(adir, entry)
+            except StoreError:
+                continue
+            flag_col = next((c for c in ("flag", "kind", "issue", "finding", "category", "check") if c in df.columns), None)
+            name = str(entry.get("role") or Path(entry["name"]).stem.split("-")[0])
+            for rec in df.head(200_000).itertuples(index=False):
+                d = rec._asdict()
+                row = d.get("row")
+                if row is None and isinstance(d.get("path"), str):
+                    row = path_rows.get(d["path"])
+                if row is None or not (0 <= int(row) < len(path_rows)):
+                    continue
+                flags.setdefault(int(row), [])
+                f = str(d.get(flag_col)) if flag_col else name
+                if f not in flags[int(row)]:
+                    flags[int(row)].append(f)
+    return flags
+
+
+def _is_dataset_audit(m: dict[str, Any]) -> bool:
+    text = " ".join(str(m.get(k, "")) for k in ("audit", "technique", "method", "type", "kind", "artefact_id")).lower()
+    return any(w in text for w in ("dataset", "duplicate", "leak", "label", "outlier"))
+
+
+def _is_attribution(m: dict[str, Any]) -> bool:
+    return not _is_dataset_audit(m)
+
+
+def build_report(store: str | Path, features_id: str | None = None, compare: str | None = None,
+                 options: ReportOptions | None = None) -> dict[str, Any]:
+    """Gather everything the report shows; returns the template context (plain data, JSON strings for scripts).
+
+    Raises :class:`StoreError` when the store has no features artefact (run ``convlens extract`` first) and
+    :class:`ChecksumError` when a file of the feature artefact does not match its manifest.
+    """
+    opts = options or ReportOptions()
+    t0 = time.perf_counter()
+    s = Store(store)
+    fid, fman = s.resolve("features", features_id)
+    fdir = s.artefact_dir("features", fid)
+    meta, feats = load_features(fdir, fman, verify=True)
+    n = len(meta)
+    categories = _categories(fdir, fman)
+    rejects = _rejects(fdir, fman)
+    root = Path(fman.get("dataset_root", "."))
+    paths_text = [str(p) for p in meta["path"]]
+    path_rows = {p: i for i, p in enumerate(paths_text)}
+    needed: set[int] = set()
+    timings: dict[str, float] = {}
+
+    summary = core.run_summary(fid, fman, rejects)
+    acc = core.accuracy_section(meta, categories, seed=opts.seed)
+    names = core.top1_names(meta, categories)
+    for key in ("confusions", "per_label"):
+        for item in acc.get(key, []):
+            needed.update(item["examples"])
+    timings["summary+accuracy"] = time.perf_counter() - t0
+
+    # other stages' artefacts
+    t1 = time.perf_counter()
+    maps = stored.maps_data(s, fid, n)
+    audit_cards = stored.cards_for(s, "audits", fid, path_rows, needed, select=_is_dataset_audit)
+    attr_cards = stored.cards_for(s, "audits", fid, path_rows, needed, select=_is_attribution)
+    _sort_attribution(attr_cards)
+    arch = (fman.get("model") or {}).get("arch")
+    neuron_cards = stored.cards_for(s, "neurons", fid, path_rows, needed, include_unrelated=True, limit=40,
+                                    select=lambda m: _same_model(m, fid, arch))
+    flags = _audit_flags(audit_cards, s, fid, path_rows)
+    timings["stored artefacts"] = time.perf_counter() - t1
+
+    # drift
+    drift: dict[str, Any] = {"present": False}
+    prev_info = None
+    if compare:
+        t2 = time.perf_counter()
+        pid, pman, pdir = resolve_compare(s, compare)
+        pmeta, pfeats = load_features(pdir, pman, verify=True)
+        drift = core.drift_section((fid, fman, meta, feats), (pid, pman, pmeta, pfeats), categories,
+                                   _categories(pdir, pman), seed=opts.seed)
+        needed.update(drift["new_examples"])
+        needed.update(c["row"] for c in drift["changed"])
+        prev_info = pid
+        timings["drift"] = time.perf_counter() - t2
+
+    # scatter points (sampled above max_points)
+    rng = np.random.default_rng(opts.seed)
+    if n > opts.max_points:
+        shown = np.sort(rng.choice(n, opts.max_points, replace=False))
+    else:
+        shown = np.arange(n)
+    projections = dict(maps["projections"])
+    if not projections and n:
+        t3 = time.perf_counter()
+        projections["PCA (computed for this report)"] = pca2(feats, seed=opts.seed)
+        timings["pca2"] = time.perf_counter() - t3
+
+    # thumbnails + pixel vectors (one decode per image), needed rows first
+    t4 = time.perf_counter()
+    order = np.r_[np.array(sorted(needed), np.int64), rng.permutation(n)]
+    _, first = np.unique(order, return_index=True)
+    order = order[np.sort(first)]
+    thumbs, pixels, has_pix = _decode_all([image_file(root, p) for p in paths_text], order, opts, needed)
+    timings["thumbnails"] = time.perf_counter() - t4
+
+    # neighbours: feature space (stored kNN graph or exact FAISS) and pixel space (exact L2 on pixel vectors)
+    t5 = time.perf_counter()
+    thumbed = np.array(sorted(thumbs), np.int64)
+    if n <= opts.max_neighbor_queries:
+        queries = np.arange(n)
+    else:
+        queries = thumbed[:opts.max_neighbor_queries] if len(thumbed) else rng.choice(n, opts.max_neighbor_queries, replace=False)
+        queries = np.sort(queries)
+    k = min(opts.k, max(n - 1, 0))
+    nbr_feat = nbr_pix = np.zeros((len(queries), 0), np.int64)
+    knn_source = "none"
+    if k > 0:
+        stored_nb = _stored_knn(s, fid, n, queries, k)
+        if stored_nb is not None:
+            nbr_feat, knn_source = stored_nb, "stored kNN graph"
+        else:
+            nbr_feat, knn_source = _knn_rows(feats, queries, k, "cosine"), "exact cosine kNN (FAISS, computed for this report)"
+        pix = pixels.astype(np.float32) / 255.0
+        pix[~has_pix] = 1e3  # unreadable images never appear as neighbours
+        nbr_pix = _knn_rows(pix, queries, k, "l2")
+    timings["neighbours"] = time.perf_counter() - t5
+
+    colorings = _colorings(meta, names, acc, flags)
+    labels_txt = ["" if v is None or (isinstance(v, float) and np.isnan(v)) else clean_text(v) for v in meta["label"]]
+    points = {
+        "n": int(n), "shown": shown.tolist() if len(shown) < n else None,
+        "proj": {name: {"x": np.round(xy[shown, 0], 4).tolist(), "y": np.round(xy[shown, 1], 4).tolist()}
+                 for name, xy in projections.items()},
+        "color": colorings, "palette": list(PALETTE),
+        "path": [clean_text(p) for p in paths_text], "label": labels_txt,
+        "pred": [clean_text(x) if x is not None else "" for x in names],
+        "q": queries.tolist(), "k": int(nbr_feat.shape[1]) if nbr_feat.ndim == 2 else 0,
+        "nf": nbr_feat.reshape(-1).tolist(), "np": nbr_pix.reshape(-1).tolist(), "knn_source": knn_source,
+    }
+    sections = _sections(summary, acc, maps, audit_cards, attr_cards, neuron_cards, drift, flags)
+    timings["total"] = time.perf_counter() - t0
+    return {
+        "title": clean_text(opts.title or f"convlens model review — {fid}"),
+        "fid": clean_text(fid), "generated": utc_now(), "code_version": CODE_VERSION,
+        "compare": clean_text(prev_info) if prev_info else None,
+        "sections": sections, "summary": summary, "acc": acc, "maps": maps, "audit_cards": audit_cards,
+        "attr_cards": attr_cards, "neuron_cards": neuron_cards, "drift": drift, "missing": MISSING,
+        "n_points": int(n), "n_shown": int(len(shown)), "n_thumbs": len(thumbs), "n_queries": int(len(queries)),
+        "knn_source": knn_source,
+        "points_json": safe_json(points),
+        "thumbs_json": safe_json({str(i): u for i, u in thumbs.items()}),
+        "timings": {k_: round(v, 3) for k_, v in timings.items()},
+        "projections": list(projections),
+    }
+
+
+def _same_model(m: dict[str, Any], fid: str, arch: str | None) -> bool:
+    if stored.refers_to(m, fid):
+        return True
+    src = json.dumps(m.get("source", {}), default=str)
+    return bool(arch) and arch in src
+
+
+def _sort_attribution(cards: list[dict[str, Any]]) -> None:
+    """Worst-explained first: tables with a deletion/insertion AUC column are sorted in place."""
+    for card in cards:
+        for t in card["tables"]:
+            cols = [c.lower() for c in t["cols"]]
+            key = next((j for j, c in enumerate(cols) if "insertion" in c and "auc" in c), None)
+            if key is None:
+                continue
+
+            def val(row: list[dict[str, Any]]) -> float:
+                try:
+                    return float(row[key]["text"])
+                except ValueError:
+                    return float("inf")
+
+            t["rows"].sort(key=val)
+
+
+def _sections(summary, acc, maps, audit_cards, attr_cards, neuron_cards, drift, flags) -> list[dict[str, Any]]:
+    return [
+        {"id": "summary", "title": "Run summary", "present": True},
+        {"id": "accuracy", "title": "Accuracy" if acc.get("mode") != "distribution" else "Predictions per label",
+         "present": bool(acc.get("present")), "missing": acc.get("why", "") + " — " + MISSING["accuracy"]},
+        {"id": "map", "title": "Feature map", "present": True},
+        {"id": "tsne_grid", "title": "t-SNE image grid", "present": bool(maps["grids"]), "missing": MISSING["tsne_grid"]},
+        {"id": "audit", "title": "Dataset audit", "present": bool(audit_cards), "missing": MISSING["audit"]},
+        {"id": "attribution", "title": "Attribution galleries", "present": bool(attr_cards), "missing": MISSING["attribution"]},
+        {"id": "neurons", "title": "Inside the network", "present": bool(neuron_cards), "missing": MISSING["neurons"]},
+        {"id": "drift", "title": "Drift vs previous run", "present": bool(drift.get("present")), "missing": MISSING["drift"]},
+    ]
+
+
+def _static(name: str) -> str:
+    """A vendored asset from ``reports/static`` (plotly.min.js falls back to the installed plotly package)."""
+    try:
+        return resources.files("reports").joinpath("static", name).read_text("utf-8")
+    except FileNotFoundError:
+        if name == "plotly.min.js":
+            try:
+                return resources.files("plotly").joinpath("package_data", "plotly.min.js").read_text("utf-8")
+            except (ModuleNotFoundError, FileNotFoundError):
+                pass
+        raise StoreError(f"report asset {name} is missing from reports/static; reinstall convlens") from None
+
+
+def _inline_js(text: str) -> str:
+    # a literal "</script" inside inlined code would end the element early; "<\/" means the same in JS
+    return text.replace("</script", "<\\/script").replace("<!--", "<\\!--")
+
+
+def render_html(ctx: dict[str, Any]) -> str:
+    """Fill ``reports/templates/report.html`` (Jinja2, autoescape on) with a :func:`build_report` context."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+    from markupsafe import Markup
+
+    env = Environment(loader=PackageLoader("reports", "templates"), autoescape=select_autoescape(["html"], default=True),
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["pct"] = lambda v: "—" if v is None else f"{100 * float(v):.1f}%"
+    env.filters["num"] = lambda v, d=3: "—" if v is None else f"{float(v):.{d}f}"
+    template = env.get_template("report.html")
+    return template.render(
+        **ctx,
+        plotly_js=Markup(_inline_js(_static("plotly.min.js"))),
+        report_js=Markup(_inline_js(_static("report.js"))),
+        report_css=Markup(_static("report.css").replace("</style", "<\\/style")),
+        points_script=Markup(ctx["points_json"]),
+        thumbs_script=Markup(ctx["thumbs_json"]),
+    )
+
+
+def write_report(store: str | Path, out: str | Path | None = None, features_id: str | None = None,
+                 compare: str | None = None, options: ReportOptions | None = None) -> str:
+    """Build and write the report for ``features_id`` (default: newest) of ``store``; returns its path.
+
+    ``out`` defaults to ``<store>/reports/report-<features id>.html``. ``compare`` adds the drift section
+    (a features artefact id, another store's path or an artefact folder). Written atomically.
+    """
+    t0 = time.perf_counter()
+    ctx = build_report(store, features_id, compare, options)
+    html = render_html(ctx)
+    target = Path(out) if out else default_report_path(store, ctx["fid"])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(target, html.encode("utf-8", "replace"))
+    os.chmod(target, 0o644)  # a document to share, not a secret
+    log.info("report %s written (%.1f MB, %d points, %d thumbnails) in %.1f s", target, target.stat().st_size / 1e6,
+             ctx["n_points"], ctx["n_thumbs"], time.perf_counter() - t0)
+    return str(target.absolute())

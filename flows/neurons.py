@@ -90,7 +90,8 @@ def _params(cmd: str, a: argparse.Namespace) -> dict[str, Any]:
                 "channels": _ints(a.channels), "max_channels": a.max_channels}
     if cmd == "max-act":
         return {"features_id": a.features, **dev, **force, "layer": a.layer, "k": a.k, "channels": _ints(a.channels),
-                "png_channels": a.png_channels, "batch_size": a.batch_size, "limit": a.limit, "progress": True}
+                "png_channels": a.png_channels, "batch_size": a.batch_size, "limit": a.limit, "min_inside": a.min_inside,
+                "progress": True}
     if cmd == "class-viz":
         cfg = {"size": a.size, "steps": a.steps, "lr": a.lr, "l2": a.l2, "jitter": a.jitter, "blur_every": a.blur_every,
                "blur_sigma": a.blur_sigma, "clip_value_pct": a.clip_value_pct, "clip_grad_pct": a.clip_grad_pct,
@@ -188,6 +189,8 @@ def register(sub) -> None:
     q.add_argument("--png-channels", type=int, default=8)
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--limit", type=int, default=None, help="use only the first N images (by path)")
+    q.add_argument("--min-inside", type=float, default=0.5,
+                   help="rank only units whose receptive field is at least this fraction inside the image (0 = all)")
 
     q = ns.add_parser("class-viz", help="class visualisation by gradient ascent")
     _common(q)

@@ -1,7 +1,8 @@
 """Adversarial / fooling images (Goodfellow et al. FGSM; Madry et al. PGD) and a robustness audit.
 
 All in pixel space ``[0, 1]``; ``eps`` is an L∞ bound in those units (``8/255`` = 8 grey levels).
-- :func:`fgsm`: one signed-gradient step ``x ± eps · sign(∇_x CE)`` (away from the label, or toward a target).
+- :func:`fgsm`: one signed-gradient step ``x ± eps · sign(∇_x L)`` (away from the label, or toward a target);
+  ``L`` is the logit margin (:func:`margin_loss`), whose gradient survives softmax saturation.
 - :func:`pgd`: ``steps`` signed steps of ``alpha`` with projection on the ``eps`` ball (and [0, 1]).
 - :func:`min_flip_eps`: the smallest ``eps`` on a geometric grid that flips the prediction (untargeted: the
   prediction changes; targeted: it becomes the target), refined by bisection for FGSM. The audit runs it over
@@ -25,7 +26,7 @@ from tasks.neurons.common import (
     to_uint8, write_png, write_table,
 )
 
-__all__ = ["AdvConfig", "fgsm", "pgd", "eps_grid", "min_flip_eps", "run_adversarial"]
+__all__ = ["AdvConfig", "margin_loss", "fgsm", "pgd", "eps_grid", "min_flip_eps", "run_adversarial"]
 
 
 @dataclass(frozen=True)
@@ -46,16 +47,27 @@ def eps_grid(lo: float, hi: float, n: int) -> list[float]:
     return [float(v) for v in np.geomspace(lo, hi, n)] if n > 1 else [hi]
 
 
+def margin_loss(logits: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """Per-row ``max_{j≠c} z_j − z_c`` (C&W margin): positive once the prediction is no longer ``c``.
+
+    Used instead of cross-entropy for the gradient sign because it does not vanish when the softmax
+    saturates (a confidently classified image has ``1 − p`` = 0 in float32 and a zero CE gradient)."""
+    z = logits.float()
+    own = z.gather(1, cls.view(-1, 1)).squeeze(1)
+    other = z.masked_fill(F.one_hot(cls, z.shape[1]).bool(), float("-inf")).amax(dim=1)
+    return other - own
+
+
 def _grad_sign(net: torch.nn.Module, x: torch.Tensor, cls: torch.Tensor, targeted: bool) -> torch.Tensor:
     x = x.detach().requires_grad_(True)
-    loss = F.cross_entropy(net(x).float(), cls, reduction="sum")
+    loss = margin_loss(net(x), cls).sum()
     grad, = torch.autograd.grad(loss, x)
     return -grad.sign() if targeted else grad.sign()
 
 
 def fgsm(net: torch.nn.Module, x: torch.Tensor, eps: float | torch.Tensor, cls: torch.Tensor,
          targeted: bool = False) -> torch.Tensor:
-    """``x (N,3,H,W)`` in [0,1] -> adversarial ``x ± eps·sign(∇CE)`` clamped to [0,1]. ``cls`` ``(N,)`` int64 is the
+    """``x (N,3,H,W)`` in [0,1] -> adversarial ``x ± eps·sign(∇ margin)`` clamped to [0,1]. ``cls`` ``(N,)`` int64 is the
     true/predicted class (untargeted: move away) or the target (``targeted``: move toward). ``eps`` float or ``(N,)``."""
     e = eps.view(-1, 1, 1, 1) if isinstance(eps, torch.Tensor) else eps
     return (x + e * _grad_sign(net, x, cls, targeted)).clamp(0, 1).detach()

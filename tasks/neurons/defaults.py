@@ -46,8 +46,13 @@ def run_default_neurons(store: str | Path, features_id: str | None = None, devic
     if "pred_top5" in meta.columns and len(meta):
         target = Counter(int(p[0]) for p in meta["pred_top5"] if p is not None).most_common(1)[0][0]
     if src.categories is not None or any(m for m in src.lm.module.modules() if m.__class__.__name__ == "Linear"):
-        timed("class_viz", lambda: run_class_viz(store, [target], cfg=ClassVizConfig(size=128, steps=40), device=device,
-                                                 source=src), classes=None)
-        timed("adversarial", lambda: run_adversarial(store, n_images=2, n_examples=1, cfg=AdvConfig(method="fgsm"),
+        viz = ClassVizConfig(size=128, steps=40, lr=0.1, jitter=8, blur_every=4, blur_sigma=1.0, clip_value_pct=10)
+        timed("class_viz", lambda: run_class_viz(store, [target], cfg=viz, device=device, source=src), classes=None)
+        confident = None
+        if "prob_top5" in meta.columns and len(meta):
+            m2 = meta.drop_duplicates("image_id").assign(p1=[float(p[0]) if p is not None else 0.0 for p in meta.drop_duplicates("image_id")["prob_top5"]])
+            confident = list(m2.sort_values(["p1", "path"], ascending=[False, True])["path"].iloc[:2])
+        adv = AdvConfig(method="fgsm", grid=8, refine=5)
+        timed("adversarial", lambda: run_adversarial(store, images=confident, n_images=2, n_examples=1, cfg=adv,
                                                      device=device, source=src), flip_rate=None, median_eps_255=None)
     return out

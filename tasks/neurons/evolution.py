@@ -72,7 +72,8 @@ def run_evolution(store: str | Path, checkpoints: Sequence[str], arch: str | Non
                 p.requires_grad_(False)
             net = Normalised(mod, src.preprocess.mean, src.preprocess.std).to(dev)
             rf = receptive_field(mod, used_layer, src.preprocess.crop)
-            top, _size, _skipped = max_activation_pass(net, files_in, src.preprocess, used_layer, k, batch_size, dev)
+            top, _size, _skipped = max_activation_pass(net, files_in, src.preprocess, used_layer, k, batch_size, dev,
+                                                       rf=rf, min_inside=0.5)
             bad = [c for c in channels if not 0 <= c < top.values.shape[0]]
             if bad:
                 raise ValueError(f"channel {bad[0]} out of range: {used_layer} has {top.values.shape[0]} channels")

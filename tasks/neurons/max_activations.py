@@ -31,7 +31,7 @@ from tasks.neurons.common import (
 )
 from tasks.neurons.receptive_field import ReceptiveField, receptive_field
 
-__all__ = ["TopK", "ImageFiles", "max_activation_pass", "hits_table", "patch_image", "patch_grid", "run_max_activations"]
+__all__ = ["TopK", "ImageFiles", "valid_units", "max_activation_pass", "hits_table", "patch_image", "patch_grid", "run_max_activations"]
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,12 @@ class TopK:
         z = torch.full((channels, k), -1, dtype=torch.long)
         return cls(torch.full((channels, k), float("-inf")), z, z.clone(), z.clone())
 
-    def update(self, act: torch.Tensor, rows: torch.Tensor) -> None:
-        """Merge a batch: ``act (B, C, h, w)`` float, ``rows (B,)`` int64 image indices."""
+    def update(self, act: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Merge a batch: ``act (B, C, h, w)`` float, ``rows (B,)`` int64 image indices; ``valid (h, w)`` bool
+        masks the units that may be chosen (None: all)."""
         b, c, h, w = act.shape
+        if valid is not None and not bool(valid.all()):
+            act = act.masked_fill(~valid.to(act.device), float("-inf"))
         vals, idx = act.reshape(b, c, h * w).max(dim=2)  # (B, C)
         k = self.values.shape[1]
         all_v = torch.cat([self.values, vals.t().float().cpu()], dim=1)
@@ -96,13 +99,32 @@ def _collate(items):
     return torch.tensor([i for i, _ in good], dtype=torch.long), (torch.stack([t for _, t in good]) if good else None), bad
 
 
+def valid_units(rf: ReceptiveField | None, h: int, w: int, crop: int, min_inside: float) -> torch.Tensor:
+    """``(h, w)`` bool: units whose receptive field has at least ``min_inside`` of its area inside the crop
+    (border units that mostly see padding are skipped). All True when ``rf`` is None/global or nothing passes."""
+    if rf is None or rf.size is None or min_inside <= 0:
+        return torch.ones(h, w, dtype=torch.bool)
+
+    def frac(n: int, axis: int) -> torch.Tensor:
+        start = rf.offset[axis] + torch.arange(n) * rf.stride[axis]
+        inside = (start + rf.size[axis]).clamp(max=crop) - start.clamp(min=0)
+        return inside.clamp(min=0).float() / rf.size[axis]
+
+    mask = (frac(h, 0)[:, None] * frac(w, 1)[None, :]) >= min_inside
+    return mask if bool(mask.any()) else torch.ones(h, w, dtype=torch.bool)
+
+
 def max_activation_pass(net: Normalised, files: Sequence[Path], pre: Preprocess, layer: str, k: int = 9,
                         batch_size: int = 32, device: torch.device | None = None, num_workers: int | None = None,
-                        progress: bool = False) -> tuple[TopK, tuple[int, int], list[int]]:
+                        progress: bool = False, rf: ReceptiveField | None = None,
+                        min_inside: float = 0.0) -> tuple[TopK, tuple[int, int], list[int]]:
     """Stream ``files`` once; returns ``(topk, map_size (h, w), skipped file indices)``.
 
-    ``net`` takes pixel-space input. Rows in ``topk.rows`` index ``files``. Memory O(k x C + batch).
+    ``net`` takes pixel-space input. Rows in ``topk.rows`` index ``files``. With ``rf`` and ``min_inside``,
+    only units whose receptive field is at least that fraction inside the crop are ranked
+    (:func:`valid_units`). Memory O(k x C + batch).
     """
+    valid = None
     device = device or next(net.parameters()).device
     workers = num_workers if num_workers is not None else (min(2, os.cpu_count() or 1) if len(files) > 2 * batch_size else 0)
     loader = torch.utils.data.DataLoader(ImageFiles(files, pre), batch_size=batch_size, shuffle=False,
@@ -132,7 +154,8 @@ def max_activation_pass(net: Normalised, files: Sequence[Path], pre: Preprocess,
                 if top is None:
                     top = TopK.empty(act.shape[1], k)
                     size = (int(act.shape[2]), int(act.shape[3]))
-                top.update(act, idx)
+                    valid = valid_units(rf, size[0], size[1], pre.crop, min_inside)
+                top.update(act, idx, valid)
             if bar is not None:
                 bar.update(len(idx) + len(bad))
     finally:
@@ -194,12 +217,15 @@ def patch_grid(hits: pd.DataFrame, channels: Sequence[int], images: dict[str, to
 
 def run_max_activations(store: str | Path, layer: str | None = None, features_id: str | None = None, k: int = 9,
                         channels: Sequence[int] | None = None, png_channels: int = 8, per_png: int = 8,
-                        batch_size: int = 32, patch_px: int = 64, limit: int | None = None, device: str = "auto",
-                        progress: bool = False, source: Source | None = None, force: bool = False) -> dict[str, Any]:
+                        batch_size: int = 32, patch_px: int = 64, limit: int | None = None, min_inside: float = 0.5,
+                        device: str = "auto", progress: bool = False, source: Source | None = None,
+                        force: bool = False) -> dict[str, Any]:
     """Top-``k`` images and RF patches of every channel of ``layer`` over the images of a feature artefact.
 
     ``channels``: which channels get patch PNGs (default: the ``png_channels`` channels with the highest
     top-1 activation); the table always covers every channel. ``limit`` caps the number of images (first by path).
+    ``min_inside``: rank only units whose receptive field lies at least this fraction (of its area) inside the
+    crop, so border units that mostly see padding do not dominate (0 = every unit).
     Files: ``max_activations.parquet`` (:func:`hits_table`), ``patches-<n>.png`` (``per_png`` channels each).
     """
     from tasks.neurons.common import default_conv_layer
@@ -210,7 +236,7 @@ def run_max_activations(store: str | Path, layer: str | None = None, features_id
     if limit:
         meta = meta.iloc[:limit]
     params = {"layer": layer, "k": k, "channels": list(channels) if channels else None, "png_channels": png_channels,
-              "per_png": per_png, "patch_px": patch_px, "limit": limit}
+              "per_png": per_png, "patch_px": patch_px, "limit": limit, "min_inside": min_inside}
 
     def build(adir: Path):
         dev = pick_device(device)
@@ -218,7 +244,8 @@ def run_max_activations(store: str | Path, layer: str | None = None, features_id
         crop = src.preprocess.crop
         rf = receptive_field(src.lm.module, layer, crop)
         files_in = [src.dataset_root / p for p in meta["path"]]
-        top, size, skipped = max_activation_pass(net, files_in, src.preprocess, layer, k, batch_size, dev, progress=progress)
+        top, size, skipped = max_activation_pass(net, files_in, src.preprocess, layer, k, batch_size, dev, progress=progress,
+                                                 rf=rf, min_inside=min_inside)
         hits = hits_table(top, layer, rf, crop, list(meta["image_id"]), list(meta["path"]), list(meta["label"]))
         if channels:
             bad = [c for c in channels if not 0 <= c < top.values.shape[0]]
@@ -238,7 +265,7 @@ def run_max_activations(store: str | Path, layer: str | None = None, features_id
             pngs.append(name)
         extra = {"layer": layer, "k": k, "channels": int(top.values.shape[0]), "map_size": list(size),
                  "images_scanned": len(files_in) - len(skipped), "images_skipped": len(skipped), "crop": crop,
-                 "receptive_field": rf.to_dict(), "png_channels": chans, "images": pngs}
+                 "receptive_field": rf.to_dict(), "png_channels": chans, "images": pngs, "min_inside": min_inside}
         return files, extra
 
     return publish(store, "max_activations", src.readable, {**src.key, "params": params}, build, force)

@@ -57,6 +57,7 @@ class ReportOptions:
     thumb_budget_bytes: int = 12_000_000  # total base64 bytes of thumbnails; sampled above it
     pixel_px: int = 16                   # pixel-space neighbour vectors are pixel_px^2 x 3
     k: int = 6                           # neighbours shown per clicked point
+    examples: int = 6                    # example images per label / confusion
     max_neighbor_queries: int = 20_000   # points whose neighbours are embedded (others: sampled)
     max_points: int = 200_000            # points in the scatter (sampled above)
     workers: int = 4                     # decode threads for thumbnails
@@ -303,7 +304,7 @@ def build_report(store: str | Path, features_id: str | None = None, compare: str
     timings: dict[str, float] = {}
 
     summary = core.run_summary(fid, fman, rejects)
-    acc = core.accuracy_section(meta, categories, seed=opts.seed)
+    acc = core.accuracy_section(meta, categories, max_examples=opts.examples, seed=opts.seed)
     names = core.top1_names(meta, categories)
     for key in ("confusions", "per_label"):
         for item in acc.get(key, []):

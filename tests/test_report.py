@@ -1,0 +1,181 @@
+"""Report unit tests: safe embedding, accuracy logic on hand-made tables, the rendered file, drift, checksums, CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from report_fixtures import SCRIPT_LABEL, hostile_store
+from reports.figures import clean_text, safe_json
+from reports.sections.core import accuracy_section, class_mapping, drift_section
+
+
+@pytest.fixture(scope="module")
+def hs(tmp_path_factory):
+    return hostile_store(tmp_path_factory)
+
+
+def test_safe_json_cannot_close_script_and_round_trips():
+    obj = {"label": SCRIPT_LABEL, "a&b": "x\u2028y\u2029z <!-- >", "n": float("nan"), "bytes": b"ab\xff"}
+    text = safe_json(obj)
+    for bad in ("<", ">", "&", "\u2028", "\u2029"):
+        assert bad not in text
+    back = json.loads(text)
+    assert back["label"] == SCRIPT_LABEL and back["a&b"] == "x\u2028y\u2029z <!-- >"
+    assert back["n"] is None and back["bytes"] == "ab\ufffd"
+
+
+def test_clean_text_makes_valid_utf8():
+    assert clean_text("bad\udcff.png") == "bad\ufffd.png"
+    assert clean_text(b"\xfe") == "\ufffd"
+    assert clean_text("ok \u2028") == "ok \u2028"
+    assert clean_text(None) == ""
+
+
+def test_class_mapping_only_when_labels_are_the_model_classes():
+    cats = ["tench", "goldfish", "great white shark"]
+    assert class_mapping(["goldfish", "Great_White_Shark", "tench"], cats, 3) == {"goldfish": 1, "Great_White_Shark": 2, "tench": 0}
+    assert class_mapping(["0", "1", "2"], cats, 3) is None          # digits are not ImageNet indices
+    assert class_mapping(["0", "1", "2"], None, 3) == {"0": 0, "1": 1, "2": 2}
+    assert class_mapping(["cat", "dog", "tench"], cats, 3) is None   # 1/3 maps: not enough
+
+
+def _meta(labels, preds):
+    return pd.DataFrame({"image_id": [f"id{i}" for i in range(len(labels))], "path": [f"p{i}.png" for i in range(len(labels))],
+                         "label": labels, "pred_top5": [np.array(p + [9] * (5 - len(p)), np.int32) for p in preds]})
+
+
+def test_accuracy_mode_counts_by_hand():
+    cats = ["cat", "dog", "fox"] + [f"c{i}" for i in range(3, 10)]
+    meta = _meta(["cat", "cat", "dog", "dog", "fox"], [[0], [1, 0], [1], [0, 1], [3, 4, 5, 6, 2]])
+    acc = accuracy_section(meta, cats)
+    assert acc["mode"] == "accuracy" and acc["n"] == 5
+    assert acc["overall1"] == pytest.approx(2 / 5) and acc["overall5"] == pytest.approx(5 / 5)
+    per = {r["name"]: r for r in acc["per_class"]}
+    assert per["cat"]["acc1"] == 0.5 and per["fox"]["acc1"] == 0.0 and per["fox"]["acc5"] == 1.0
+    pairs = {(c["true"], c["pred"]): c["n"] for c in acc["confusions"]}
+    assert pairs == {("cat", "dog"): 1, ("dog", "cat"): 1, ("fox", "c3"): 1}
+    rows = {r["name"]: [c["v"] for c in r["cells"]] for r in acc["table"]["rows"]}
+    assert rows["cat"][:3] == [1, 1, 0] and rows["fox"][-1] == 1  # fox -> c3 falls in "(other)"
+
+
+def test_distribution_mode_when_labels_are_not_classes():
+    cats = [f"c{i}" for i in range(10)]
+    meta = _meta(["3", "3", "7"], [[2], [2], [5]])
+    acc = accuracy_section(meta, cats)
+    assert acc["mode"] == "distribution"
+    rows = {r["name"]: r for r in acc["table"]["rows"]}
+    cols = acc["table"]["cols"]
+    assert rows["3"]["cells"][cols.index("c2")]["v"] == 2 and rows["7"]["cells"][cols.index("c5")]["v"] == 1
+
+
+def test_drift_against_itself_and_a_changed_run():
+    rng = np.random.default_rng(0)
+    cats = [f"c{i}" for i in range(10)]
+    meta = _meta(["a", "b"] * 20, [[i % 3] for i in range(40)])
+    feats = rng.normal(size=(40, 8)).astype(np.float32)
+    same = drift_section(("x", {}, meta, feats), ("x", {}, meta, feats), cats, cats)
+    assert same["n_new"] == same["n_removed"] == same["n_changed"] == 0
+    assert same["mean_cosine_distance"] == pytest.approx(0.0, abs=1e-9)
+    assert same["domain_auc"] is not None and same["domain_auc"] < 0.8
+    meta2 = meta.copy()
+    meta2.loc[:4, "image_id"] = [f"new{i}" for i in range(5)]
+    meta2["pred_top5"] = [np.array([(i + 1) % 3, 9, 9, 9, 9], np.int32) for i in range(40)]
+    shifted = feats + 3.0
+    d = drift_section(("y", {}, meta2, shifted), ("x", {}, meta, feats), cats, cats)
+    assert d["n_new"] == 5 and d["n_removed"] == 5 and d["n_common"] == 35
+    assert d["n_changed"] == 35 and d["domain_auc"] > 0.95 and d["mean_cosine_distance"] > 0.1
+
+
+def _sections(html: str) -> dict[str, str]:
+    return dict(re.findall(r'<section id="([a-z_]+)" class="report-section" data-present="(yes|no)"', html))
+
+
+def test_report_file_is_self_contained_and_sections_present(hs, tmp_path):
+    from reports.render import write_report
+
+    out = write_report(hs["store"], out=tmp_path / "r.html", features_id=hs["a"], compare=hs["b"])
+    html = Path(out).read_text("utf-8")
+    assert _sections(html) == {k: "yes" for k in ("summary", "accuracy", "map", "tsne_grid", "audit", "attribution",
+                                                 "neurons", "drift")}
+    # no resource is loaded from anywhere but the file itself
+    markup = re.sub(r"<script[^>]*>.*?</script>", "", html, flags=re.S)
+    assert not re.search(r'(src|href)\s*=\s*"(?!data:|#)', markup)
+    assert "Content-Security-Policy" in html and "default-src 'none'" in html
+    # the hostile label is escaped everywhere: exactly the report's own 4 script elements close
+    assert html.count("</script>") == 4 and SCRIPT_LABEL not in html
+    assert "<img src=x" not in html
+    # embedded JSON is parseable and aligned with the feature rows
+    pts = json.loads(re.search(r'<script type="application/json" id="cl-points">(.*?)</script>', html, re.S).group(1))
+    assert pts["n"] == hs["a_manifest"]["rows"] and len(pts["path"]) == pts["n"] and "TSNE" in pts["proj"]
+    assert pts["k"] == 6 and len(pts["nf"]) == len(pts["q"]) * 6
+    thumbs = json.loads(re.search(r'id="cl-thumbs">(.*?)</script>', html, re.S).group(1))
+    assert len(thumbs) == pts["n"] and all(v.startswith("data:image/jpeg;base64,") for v in thumbs.values())
+
+
+def test_missing_stages_say_which_command_makes_them(tmp_path):
+    from report_fixtures import extract
+    from reports.render import write_report
+
+    from conftest import make_color_dataset
+
+    data = make_color_dataset(tmp_path / "d", per_class=2, splits=("",))
+    m = extract(data, tmp_path / "s")
+    html = Path(write_report(tmp_path / "s", out=tmp_path / "r.html")).read_text("utf-8")
+    sec = _sections(html)
+    assert sec["summary"] == sec["map"] == "yes"
+    assert sec["tsne_grid"] == sec["audit"] == sec["attribution"] == sec["neurons"] == sec["drift"] == "no"
+    assert "convlens project" in html and "convlens dataset-audit" in html and "--compare" in html
+    assert "PCA (computed for this report)" in html and m["artefact_id"] in html
+
+
+def test_thumbnail_budget_samples_thumbnails(hs, tmp_path):
+    from reports.render import ReportOptions, build_report
+
+    ctx = build_report(hs["store"], hs["a"], options=ReportOptions(thumb_budget_bytes=1, examples=1))
+    # only the rows the static sections show get a thumbnail; everything else is sampled out
+    shown = {r for p in ctx["acc"]["per_label"] for r in p["examples"]}
+    thumbs = json.loads(ctx["thumbs_json"])
+    shown |= {0, 1, 2}  # rows named in the fake audit tables
+    assert {int(k) for k in thumbs} == shown and len(shown) < ctx["n_points"]
+
+
+def test_corrupt_artefact_file_is_refused(hs, tmp_path):
+    import shutil
+
+    from reports.render import build_report
+    from storage.errors import ChecksumError
+
+    store = tmp_path / "copy"
+    shutil.copytree(hs["store"], store)
+    grid = store / "maps" / hs["ids"]["maps"] / "grid.png"
+    grid.write_bytes(grid.read_bytes() + b"x")
+    ctx = build_report(store, hs["a"])
+    assert ctx["maps"]["grids"] == [] and any("checksum" in e for e in ctx["maps"]["errors"])
+    part = next((store / "features" / hs["a"]).glob("part-*.parquet"))
+    part.write_bytes(part.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ChecksumError):
+        build_report(store, hs["a"])
+
+
+def test_cli_report_and_compare_errors(hs, tmp_path, capsys):
+    from flows.cli import main
+
+    out = tmp_path / "cli.html"
+    assert main(["--no-prefect", "report", "--store", str(hs["store"]), "--artefact", hs["a"], "--out", str(out),
+                 "--compare", str(hs["store"] / "features" / hs["b"]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bytes"] == out.stat().st_size
+    assert main(["--no-prefect", "report", "--store", str(hs["store"]), "--compare", "nope-nothing"]) == 2
+    assert "--compare" in capsys.readouterr().err
+
+
+def test_report_flow_runs_under_prefect(hs, tmp_path, prefect_server):
+    from flows.report import report_flow
+
+    path = report_flow(store=str(hs["store"]), out=str(tmp_path / "flow.html"), features_id=hs["a"])
+    assert Path(path).is_file() and "cl-scatter" in Path(path).read_text("utf-8")

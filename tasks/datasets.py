@@ -140,9 +140,11 @@ def _list_url(url: str) -> tuple[list[ImageRecord], list[Reject], str]:
     return records, [], f"{proto}://{root}"
 
 
+_CANDIDATE_SUFFIXES = frozenset(EXTENSION_FORMATS) | UNSUPPORTED_IMAGE_EXTENSIONS
+
+
 def _is_candidate(name: str) -> bool:
-    suffix = Path(name).suffix.lower()
-    return suffix in EXTENSION_FORMATS or suffix in UNSUPPORTED_IMAGE_EXTENSIONS
+    return os.path.splitext(name)[1].lower() in _CANDIDATE_SUFFIXES
 
 
 def _list_folder(root: Path) -> tuple[list[ImageRecord], list[Reject], int]:
@@ -154,11 +156,13 @@ def _list_folder(root: Path) -> tuple[list[ImageRecord], list[Reject], int]:
         rel = os.path.relpath(err.filename, root) if err.filename else "?"
         rejects.append(Reject(display_path(rel), "unreadable", f"cannot list directory: {err.strerror}"))
 
-    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=False):
+    root_s = str(root)
+    for dirpath, dirnames, filenames in os.walk(root_s, onerror=onerror, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel_dir = Path(dirpath).relative_to(root)
-        parts = rel_dir.parts
+        rel_s = os.path.relpath(dirpath, root_s)
+        parts = () if rel_s == "." else tuple(rel_s.split(os.sep))
         split, label = _split_label(parts)
+        prefix = "" if not parts else rel_s + os.sep
         # A sub-directory named like an image is listed so it becomes a reject row, not silently lost.
         names = sorted(filenames) + sorted(d for d in dirnames if _is_candidate(d))
         for name in names:
@@ -167,8 +171,7 @@ def _list_folder(root: Path) -> tuple[list[ImageRecord], list[Reject], int]:
             if not _is_candidate(name):
                 skipped += 1
                 continue
-            rel = str(rel_dir / name) if parts else name
-            records.append(ImageRecord(path=display_path(rel), src=str(Path(dirpath) / name), label=label, split=split))
+            records.append(ImageRecord(path=display_path(prefix + name), src=os.path.join(dirpath, name), label=label, split=split))
     return records, rejects, skipped
 
 
@@ -310,34 +313,71 @@ def _hash_one(rec: ImageRecord, cache: dict[str, tuple[int, int, str]]) -> tuple
     return rec, None, False
 
 
+def _stat_local(rec: ImageRecord, cache: dict[str, tuple[int, int, str]]) -> tuple[Reject | None, bool]:
+    """Serial fast path: stat + cache lookup. Returns ``(reject, cache_hit)``; no hit means hash it."""
+    try:
+        st = os.stat(rec.src)
+    except OSError as exc:
+        return Reject(rec.path, "unreadable", exc.strerror or str(exc)), False
+    if stat.S_ISDIR(st.st_mode):
+        return Reject(rec.path, "not-a-file", "is a directory"), False
+    if not stat.S_ISREG(st.st_mode):
+        return Reject(rec.path, "not-a-file", "not a regular file (FIFO, socket or device)"), False
+    if st.st_size == 0:
+        return Reject(rec.path, "empty-file", "0 bytes"), False
+    rec.size, rec.mtime_ns = st.st_size, st.st_mtime_ns
+    hit = cache.get(display_path(rec.src))
+    if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+        rec.image_id = hit[2]
+        return None, True
+    return None, False
+
+
 def hash_records(records: Iterable[ImageRecord], cache_path: Path | None = None, workers: int = 8,
                  progress: bool = False) -> tuple[list[ImageRecord], list[Reject], dict[str, int]]:
-    """Fill ``image_id`` for each record (parallel, cached by path+size+mtime).
+    """Fill ``image_id`` for each record (cached by path + size + mtime; misses hashed in parallel threads).
 
     Returns ``(hashed, rejects, stats)`` with stats ``{"hashed": n, "cached": m}``; the cache is rewritten
-    atomically when given.
+    atomically when given. Order of ``hashed`` follows ``records``.
     """
     records = list(records)
     cache = _load_cache(cache_path)
-    hashed: list[ImageRecord] = []
     rejects: list[Reject] = []
     stats = {"hashed": 0, "cached": 0}
+    ok: list[ImageRecord] = []
+    misses: list[ImageRecord] = []
+    for rec in records:
+        if is_url(rec.src):
+            misses.append(rec)
+            ok.append(rec)
+            continue
+        rej, hit = _stat_local(rec, cache)
+        if rej is not None:
+            rejects.append(rej)
+        else:
+            ok.append(rec)
+            if hit:
+                stats["cached"] += 1
+            else:
+                misses.append(rec)
     bar = None
-    if progress:
+    if progress and misses:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(records), desc="hash", unit="file", leave=False)
+        bar = tqdm(total=len(misses), desc="hash", unit="file", leave=False)
+    failed: set[int] = set()
     with cf.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for rec, rej, from_cache in pool.map(lambda r: _hash_one(r, cache), records, chunksize=64):
+        for rec, rej, from_cache in pool.map(lambda r: _hash_one(r, cache), misses, chunksize=64):
             if bar is not None:
                 bar.update(1)
             if rej is not None:
                 rejects.append(rej)
+                failed.add(id(rec))
                 continue
             stats["cached" if from_cache else "hashed"] += 1
-            hashed.append(rec)
     if bar is not None:
         bar.close()
+    hashed = [r for r in ok if id(r) not in failed]
     if cache_path is not None:
         table = pa.table(
             {"src": [display_path(r.src) for r in hashed], "size": [r.size for r in hashed],

@@ -1,0 +1,105 @@
+"""Flow: audit a dataset from its feature-space kNN graph — near-duplicates (clustered), train/test leakage,
+kNN label disagreement (likely label errors) and outliers — and the ``convlens audit-dataset`` command.
+
+Steps: make sure the exact cosine feature index is current (build / update / reuse) -> make sure its kNN graph
+with >= k neighbours exists -> compute findings -> publish an ``audits`` artefact ``dataset-audit-...`` holding
+``findings-<sha16>.parquet``. Tasks pass ids and small records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from tasks.dataset_audit import FINDING_TYPES, AuditParams, run_dataset_audit
+
+__all__ = ["dataset_audit_flow", "dataset_audit_task", "audit_dataset", "summarise", "register"]
+
+
+@task(name="dataset-audit", retries=0)
+def dataset_audit_task(store: str, artefact: str | None, index_id: str | None, params: AuditParams,
+                       gpu: str) -> dict[str, Any]:
+    return summarise(run_dataset_audit(store, artefact, index_id, params, gpu))
+
+
+@flow(name="dataset-audit", log_prints=False)
+def dataset_audit_flow(store: str = "convlens-store", artefact: str | None = None, index_id: str | None = None,
+                       k: int = 10, dup_threshold: float = 0.95, outlier_z: float = 3.5, min_label_votes: int = 3,
+                       gpu: str = "auto") -> dict[str, Any]:
+    """Audit the newest (or given) feature artefact of STORE; returns the summary."""
+    params = AuditParams(k=k, dup_threshold=dup_threshold, outlier_z=outlier_z, min_label_votes=min_label_votes)
+    summary = dataset_audit_task(store, artefact, index_id, params, gpu)
+    get_run_logger().info("dataset audit %s: %s", summary["artefact_id"], summary["counts"])
+    return summary
+
+
+def audit_dataset(store: str, artefact: str | None = None, **params: Any) -> dict[str, Any]:
+    """Plain entry point (demo, scripts): run the audit in-process with default thresholds; returns the summary."""
+    gpu = params.pop("gpu", "auto")
+    index_id = params.pop("index_id", None)
+    return summarise(run_dataset_audit(store, artefact, index_id, AuditParams(**params), gpu))
+
+
+def summarise(m: dict[str, Any]) -> dict[str, Any]:
+    return {"artefact_id": m["artefact_id"], "index": m["source"]["index"], "features": m["source"]["features"],
+            "images": m["images"], "rows": m["rows"], "counts": m["counts"], "params": m["params"],
+            "findings_file": m["files"][0]["name"], "summary": m["summary"], "reused": bool(m.get("reused"))}
+
+
+def _text(r: dict[str, Any]) -> str:
+    c = r["counts"]
+    s = r["summary"]
+    lines = [f"dataset audit {r['artefact_id']} over {r['images']} images (index {r['index']}, k={r['params']['k']}, "
+             f"duplicate cosine >= {r['params']['dup_threshold']}):",
+             f"  exact duplicates:   {c['exact-duplicate']} images in {s['exact-duplicate']['clusters']} groups",
+             f"  near duplicates:    {c['near-duplicate']} images in {s['near-duplicate']['clusters']} clusters",
+             f"  train/test leakage: {c['leakage']} cross-split pairs",
+             f"  label disagreement: {c['label-disagreement']} likely label errors",
+             f"  outliers:           {c['outlier']}"]
+    for t in FINDING_TYPES:
+        for row in s[t]["top"]:
+            other = f" ~ {row['other_path']}" if row.get("other_path") else ""
+            sug = f" -> {row['suggested_label']}?" if row.get("suggested_label") else ""
+            lines.append(f"  [{t} #{row['rank']}] {row['path']} ({row['image_id'][:12]}){other}{sug}  score={row['score']:.4f}")
+    lines.append(f"findings table: audits/{r['artefact_id']}/{r['findings_file']}")
+    return "\n".join(lines)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from flows.cli import emit, run_stage
+
+    params = AuditParams(k=args.k, dup_threshold=args.dup_threshold, outlier_z=args.outlier_z,
+                         min_label_votes=args.min_label_votes)
+    r = run_stage(args, dataset_audit_flow,
+                  lambda: summarise(run_dataset_audit(args.store, args.artefact, args.index, params, args.gpu)),
+                  store=args.store, artefact=args.artefact, index_id=args.index, k=args.k,
+                  dup_threshold=args.dup_threshold, outlier_z=args.outlier_z, min_label_votes=args.min_label_votes,
+                  gpu=args.gpu)
+    emit(r, args.json, _text(r))
+    return 0
+
+
+def register(sub) -> None:
+    from flows.cli import add_store_argument
+
+    p = sub.add_parser("audit-dataset", help="near-duplicates, train/test leakage, likely label errors and outliers",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_store_argument(p)
+    p.add_argument("--artefact", default=None, help="feature artefact id (default: newest)")
+    p.add_argument("--index", default=None, help="a feature-space cosine index to use (default: the exact one, built if needed)")
+    p.add_argument("-k", type=int, default=10, help="neighbours per image (default 10)")
+    p.add_argument("--dup-threshold", type=float, default=0.95, help="cosine similarity for near-duplicates (default 0.95)")
+    p.add_argument("--outlier-z", type=float, default=3.5, help="robust z-score of the k-th neighbour distance (default 3.5)")
+    p.add_argument("--min-label-votes", type=int, default=3, help="labelled neighbours needed to question a label")
+    p.add_argument("--gpu", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cli)
+
+
+if __name__ == "__main__":
+    from flows.cli import main
+
+    sys.exit(main(["audit-dataset", *sys.argv[1:]]))

@@ -1,0 +1,259 @@
+"""Build (or incrementally update) a FAISS index artefact over a stored feature table or over pixel space.
+
+``space="feature"`` indexes the feature artefact's vectors; ``space="pixel"`` indexes downsampled raw pixels
+(:mod:`tasks.pixels`, 32x32x3 by default) of the same images, for the CS231n pixel-vs-feature comparison.
+
+Identity: the artefact id hashes (feature artefact id, space, factory, metric, pixel size, code version). The
+manifest records the feature manifest's ``created`` it was built from; when the feature table has been republished
+since, a rerun updates the index: **incrementally** (only rows whose ``(path, image_id)`` is new are added) for
+Flat / IVF factories when no stored row was removed or changed, else by a full rebuild. Queries compare the two
+``created`` stamps and say when an index is older than its features.
+
+Memory contract: O(train sample x D) for training plus O(batch_rows x D) while streaming rows, plus the index
+itself (N x D x 4 bytes for Flat, N x code size for PQ) and the id map (N small records).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+
+from storage.errors import StoreError
+from storage.features import iter_feature_batches, read_meta
+from storage.index_store import (
+    load_index_bytes, publish_index_manifest, read_idmap, write_idmap, write_index_file,
+)
+from storage.locks import artefact_lock
+from storage.manifest import CODE_VERSION, MANIFEST_NAME, read_manifest
+from storage.paths import Store, artefact_id
+from tasks.faiss_index import (
+    add_vectors, deserialize_index, index_kind, needs_training, new_index, prepare_vectors, serialize_index,
+    supports_incremental_add, to_device, train_index,
+)
+from tasks.pixels import PIXEL_SIZE, pixel_vectors
+
+__all__ = ["IndexConfig", "build_index", "build_default_indexes", "default_metric", "SPACES"]
+
+log = logging.getLogger(__name__)
+SPACES = ("feature", "pixel")
+
+
+def default_metric(space: str) -> str:
+    """``cosine`` in feature space, ``l2`` in pixel space (CS231n compares raw pixel distances)."""
+    return "cosine" if space == "feature" else "l2"
+
+
+@dataclass
+class IndexConfig:
+    """Parameters of ``convlens index`` (CLI flags map 1:1)."""
+
+    store: str = "convlens-store"
+    artefact: str | None = None  # feature artefact id (or unique prefix); newest when None
+    space: str = "feature"
+    factory: str = "Flat"
+    metric: str | None = None  # default_metric(space)
+    gpu: str = "auto"
+    train_rows: int = 100_000
+    nprobe: int | None = None
+    pixel_size: int = PIXEL_SIZE
+    rebuild: bool = False
+    batch_rows: int = 16384
+    seed: int = 0
+    progress: bool = False
+
+    def validate(self) -> None:
+        if self.space not in SPACES:
+            raise ValueError(f"--space must be feature or pixel, got {self.space!r}")
+        if self.metric is not None and self.metric not in ("cosine", "l2"):
+            raise ValueError(f"--metric must be cosine or l2, got {self.metric!r}")
+        if self.gpu not in ("auto", "on", "off"):
+            raise ValueError(f"--gpu must be auto, on or off, got {self.gpu!r}")
+        if self.train_rows < 1 or self.batch_rows < 1:
+            raise ValueError("--train-rows and batch size must be >= 1")
+        if not self.factory or not self.factory.strip():
+            raise ValueError("--factory is empty; use e.g. Flat or IVF1024,PQ32")
+
+
+def _iter_rows(cfg: IndexConfig, fdir: Path, fman: dict[str, Any], meta: pd.DataFrame,
+               wanted: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]]:
+    """Yield ``(feature-table positions, raw vectors, failures)`` for the positions where ``wanted`` is true."""
+    if cfg.space == "feature":
+        off = 0
+        for _meta_b, feats in iter_feature_batches(fdir, fman, cfg.batch_rows):
+            m = wanted[off:off + len(feats)]
+            if m.any():
+                yield np.flatnonzero(m) + off, feats[m], []
+            off += len(feats)
+        return
+    root = fman.get("dataset_root")
+    if not root:
+        raise StoreError(f"feature artefact {fdir.name} records no dataset_root; the pixel index needs the image files")
+    pos = np.flatnonzero(wanted)
+    paths = meta["path"].tolist()
+    for start in range(0, len(pos), cfg.batch_rows):
+        chunk = pos[start:start + cfg.batch_rows]
+        vecs, ok, failures = pixel_vectors(root, [paths[i] for i in chunk], cfg.pixel_size, progress=cfg.progress)
+        yield chunk[ok], vecs, failures
+
+
+def _sample_positions(wanted: np.ndarray, n: int, seed: int) -> np.ndarray:
+    pos = np.flatnonzero(wanted)
+    if len(pos) <= n:
+        return wanted.copy()
+    rng = np.random.default_rng(seed)
+    mask = np.zeros_like(wanted)
+    mask[rng.choice(pos, size=n, replace=False)] = True
+    return mask
+
+
+def _add_rows(cfg: IndexConfig, index, metric: str, fdir: Path, fman: dict[str, Any], meta: pd.DataFrame,
+              wanted: np.ndarray, first_row: int) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """Add the wanted feature-table rows to ``index``; return their id-map rows and any unreadable files."""
+    recs: list[pd.DataFrame] = []
+    failures: list[tuple[str, str]] = []
+    row = first_row
+    for pos, vecs, fails in _iter_rows(cfg, fdir, fman, meta, wanted):
+        failures.extend(fails)
+        if not len(pos):
+            continue
+        add_vectors(index, prepare_vectors(vecs, metric))
+        part = meta.iloc[pos][["image_id", "path", "label", "split"]].copy()
+        part.insert(0, "row", np.arange(row, row + len(pos), dtype=np.int64))
+        recs.append(part)
+        row += len(pos)
+    idmap = pd.concat(recs, ignore_index=True) if recs else pd.DataFrame(columns=["row", "image_id", "path", "label", "split"])
+    return idmap, failures
+
+
+def build_index(cfg: IndexConfig) -> dict[str, Any]:
+    """Build, update or reuse the index artefact for ``cfg``; return its published manifest.
+
+    ``manifest["build"]["mode"]`` says what happened: ``reused`` (up to date), ``incremental`` (rows added) or
+    ``full``. Raises ``ValueError`` for a bad factory / metric / too-small training set and :class:`StoreError`
+    when the store has no feature artefact.
+    """
+    cfg.validate()
+    metric = cfg.metric or default_metric(cfg.space)
+    store = Store(cfg.store)
+    faid, fman = store.resolve("features", cfg.artefact)
+    fdir = store.artefact_dir("features", faid)
+    key = {"source": faid, "space": cfg.space, "factory": cfg.factory, "metric": metric, "code_version": CODE_VERSION}
+    if cfg.space == "pixel":
+        key["pixel_size"] = cfg.pixel_size
+    readable = f"{cfg.space}-{cfg.factory.replace(',', '_')}-{metric}-{faid[:24]}"
+    aid = artefact_id(readable, key)
+    adir = store.artefact_dir("indexes", aid, create=True)
+    t0 = time.perf_counter()
+    with artefact_lock(adir):
+        old = read_manifest(adir) if (adir / MANIFEST_NAME).is_file() else None
+        if old and not cfg.rebuild and old.get("source", {}).get("created") == fman.get("created"):
+            load_index_bytes(adir, old)  # verify: a corrupt index is never reported as up to date
+            log.info("index %s is up to date with features %s", aid, faid)
+            return {**old, "build": {**old.get("build", {}), "mode": "reused"}}
+        meta = read_meta(fdir, fman)
+        n = len(meta)
+        if n == 0:
+            raise StoreError(f"feature artefact {faid} has no rows; nothing to index")
+        mode = "full"
+        index = None
+        idmap_old = None
+        wanted = np.ones(n, bool)
+        if old and not cfg.rebuild and supports_incremental_add(cfg.factory):
+            idmap_old = read_idmap(adir, old)
+            old_keys = set(zip(idmap_old["path"], idmap_old["image_id"]))
+            new_keys = list(zip(meta["path"], meta["image_id"]))
+            if old_keys <= set(new_keys):
+                index = deserialize_index(load_index_bytes(adir, old))
+                wanted = np.array([kk not in old_keys for kk in new_keys], bool)
+                mode = "incremental"
+            else:
+                log.info("index %s: stored rows were removed or changed; rebuilding from scratch", aid)
+        trained_on = (old or {}).get("train_rows") if mode == "incremental" else None
+        if index is None:
+            dim = int(fman["dim"]) if cfg.space == "feature" else cfg.pixel_size * cfg.pixel_size * 3
+            index = new_index(dim, cfg.factory, metric)
+            if needs_training(index):
+                sample_mask = _sample_positions(wanted, cfg.train_rows, cfg.seed)
+                chunks = [prepare_vectors(v, metric) for _p, v, _f in _iter_rows(cfg, fdir, fman, meta, sample_mask) if len(v)]
+                sample = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+                train_index(index, sample)
+                trained_on = int(len(sample))
+        index, device = _maybe_gpu(index, cfg.gpu, mode)
+        first_row = int(index.ntotal)
+        added, failures = _add_rows(cfg, index, metric, fdir, fman, meta, wanted, first_row)
+        if mode == "incremental":
+            idmap = pd.concat([idmap_old, added], ignore_index=True)
+            # labels / splits may have been edited: refresh them from the current feature table
+            fresh = meta.drop_duplicates("path").set_index("path")
+            idmap["label"] = idmap["path"].map(fresh["label"])
+            idmap["split"] = idmap["path"].map(fresh["split"])
+        else:
+            idmap = added
+        files = [write_index_file(adir, serialize_index(index)), write_idmap(adir, idmap)]
+        nlist = _nlist(index)
+        manifest = {
+            "kind": "index",
+            "artefact_id": aid,
+            "space": cfg.space,
+            "source": {"kind": "features", "artefact_id": faid, "created": fman.get("created"), "rows": n,
+                       "dim": fman.get("dim"), "dataset_root": fman.get("dataset_root")},
+            "factory": cfg.factory,
+            "index_kind": index_kind(cfg.factory),
+            "metric": metric,
+            "distance": "1 - cosine similarity" if metric == "cosine" else "squared L2",
+            "dim": int(index.d),
+            "rows": int(index.ntotal),
+            "nlist": nlist,
+            "nprobe": cfg.nprobe or (old or {}).get("nprobe") or (min(nlist, max(8, nlist // 16)) if nlist else None),
+            "train_rows": trained_on,
+            "pixel_size": cfg.pixel_size if cfg.space == "pixel" else None,
+            "index_sha256": files[0]["sha256"],
+            "skipped": len(failures) + (int((old or {}).get("skipped", 0)) if mode == "incremental" else 0),
+            "skipped_examples": [f"{p}: {r}" for p, r in failures[:20]],
+            "files": files,
+            "build": {"mode": mode, "added": int(len(added)), "device": device,
+                      "seconds": round(time.perf_counter() - t0, 3), "from_created": (old or {}).get("created")},
+        }
+        if mode == "incremental" and old:
+            manifest["first_built"] = old.get("first_built") or old.get("created")
+        published = publish_index_manifest(adir, manifest)
+    log.info("index %s: %s build, %d rows (%d added) in %.2fs on %s", aid, mode, published["rows"], len(added),
+             published["build"]["seconds"], device)
+    return published
+
+
+def _nlist(index) -> int | None:
+    from tasks.faiss_index import import_faiss
+
+    faiss = import_faiss()
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:
+        return None
+
+
+def _maybe_gpu(index, gpu: str, mode: str):
+    """Adding to a GPU copy is faster for big sets; the stored copy is always serialized back to CPU."""
+    if gpu == "off":
+        return index, "cpu"
+    return to_device(index, gpu)
+
+
+def build_default_indexes(store: str, artefact: str | None = None, gpu: str = "auto") -> dict[str, Any]:
+    """Demo entry point: the exact feature-space (cosine) and pixel-space (l2) indexes of the newest features.
+
+    Returns a small summary ``{"feature": {...}, "pixel": {...}}`` with artefact id, rows, mode and seconds.
+    """
+    out: dict[str, Any] = {}
+    for space in SPACES:
+        m = build_index(IndexConfig(store=store, artefact=artefact, space=space, gpu=gpu))
+        out[space] = {"artefact_id": m["artefact_id"], "rows": m["rows"], "metric": m["metric"],
+                      "factory": m["factory"], "mode": m["build"]["mode"], "seconds": m["build"]["seconds"],
+                      "skipped": m.get("skipped", 0)}
+    return out

@@ -138,34 +138,42 @@ def _knn_rows(x: np.ndarray, queries: np.ndarray, k: int, metric: str) -> np.nda
     return out
 
 
-def _stored_knn(store: Store, fid: str, n: int, queries: np.ndarray, k: int) -> np.ndarray | None:
-    """Feature-space neighbours from a published kNN graph of an index built on ``fid`` (None if none fits)."""
+def _stored_knn(store: Store, fid: str, path_rows: dict[str, int], queries: np.ndarray, k: int) -> np.ndarray | None:
+    """Feature-space neighbours from a published kNN graph of a feature-space index built on ``fid``.
+
+    The graph's ``path`` / ``neighbor_path`` are mapped to feature-table rows (FAISS row numbers need not equal
+    them). Returns ``(len(queries), k)`` rows, or None when no graph covers every query with ``k`` neighbours.
+    """
     try:
         from storage.index_store import read_knn_graph
     except ImportError:
         return None
+    n = len(path_rows)
+    kk = min(k, n - 1)
     for aid, m, adir in stored.related_artefacts(store, "indexes", fid):
-        if m.get("space", "feature") != "feature" or int(m.get("rows", -1)) != n:
+        if m.get("space", "feature") != "feature":
             continue
-        entries = [e for e in m.get("files", []) if e.get("role") == "knn" and int(e.get("k", 0)) >= min(k, n - 1)]
-        if not entries:
+        if not any(e.get("role") == "knn" and int(e.get("k", 0)) >= kk for e in m.get("files", [])):
             continue
         try:
-            g = read_knn_graph(adir, m, int(entries[0]["k"])) if _takes_k(read_knn_graph) else read_knn_graph(adir, m)
+            g = read_knn_graph(adir, m, kk) if _takes_k(read_knn_graph) else read_knn_graph(adir, m)
         except (StoreError, TypeError, ValueError, KeyError) as exc:
-            log.warning("cannot use kNN graph of %s: %s", aid, exc)
+            log.warning("cannot use the kNN graph of %s: %s", aid, exc)
             continue
-        if not {"row", "rank", "neighbor_row"} <= set(g.columns):
+        if not {"path", "rank", "neighbor_path"} <= set(g.columns):
             continue
-        g = g[g["rank"] <= k].sort_values(["row", "rank"])
-        kk = min(k, n - 1)
+        g = g[g["rank"] <= kk]
         table = np.full((n, kk), -1, np.int64)
-        r = g["row"].to_numpy(np.int64)
-        c = g["rank"].to_numpy(np.int64) - 1
-        ok = (r >= 0) & (r < n) & (c < kk)
-        table[r[ok], c[ok]] = g["neighbor_row"].to_numpy(np.int64)[ok]
-        log.info("feature neighbours from stored kNN graph %s", aid)
-        return table[queries]
+        r = g["path"].map(path_rows)
+        c = g["neighbor_path"].map(path_rows)
+        ok = r.notna() & c.notna()
+        table[r[ok].astype(np.int64).to_numpy(), g["rank"][ok].astype(np.int64).to_numpy() - 1] = c[ok].astype(np.int64).to_numpy()
+        out = table[queries]
+        if (out < 0).any():
+            log.warning("kNN graph of %s does not cover every image (stale?); computing neighbours instead", aid)
+            continue
+        log.info("feature neighbours from the stored kNN graph of %s", aid)
+        return out
     return None
 
 
@@ -369,7 +377,7 @@ def build_report(store: str | Path, features_id: str | None = None, compare: str
     nbr_feat = nbr_pix = np.zeros((len(queries), 0), np.int64)
     knn_source = "none"
     if k > 0:
-        stored_nb = _stored_knn(s, fid, n, queries, k)
+        stored_nb = _stored_knn(s, fid, path_rows, queries, k)
         if stored_nb is not None:
             nbr_feat, knn_source = stored_nb, "stored kNN graph"
         else:

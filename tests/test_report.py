@@ -179,3 +179,24 @@ def test_report_flow_runs_under_prefect(hs, tmp_path, prefect_server):
 
     path = report_flow(store=str(hs["store"]), out=str(tmp_path / "flow.html"), features_id=hs["a"])
     assert Path(path).is_file() and "cl-scatter" in Path(path).read_text("utf-8")
+
+
+def test_feature_neighbours_come_from_a_stored_knn_graph(hs, tmp_path):
+    import shutil
+
+    from reports.render import ReportOptions, _knn_rows, build_report
+    from storage.features import load_features
+    from storage.paths import Store
+    from tasks.index_build import build_default_indexes
+    from tasks.neighbors import ensure_knn_graph
+
+    store = tmp_path / "idx"
+    shutil.copytree(hs["store"], store)
+    build_default_indexes(str(store), hs["a"])
+    ensure_knn_graph(str(store), k=6, artefact=hs["a"])
+    ctx = build_report(store, hs["a"], options=ReportOptions(k=5))
+    assert ctx["knn_source"] == "stored kNN graph"
+    pts = json.loads(ctx["points_json"])
+    _, feats = load_features(Store(store).artefact_dir("features", hs["a"]))
+    exact = _knn_rows(feats, np.arange(len(feats)), 5, "cosine")
+    assert (np.sort(np.array(pts["nf"]).reshape(-1, 5), 1) == np.sort(exact, 1)).all()

@@ -42,7 +42,47 @@ def run_demo(store: str = "convlens-store", data_dir: str = "demo-data", device:
     say(f"  features {fid}: {manifest['rows']} rows, D={manifest['dim']} ({manifest['layer']['name']}), "
         f"{run['extracted']} extracted this run, {manifest['rejects']} rejects")
     results["features_id"] = fid
+
+    def optional(name: str, module: str, attr: str, call: Callable[[Callable[..., Any]], Any]) -> Any:
+        import importlib
+
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            say(f"[{name}] skipped: {module}.{attr} is not available ({exc})")
+            return None
+        return _stage(name, lambda: call(fn), results, say)
+
+    idx = optional("index", "tasks.index_build", "build_default_indexes", lambda f: f(store, fid))
+    if idx is not None:
+        say(f"  indexes: {_short(idx)}")
+        nb = optional("neighbors", "tasks.neighbors", "neighbors", lambda f: [
+            (p, f(store, path=p, k=5)) for p in ("photos/chelsea.png", "photos/coffee.png", "test/3/digit_3_0003.png")
+            if (Path(data_dir) / p).is_file()])
+        for p, df in nb or []:
+            say(f"  nearest to {p} (feature space): " + ", ".join(str(x) for x in list(df["path"])[:5]))
+    audit_ds = optional("dataset-audit", "tasks.dataset_audit", "run_default_dataset_audit", lambda f: f(store, fid))
+    if audit_ds is not None:
+        say(f"  dataset audit: {_short(audit_ds)}")
+    maps = optional("maps", "flows.project", "make_default_maps", lambda f: f(store, fid))
+    if maps is not None:
+        say(f"  maps: {_short(maps)}")
+    att = optional("attribution", "tasks.attribution_audit", "run_default_audit", lambda f: f(store, n=4))
+    if att is not None:
+        say(f"  attribution audit: {_short(att)}")
+    neu = optional("neurons", "tasks.neurons.defaults", "run_default_neurons", lambda f: f(store, fid, device=device))
+    if neu is not None:
+        say(f"  neurons: {_short(neu)}")
+    out = report or str(Path(store) / "reports" / "demo-report.html")
+    rep = optional("report", "reports.render", "write_report", lambda f: f(store, out, fid))
+    if rep is not None:
+        results["report"] = str(Path(rep).absolute())
     return results
+
+
+def _short(obj: Any, limit: int = 300) -> str:
+    text = str(obj)
+    return text if len(text) <= limit else text[:limit] + " …"
 
 
 def _cli(args: argparse.Namespace) -> int:

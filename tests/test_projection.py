@@ -1,0 +1,235 @@
+"""PCA / t-SNE maps: scikit-learn equivalence, cluster separation, determinism, small N, NaN refusal, the
+stored map artefact, the CLI and (once) the Prefect flow."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.decomposition import PCA
+
+from maps_fixtures import clusters, write_features
+from storage.errors import ChecksumError
+from storage.manifest import read_manifest
+from storage.paths import Store
+from tasks.projection import (
+    MapConfig,
+    PCAAccumulator,
+    build_map,
+    clamp_perplexity,
+    fit_pca,
+    knn_label_agreement,
+    read_coords,
+    trustworthiness_sample,
+    tsne_embed,
+)
+
+
+def _matrix(n: int = 300, d: int = 40, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    scales = np.linspace(6.0, 0.2, d)
+    return (rng.normal(size=(n, d)) * scales + 50.0 + rng.normal(size=d)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------------ PCA
+
+
+def test_pca_equals_sklearn_components_up_to_sign_and_variance():
+    x = _matrix()
+    ours = fit_pca(x, 10, solver="exact")
+    ref = PCA(n_components=10, svd_solver="full").fit(x.astype(np.float64))
+    signs = np.sign((ours.components * ref.components_).sum(axis=1))
+    assert np.all(signs != 0)
+    np.testing.assert_allclose(ours.components * signs[:, None], ref.components_, atol=1e-6)
+    np.testing.assert_allclose(ours.explained_variance, ref.explained_variance_, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ours.explained_variance_ratio, ref.explained_variance_ratio_, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ours.mean, ref.mean_, atol=1e-5)
+    np.testing.assert_allclose(ours.transform(x) * signs, ref.transform(x.astype(np.float64)), atol=1e-3)
+
+
+def test_pca_streamed_batches_equal_one_shot():
+    x = _matrix(n=257)
+    acc = PCAAccumulator(x.shape[1])
+    for start in range(0, len(x), 37):  # odd batch sizes, first batch small
+        acc.add(x[start:start + 37])
+    a, b = acc.result(5), fit_pca(x, 5)
+    np.testing.assert_allclose(a.components, b.components, atol=1e-9)
+    np.testing.assert_allclose(a.explained_variance, b.explained_variance, rtol=1e-9)
+
+
+def test_randomized_pca_close_to_exact():
+    x = _matrix()
+    r = fit_pca(x, 3, solver="randomized", seed=0)
+    e = fit_pca(x, 3, solver="exact")
+    cos = np.abs((r.components * e.components).sum(axis=1))
+    assert cos.min() > 0.99
+    np.testing.assert_allclose(r.explained_variance, e.explained_variance, rtol=1e-3)
+
+
+def test_pca_refuses_nan_and_bad_components():
+    x = _matrix()
+    x[7, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        fit_pca(x, 2)
+    with pytest.raises(ValueError, match="n_components"):
+        fit_pca(_matrix(n=5, d=4), 6)
+
+
+# ---------------------------------------------------------------------------------------------------- t-SNE
+
+
+def test_tsne_keeps_separated_clusters_apart():
+    x, lab = clusters(n_per=50, k=5, d=30)
+    res = tsne_embed(x, seed=0)
+    assert res.coords.shape == (250, 2) and res.coords.dtype == np.float32
+    assert knn_label_agreement(res.coords, lab, k=10) >= 0.95
+    # a random 2-d layout of the same labels does not pass the same bar (the check is meaningful)
+    rand = np.random.default_rng(0).normal(size=(250, 2))
+    assert knn_label_agreement(rand, lab, k=10) < 0.5
+    assert res.info["k_neighbors"] == 90 and res.info["knn"].startswith("faiss")
+
+
+def test_tsne_same_seed_identical_other_seed_different():
+    x, _ = clusters(n_per=30, k=3, d=10)
+    a = tsne_embed(x, seed=3)
+    b = tsne_embed(x, seed=3)
+    c = tsne_embed(x, seed=4, init=None, exaggeration=None, max_fit=60)  # sample-fit path with another seed
+    assert np.array_equal(a.coords, b.coords)
+    assert not np.array_equal(a.coords, c.coords)
+
+
+def test_tsne_small_n_clamps_perplexity():
+    assert clamp_perplexity(30, 10) == (3.0, 9)
+    assert clamp_perplexity(5, 1000) == (5.0, 15)
+    x, lab = clusters(n_per=4, k=3, d=8)
+    res = tsne_embed(x, perplexity=30, seed=0)
+    assert res.info["effective_perplexity"] == pytest.approx(11 / 3)
+    assert np.isfinite(res.coords).all() and res.coords.shape == (12, 2)
+    with pytest.raises(ValueError, match="at least 4"):
+        tsne_embed(x[:3])
+
+
+def test_tsne_fit_on_sample_places_the_rest_with_transform():
+    x, lab = clusters(n_per=60, k=4, d=16)
+    res = tsne_embed(x, seed=0, max_fit=120)
+    assert res.info["fitted_rows"] == 120 and res.info["transformed_rows"] == 120
+    assert np.isfinite(res.coords).all()
+    assert knn_label_agreement(res.coords, lab, k=10) >= 0.95
+
+
+def test_tsne_refuses_nan():
+    x, _ = clusters(n_per=10, k=2, d=5)
+    x[3, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        tsne_embed(x)
+
+
+def test_quality_helpers():
+    x, lab = clusters(n_per=20, k=3, d=6)
+    assert knn_label_agreement(x, lab, k=5) == 1.0
+    assert knn_label_agreement(x, [None] * len(x)) is None
+    mixed = lab.copy()
+    mixed[::2] = "other"
+    assert knn_label_agreement(x, mixed, k=5) < 0.9
+    assert trustworthiness_sample(x, x[:, :2]) < trustworthiness_sample(x, x) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------ artefacts
+
+
+@pytest.fixture
+def cluster_store(tmp_path):
+    x, lab = clusters(n_per=40, k=4, d=64)
+    ids = [f"{i:064x}" for i in range(len(x))]
+    ids[1] = ids[0]  # identical files at two paths: one map row per feature row, image_id repeats
+    write_features(tmp_path / "store", x, lab, ids=ids, images=False)
+    return tmp_path / "store", x, lab
+
+
+def test_build_tsne_map_artefact(cluster_store):
+    store, x, lab = cluster_store
+    m = build_map(MapConfig(store=str(store), method="tsne", seed=0))
+    adir = Store(store).artefact_dir("maps", m["artefact_id"])
+    assert m["reused"] is False and m["kind"] == "maps" and m["source"] == "synthetic-features"
+    df = read_coords(adir, m)
+    assert list(df.columns) == ["row", "image_id", "path", "label", "x", "y"]
+    assert len(df) == len(x) and df["path"].is_unique and df["image_id"].iloc[0] == df["image_id"].iloc[1]
+    assert df["row"].tolist() == list(range(len(x)))
+    assert df["label"].tolist() == list(lab)
+    q = m["quality"]
+    assert q["knn_label_agreement_map"] >= 0.95 and q["knn_label_agreement_full"] == 1.0
+    assert 0.9 <= q["trustworthiness"] <= 1.0
+    assert m["pca"]["n_components"] == 50 and m["tsne"]["effective_perplexity"] == 30.0
+    roles = {f["role"] for f in m["files"]}
+    assert roles == {"coords", "scatter"}
+    assert m["library_versions"]["openTSNE"] and m["seed"] == 0
+    # rerun: same id, reused, nothing recomputed; forced rebuild: identical coordinates (seeded)
+    again = build_map(MapConfig(store=str(store), method="tsne", seed=0))
+    assert again["artefact_id"] == m["artefact_id"] and again["reused"] is True
+    forced = build_map(MapConfig(store=str(store), method="tsne", seed=0, force=True))
+    assert forced["reused"] is False
+    np.testing.assert_array_equal(read_coords(adir)[["x", "y"]].to_numpy(), df[["x", "y"]].to_numpy())
+    # a different seed is a different artefact
+    other = build_map(MapConfig(store=str(store), method="tsne", seed=1))
+    assert other["artefact_id"] != m["artefact_id"]
+
+
+def test_build_pca_map_matches_sklearn_and_detects_tampering(cluster_store):
+    store, x, lab = cluster_store
+    m = build_map(MapConfig(store=str(store), method="pca"))
+    ref = PCA(2, svd_solver="full").fit(x.astype(np.float64))
+    np.testing.assert_allclose(m["pca"]["explained_variance"], ref.explained_variance_, rtol=1e-6)
+    adir = Store(store).artefact_dir("maps", m["artefact_id"])
+    df = read_coords(adir, m)
+    proj = ref.transform(x.astype(np.float64))
+    for j, axis in enumerate("xy"):
+        assert abs(np.corrcoef(df[axis], proj[:, j])[0, 1]) > 0.99999
+    coords = adir / "coords.parquet"
+    coords.write_bytes(coords.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ChecksumError):
+        read_coords(adir, m)
+    rebuilt = build_map(MapConfig(store=str(store), method="pca"))  # a corrupt map is rebuilt, not reused
+    assert rebuilt["reused"] is False and len(read_coords(adir, rebuilt)) == len(x)
+
+
+def test_build_map_refuses_nan_features_naming_the_image(tmp_path):
+    x, lab = clusters(n_per=10, k=2, d=8)
+    x[5, 2] = np.nan
+    write_features(tmp_path / "store", x, lab, images=False)
+    with pytest.raises(ValueError, match=r"1 of .* NaN or Inf.*img/0005\.png"):
+        build_map(MapConfig(store=str(tmp_path / "store"), method="pca"))
+    assert not list(Store(tmp_path / "store").iter_artefacts("maps"))
+
+
+def test_build_map_tiny_set_and_3d(tmp_path):
+    x, lab = clusters(n_per=3, k=3, d=8)  # 9 rows: perplexity clamps to 8/3
+    write_features(tmp_path / "store", x, lab, images=False)
+    m = build_map(MapConfig(store=str(tmp_path / "store"), method="tsne", dim=3, pca_first=5))
+    assert m["tsne"]["effective_perplexity"] == pytest.approx(8 / 3)
+    df = read_coords(Store(tmp_path / "store").artefact_dir("maps", m["artefact_id"]))
+    assert list(df.columns)[-3:] == ["x", "y", "z"] and np.isfinite(df[["x", "y", "z"]].to_numpy()).all()
+
+
+def test_cli_project_and_errors(cluster_store, capsys):
+    from flows.cli import main
+
+    store, x, _ = cluster_store
+    assert main(["--no-prefect", "project", "--store", str(store), "--method", "pca", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["method"] == "pca" and out["rows"] == len(x) and len(out["explained_variance_ratio"]) == 2
+    assert main(["--no-prefect", "project", "--store", str(store), "--method", "tsne", "--perplexity", "-1"]) == 2
+    assert "perplexity" in capsys.readouterr().err
+    assert main(["--no-prefect", "project", "--store", str(store / "nope"), "--method", "pca"]) == 2
+
+
+def test_maps_flow_through_prefect(prefect_server, tmp_path):
+    from flows.project import maps_flow
+
+    x, lab = clusters(n_per=12, k=3, d=16)
+    write_features(tmp_path / "store", x, lab, dataset_root=tmp_path / "data")
+    out = maps_flow(store=str(tmp_path / "store"))
+    assert out["pca"]["method"] == "pca" and out["tsne"]["method"] == "tsne"
+    assert out["grid"]["filled"] == 36 and out["grid"]["missing_images"] == 0
+    m = read_manifest(Store(tmp_path / "store").artefact_dir("maps", out["tsne"]["map_id"]), verify=True)
+    assert {"coords", "scatter", "grid", "grid-cells"} <= {f["role"] for f in m["files"]}

@@ -96,16 +96,17 @@ def ig_alphas(n_steps: int, method: str = "gausslegendre") -> tuple[list[float],
     if method == "gausslegendre":
         x, w = np.polynomial.legendre.leggauss(n_steps)
         return list(0.5 * w), list(0.5 * (x + 1))
-    kinds = {"riemann_left": 0.0, "riemann_right": 1.0, "riemann_middle": 0.5}
-    if method in kinds:
-        return [1 / n_steps] * n_steps, [(i + kinds[method]) / n_steps for i in range(n_steps)]
-    if method == "riemann_trapezoid":
+    if method in ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"):
         if n_steps < 2:
-            raise ValueError("riemann_trapezoid needs n_steps >= 2")
-        steps = [1 / (n_steps - 1)] * n_steps
-        steps[0] /= 2
-        steps[-1] /= 2
-        return steps, list(np.linspace(0, 1, n_steps))
+            raise ValueError(f"{method} needs n_steps >= 2")
+        steps = [1 / n_steps] * n_steps  # Captum's convention, also for the trapezoid (ends halved)
+        if method == "riemann_trapezoid":
+            steps[0] /= 2
+            steps[-1] /= 2
+            return steps, torch.linspace(0, 1, n_steps).tolist()
+        lo, hi = {"riemann_left": (0, 1 - 1 / n_steps), "riemann_right": (1 / n_steps, 1),
+                  "riemann_middle": (1 / (2 * n_steps), 1 - 1 / (2 * n_steps))}[method]
+        return steps, torch.linspace(lo, hi, n_steps).tolist()
     raise ValueError(f"unknown IG method {method!r}; use gausslegendre or riemann_left/right/middle/trapezoid")
 
 

@@ -108,7 +108,8 @@ def assign_grid(xy: np.ndarray, rows: int, cols: int, method: str = "auto",
     out = np.full(n_cells, -1, np.int64)
     if n == 0:
         return out, 0.0
-    pts = _normalise(xy)
+    pts = _normalise(xy)  # the map's extremes land on the outer cells' centres
+    pts = np.stack([0.5 / cols + pts[:, 0] * (1 - 1 / cols), 0.5 / rows + pts[:, 1] * (1 - 1 / rows)], axis=1)
     centres = _cell_centres(rows, cols)
     if method == "auto":
         method = "lap" if n_cells <= 4096 else "greedy"

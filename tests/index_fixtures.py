@@ -3,16 +3,19 @@ store (no model), so the maths can be checked against NumPy on known vectors."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from conftest import make_color_dataset
+from PIL import Image
 
 from storage.features import PartWriter
 from storage.manifest import write_manifest
 from storage.paths import Store
 
-__all__ = ["write_feature_artefact", "clustered"]
+__all__ = ["write_feature_artefact", "clustered", "build_planted_dataset"]
 
 
 def write_feature_artefact(store: Path, feats: np.ndarray, labels: Sequence[str | None] | None = None,
@@ -49,3 +52,22 @@ def clustered(n: int, d: int, centers: int, spread: float = 0.15, seed: int = 0)
     lab = rng.integers(0, centers, size=n)
     x = c[lab] + spread * rng.normal(size=(n, d)).astype(np.float32)
     return x.astype(np.float32), lab
+
+
+def build_planted_dataset(root: Path) -> Path:
+    """Colour classes (train/test) plus planted cases: an exact duplicate, a resized copy, a cross-split copy,
+    a label flip (a red image filed as green) and a checkerboard / shifted (inverted) checkerboard / flat grey trio."""
+    make_color_dataset(root, per_class=4, size=(48, 40))
+    shutil.copy(root / "train/red/red_train_0.png", root / "train/red/dup_copy.png")
+    Image.open(root / "train/green/green_train_1.png").resize((96, 80), Image.BILINEAR).save(root / "train/green/resized_copy.png")
+    shutil.copy(root / "train/blue/blue_train_2.png", root / "test/blue/leak_copy.png")
+    rng = np.random.default_rng(7)
+    arr = np.clip(np.array([200, 30, 30]) + rng.integers(-25, 25, (40, 48, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(arr).save(root / "train/green/flip.png")
+    yy, xx = np.mgrid[0:48, 0:48]
+    a = (((yy // 8) + (xx // 8)) % 2 * 255).astype(np.uint8)
+    (root / "test/pattern").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.stack([a] * 3, -1)).save(root / "test/pattern/checker.png")
+    Image.fromarray(np.stack([255 - a] * 3, -1)).save(root / "test/pattern/checker_shifted.png")
+    Image.fromarray(np.full((48, 48, 3), 128, np.uint8)).save(root / "test/pattern/grey.png")
+    return root

@@ -50,7 +50,7 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, target, layer: str | None =
     out = torch.empty((n, h, w), dtype=torch.float32, device=inputs.device)
     with capture_for_grad(model, layer) as store, torch.enable_grad():
         for i in range(0, n, bs):
-            x = inputs[i:i + bs].detach()
+            x = inputs[i:i + bs].detach().clone().requires_grad_(True)  # works with frozen parameters too
             score = target_scores(model, x, target[i:i + bs])
             act = store.pop("output")
             if act.dim() != 4:

@@ -1,0 +1,108 @@
+"""Flow: attribution audit — occlusion / saliency / guided / deconvnet / Grad-CAM / SmoothGrad / IG maps over a
+selection of a feature artefact's images, stored with overlays and faithfulness scores.
+
+Parameters mirror ``convlens audit``. Steps: resolve the feature artefact and select images -> compute the
+missing (image, method, parameters, target) maps in batches -> score deletion / insertion AUC -> publish the
+``audits`` artefact (kind ``attribution``; layout in docs/attribution.md). Incremental: a rerun computes only
+what is not stored yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from tasks.attribution_audit import DEFAULT_METHODS, SELECT_POLICIES, AuditConfig, run_audit, summarise
+
+__all__ = ["attribution_audit", "audit_task", "add_arguments", "config_from_args", "register"]
+
+
+@task(name="attribution-audit", retries=0)
+def audit_task(cfg: AuditConfig) -> dict[str, Any]:
+    """Select, compute, score and publish under the artefact lock; returns the small summary."""
+    return summarise(run_audit(cfg))
+
+
+@flow(name="attribution-audit", log_prints=False)
+def attribution_audit(store: str = "convlens-store", artefact: str | None = None,
+                      methods: list[str] | None = None, select: str = "random", n: int = 16, seed: int = 0,
+                      device: str = "auto", batch_size: int = 64, window: int = 16, stride: int = 8,
+                      baseline: float = 0.0, layer: str | None = None, ig_steps: int = 50,
+                      faith_steps: int = 16, weights: str | None = None) -> dict[str, Any]:
+    """Audit N selected images of a feature artefact with the given methods; returns a summary."""
+    cfg = AuditConfig(store=store, artefact=artefact, methods=tuple(methods or DEFAULT_METHODS), select=select, n=n,
+                      seed=seed, device=device, batch_size=batch_size, window=window, stride=stride,
+                      baseline=baseline, layer=layer, ig_steps=ig_steps, faith_steps=faith_steps, weights=weights,
+                      progress=False)
+    summary = audit_task(cfg)
+    get_run_logger().info("published %(artefact_id)s: %(computed)d maps computed, %(reused)d reused", summary)
+    return summary
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--artefact", default=None, help="feature artefact id or prefix (default: the newest)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma list: occlusion,saliency,guided,deconvnet,gradcam,smoothgrad,ig "
+                        f"(default {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--select", default="random",
+                   help=f"image selection policy: {', '.join(SELECT_POLICIES)} (default random)")
+    p.add_argument("--n", type=int, default=16, help="number of images (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --select random and SmoothGrad noise")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--batch-size", type=int, default=64, help="copies per forward pass (occlusion, IG, curves)")
+    p.add_argument("--window", type=int, default=16, help="occlusion window in pixels (default 16)")
+    p.add_argument("--stride", type=int, default=8, help="occlusion stride in pixels (default 8)")
+    p.add_argument("--baseline", type=float, default=0.0, help="occluder value in normalised space (0 = mean colour)")
+    p.add_argument("--layer", default=None, help="Grad-CAM layer (module name; default the last Conv2d)")
+    p.add_argument("--ig-steps", type=int, default=50, help="Integrated Gradients steps (default 50)")
+    p.add_argument("--faith-steps", type=int, default=16, help="points on the deletion/insertion curves")
+    p.add_argument("--weights", default=None, help="weights file, when the features were made with one")
+
+
+def config_from_args(a: argparse.Namespace) -> AuditConfig:
+    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
+    return AuditConfig(store=a.store, artefact=a.artefact, methods=methods, select=a.select, n=a.n, seed=a.seed,
+                       device=a.device, batch_size=a.batch_size, window=a.window, stride=a.stride,
+                       baseline=a.baseline, layer=a.layer, ig_steps=a.ig_steps, faith_steps=a.faith_steps,
+                       weights=a.weights, progress=True)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from flows.cli import emit, run_stage
+
+    cfg = config_from_args(args)
+    cfg.validate()
+    result = run_stage(
+        args, attribution_audit, lambda: summarise(run_audit(cfg)),
+        store=cfg.store, artefact=cfg.artefact, methods=list(cfg.methods), select=cfg.select, n=cfg.n,
+        seed=cfg.seed, device=cfg.device, batch_size=cfg.batch_size, window=cfg.window, stride=cfg.stride,
+        baseline=cfg.baseline, layer=cfg.layer, ig_steps=cfg.ig_steps, faith_steps=cfg.faith_steps,
+        weights=cfg.weights,
+    )
+    emit(result, args.json, (
+        f"attribution audit {result['artefact_id']}: {result['computed']} maps computed, {result['reused']} reused "
+        f"({result['images']} images, {result['rows']} rows stored; methods {', '.join(result['methods'])}) "
+        f"in {result['seconds']} s" + (f"; {result['failed']} images unreadable" if result["failed"] else "")
+        + f"\nstore: {cfg.store}"))
+    return 0
+
+
+def register(sub) -> None:
+    from flows.cli import add_store_argument
+
+    p = sub.add_parser("audit", help="attribution maps (occlusion, saliency, Grad-CAM, ...) + faithfulness scores",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    add_store_argument(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cli)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from flows.cli import main
+
+    sys.exit(main(["audit", *sys.argv[1:]]))

@@ -1,0 +1,515 @@
+"""Attribution audits at dataset scale: select images, compute maps per method and target, score, store.
+
+Reads a feature artefact (images, labels, model spec), selects images by a policy, and for each image x
+method x target computes the attribution, reduces it to a 2-D map, scores its faithfulness (deletion /
+insertion AUC) and stores: maps (float16 NPZ parts), overlay PNG thumbnails, a scores table (Parquet parts)
+and a manifest (kind ``attribution``) in store kind ``audits``. Layout: docs/attribution.md.
+
+Incremental: rows are keyed by (image_id, method, params_hash, target); a rerun computes only missing keys
+and republishes a manifest listing old + new parts. The artefact id hashes the feature artefact id (which
+fixes dataset root, model, weights and preprocessing) and the code version; image_id is the sha256 of the
+image bytes, so a stored map can never belong to different pixels.
+
+Memory: O(image_batch x method working set) + one buffer of at most ``maps_per_part`` maps; score rows are
+small records. Nothing is kept per image beyond its score row.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from storage.atomic import atomic_write_bytes, sha256_bytes
+from storage.errors import ConvlensError, StoreError
+from storage.features import read_meta, read_part, remove_garbage, write_part
+from storage.locks import artefact_lock
+from storage.manifest import CODE_VERSION, MANIFEST_NAME, file_entry, read_manifest, write_manifest
+from storage.paths import Store, artefact_id
+from tasks.attribution import METHODS, method_spec, params_hash, reduce_map
+
+__all__ = [
+    "AuditConfig",
+    "SELECT_POLICIES",
+    "select_images",
+    "label_index",
+    "run_audit",
+    "run_default_audit",
+    "read_scores",
+    "load_map",
+    "SCORES_COLUMNS",
+    "DEFAULT_METHODS",
+    "summarise",
+]
+
+log = logging.getLogger(__name__)
+
+SELECT_POLICIES = ("random", "misclassified", "low-confidence", "label-disagreement", "ids:FILE")
+DEFAULT_METHODS = ("occlusion", "saliency", "guided", "deconvnet", "gradcam")
+SCORES_COLUMNS = ("image_id", "path", "label", "method", "params_hash", "target", "target_kind", "target_name",
+                  "pred", "prob", "deletion_auc", "insertion_auc", "runtime_s", "map_file", "map_index",
+                  "overlay", "selected_by", "created")
+
+
+@dataclass
+class AuditConfig:
+    """Everything that defines an audit run (CLI flags map 1:1)."""
+
+    store: str = "convlens-store"
+    artefact: str | None = None
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    select: str = "random"
+    n: int = 16
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 64
+    image_batch: int = 8
+    window: int = 16
+    stride: int = 8
+    baseline: float = 0.0
+    layer: str | None = None
+    ig_steps: int = 50
+    smooth_samples: int = 5
+    smooth_stdev: float = 1.0
+    faith_steps: int = 16
+    thumb: int = 160
+    weights: str | None = None
+    maps_per_part: int = 256
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"--n must be >= 1, got {self.n}")
+        if not self.methods:
+            raise ValueError("--methods is empty; pass e.g. occlusion,saliency,gradcam")
+        for m in self.methods:
+            method_spec(m)
+        if not (self.select in SELECT_POLICIES[:4] or self.select.startswith("ids:")):
+            raise ValueError(f"unknown --select {self.select!r}; use one of {', '.join(SELECT_POLICIES)}")
+        if self.stride > self.window or self.stride < 1:
+            raise ValueError(f"--stride must be in [1, --window], got stride {self.stride}, window {self.window}")
+        if self.faith_steps < 1 or self.batch_size < 1 or self.image_batch < 1:
+            raise ValueError("--faith-steps, --batch-size and image batch must be >= 1")
+
+    def method_params(self, name: str) -> dict[str, Any]:
+        """The parameters that define ``name``'s maps (hashed into the incremental key)."""
+        key = method_spec(name).name
+        return {
+            "occlusion": {"window": self.window, "stride": self.stride, "baseline": self.baseline},
+            "saliency": {"abs": True}, "guided": {}, "deconvnet": {},
+            "smoothgrad": {"nt_samples": self.smooth_samples, "stdevs": self.smooth_stdev, "seed": self.seed},
+            "ig": {"n_steps": self.ig_steps, "method": "gausslegendre", "baseline": 0.0},
+            "gradcam": {"layer": self.layer},
+        }[key] | {"faith_steps": self.faith_steps, "faith_score": "prob", "faith_baseline": 0.0}
+
+
+def label_index(label: Any, categories: list[str] | None, num_classes: int) -> int | None:
+    """Class index of a dataset label: its position in ``categories``, or an integer label; else ``None``."""
+    if label is None or (isinstance(label, float) and np.isnan(label)):
+        return None
+    s = str(label)
+    if categories:
+        if s in categories:
+            return categories.index(s)
+        low = [c.lower().replace(" ", "_") for c in categories]
+        if s.lower().replace(" ", "_") in low:
+            return low.index(s.lower().replace(" ", "_"))
+    if s.isdigit() and int(s) < num_classes:
+        return int(s)
+    return None
+
+
+def _dataset_audit_ids(store: Store, features_id: str) -> list[str]:
+    """image_ids flagged as kNN label disagreements by the newest dataset-audit artefact (kind ``audits``)."""
+    found = []
+    for aid, man in store.iter_artefacts("audits"):
+        if man.get("kind") != "dataset-audit":
+            continue
+        src = man.get("features") or man.get("source") or {}
+        src_id = src.get("id") or src.get("artefact_id") if isinstance(src, dict) else src
+        if src_id and src_id != features_id:
+            continue
+        found.append((man.get("created", ""), aid, man))
+    if not found:
+        raise StoreError("--select label-disagreement needs the kNN dataset audit: run `convlens audit-dataset "
+                         "--store ...` first (no 'dataset-audit' artefact for these features in the store)")
+    _, aid, man = max(found)
+    adir = store.artefact_dir("audits", aid)
+    entries = [f for f in man.get("files", []) if f.get("role") == "findings" or
+               (f["name"].endswith(".parquet") and "finding" in f["name"])]
+    if not entries:
+        raise StoreError(f"dataset-audit artefact {aid} lists no findings parquet; rerun `convlens audit-dataset`")
+    ids: list[str] = []
+    for e in entries:
+        t = read_part(adir, e).to_pandas()
+        col = next((c for c in ("finding", "type", "finding_type", "kind", "check") if c in t.columns), None)
+        if "image_id" not in t.columns or col is None:
+            raise StoreError(f"{e['name']} in {aid} has no image_id / finding-type column; rerun `convlens audit-dataset`")
+        norm = t[col].astype(str).str.lower().str.replace("_", "-")
+        hit = t[norm.str.contains("label") & norm.str.contains("disagree")]
+        ids.extend(hit["image_id"].astype(str).tolist())
+    return list(dict.fromkeys(ids))
+
+
+def select_images(meta: pd.DataFrame, policy: str, n: int, seed: int = 0, categories: list[str] | None = None,
+                  num_classes: int = 0, store: Store | None = None, features_id: str = "") -> pd.DataFrame:
+    """Pick at most ``n`` rows (unique image_id) of a feature table's ``meta`` by ``policy``.
+
+    ``random`` (seeded), ``misclassified`` (stored top-1 prediction != label's class), ``low-confidence``
+    (lowest stored top-1 probability first), ``label-disagreement`` (kNN dataset-audit findings),
+    ``ids:FILE`` (one image_id or dataset path per line). Adds a ``selected_by`` column.
+    """
+    meta = meta.drop_duplicates("image_id").reset_index(drop=True)
+    if policy == "random":
+        rng = np.random.default_rng(seed)
+        out = meta.iloc[np.sort(rng.permutation(len(meta))[:n])]
+    elif policy in ("misclassified", "low-confidence"):
+        if "pred_top5" not in meta.columns:
+            raise ValueError(f"--select {policy} needs stored predictions; the feature artefact has none "
+                             "(extract with a model that has a classifier head)")
+        top1 = meta["pred_top5"].map(lambda v: int(v[0]))
+        if policy == "low-confidence":
+            conf = meta["prob_top5"].map(lambda v: float(v[0]))
+            out = meta.iloc[np.argsort(conf.to_numpy(), kind="stable")[:n]]
+        else:
+            lab = meta["label"].map(lambda v: label_index(v, categories, num_classes))
+            known = lab.notna()
+            if not known.any():
+                raise ValueError("--select misclassified needs labels that name the model's classes (category "
+                                 "names or integer indices); this dataset's labels do not. Use --select "
+                                 "low-confidence or random")
+            wrong = known & (lab.fillna(-1).astype(int) != top1)
+            out = meta[wrong].head(n)
+    elif policy == "label-disagreement":
+        if store is None:
+            raise ValueError("label-disagreement selection needs the store")
+        ids = _dataset_audit_ids(store, features_id)
+        out = meta[meta["image_id"].isin(set(ids))]
+        out = out.set_index("image_id").loc[[i for i in ids if i in set(out["image_id"])]].reset_index().head(n)
+    elif policy.startswith("ids:"):
+        path = Path(policy[4:]).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--select ids: file {path} does not exist (one image_id or path per line)")
+        wanted = [ln.strip() for ln in path.read_text("utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
+        hit = meta[meta["image_id"].isin(wanted) | meta["path"].isin(wanted)]
+        if hit.empty:
+            raise ValueError(f"none of the {len(wanted)} ids in {path} is in the feature artefact")
+        out = hit.head(n)
+    else:
+        raise ValueError(f"unknown --select {policy!r}; use one of {', '.join(SELECT_POLICIES)}")
+    out = out.copy()
+    out["selected_by"] = policy.split(":", 1)[0]
+    return out.reset_index(drop=True)
+
+
+def _overlay_png(img: np.ndarray, m: np.ndarray, size: int) -> bytes:
+    """``img (H,W,3) uint8`` + ``m (H,W)`` in [0,1] -> PNG bytes: JET heat map blended 50/50, ``size`` px."""
+    import cv2
+    from PIL import Image
+
+    heat = cv2.applyColorMap(np.uint8(np.clip(m, 0, 1) * 255), cv2.COLORMAP_JET)[..., ::-1]
+    blend = (0.5 * img.astype(np.float32) + 0.5 * heat.astype(np.float32)).astype(np.uint8)
+    pic = Image.fromarray(np.concatenate([img, blend], axis=1))
+    pic = pic.resize((size * 2, size), Image.BILINEAR)
+    buf = io.BytesIO()
+    pic.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _display(m: torch.Tensor, signed: bool) -> np.ndarray:
+    """2-D map -> [0,1] for drawing: signed maps show their positive (supporting) part."""
+    a = m.float()
+    if signed:
+        a = a.clamp(min=0)
+    a = a - a.min()
+    return (a / (a.max() + 1e-12)).cpu().numpy()
+
+
+def _load_scores(adir: Path, manifest: dict[str, Any] | None) -> pd.DataFrame:
+    if not manifest:
+        return pd.DataFrame(columns=list(SCORES_COLUMNS))
+    parts = [read_part(adir, e).to_pandas() for e in manifest.get("files", []) if e.get("role") == "scores"]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(SCORES_COLUMNS))
+
+
+def read_scores(store: str | Path, artefact: str | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The scores table of an attribution audit (newest if ``artefact`` is None), checksums verified."""
+    st = Store(store)
+    items = [(m.get("created", ""), aid, m) for aid, m in st.iter_artefacts("audits") if m.get("kind") == "attribution"
+             and (artefact is None or aid == artefact or aid.startswith(artefact))]
+    if not items:
+        raise StoreError(f"no attribution audit in {st.root}; run `convlens audit --store ...` first")
+    _, aid, man = max(items)
+    return _load_scores(st.artefact_dir("audits", aid), man), man
+
+
+def load_map(store: str | Path, manifest: dict[str, Any], map_file: str, map_index: int) -> np.ndarray:
+    """One stored map ``(H, W) float32`` (sha256 of its NPZ verified)."""
+    adir = Store(store).artefact_dir("audits", manifest["artefact_id"])
+    entry = next((e for e in manifest["files"] if e["name"] == map_file), None)
+    if entry is None:
+        raise StoreError(f"{map_file} is not listed in the manifest of {manifest['artefact_id']}")
+    data = (adir / map_file).read_bytes()
+    if sha256_bytes(data) != entry["sha256"]:
+        from storage.errors import ChecksumError
+
+        raise ChecksumError(f"checksum mismatch for {adir / map_file}; rebuild the audit")
+    with np.load(io.BytesIO(data)) as z:
+        return z["maps"][int(map_index)].astype(np.float32)
+
+
+class _MapWriter:
+    def __init__(self, adir: Path, per_part: int) -> None:
+        self.adir, self.per_part = adir, per_part
+        self.buf: list[np.ndarray] = []
+        self.rows: list[dict[str, Any]] = []
+        self.entries: list[dict[str, Any]] = []
+
+    def add(self, m: np.ndarray, row: dict[str, Any]) -> None:
+        self.buf.append(m.astype(np.float16))
+        self.rows.append(row)
+        if len(self.buf) >= self.per_part:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buf:
+            return
+        bio = io.BytesIO()
+        np.savez_compressed(bio, maps=np.stack(self.buf))
+        data = bio.getvalue()
+        name = f"maps-{sha256_bytes(data)[:16]}.npz"
+        atomic_write_bytes(self.adir / name, data)
+        for i, row in enumerate(self.rows):
+            row["map_file"], row["map_index"] = name, i
+        self.entries.append({"name": name, "bytes": len(data), "sha256": sha256_bytes(data), "role": "maps",
+                             "count": len(self.buf)})
+        self.buf, self.rows = [], []
+
+
+def _decode_batch(fdir_root: Path, rows: pd.DataFrame, pre) -> tuple[list[int], torch.Tensor | None, list[str]]:
+    from tasks.features import preprocess_uint8
+    from tasks.images import RejectedImage, decode_image
+
+    ok, imgs, bad = [], [], []
+    for i, r in enumerate(rows.itertuples()):
+        try:
+            data = (fdir_root / r.path).read_bytes()
+            if sha256_bytes(data) != r.image_id:
+                raise RejectedImage("changed", "file changed since extraction")
+            imgs.append(preprocess_uint8(decode_image(data, r.path), pre))
+            ok.append(i)
+        except (OSError, RejectedImage) as exc:
+            bad.append(f"{r.path}: {exc}")
+    return ok, (torch.stack(imgs) if imgs else None), bad
+
+
+def _compute(name: str, model, x: torch.Tensor, t: torch.Tensor, cfg: AuditConfig, cam_layer: str,
+             occ_plan_cache: dict) -> torch.Tensor:
+    """One method on a batch -> 2-D maps ``(n, H, W)`` float32 (higher = more important)."""
+    from tasks import saliency
+    from tasks.cam import grad_cam
+    from tasks.occlusion import occlusion, plan_incremental
+
+    spec = method_spec(name)
+    if spec.name == "occlusion":
+        key = tuple(x.shape[1:])
+        if key not in occ_plan_cache:
+            occ_plan_cache[key] = plan_incremental(model, key, cfg.window, cfg.stride, x.device)
+        a = occlusion(model, x, t, cfg.window, cfg.stride, cfg.baseline, cfg.batch_size,
+                      incremental=occ_plan_cache[key] is not None, plan=occ_plan_cache[key])
+    elif spec.name == "saliency":
+        a = saliency.vanilla_gradient(model, x, t, batch_size=cfg.batch_size)
+    elif spec.name == "guided":
+        a = saliency.guided_backprop(model, x, t, batch_size=cfg.batch_size)
+    elif spec.name == "deconvnet":
+        a = saliency.deconvnet(model, x, t, batch_size=cfg.batch_size)
+    elif spec.name == "smoothgrad":
+        a = saliency.smoothgrad(model, x, t, cfg.smooth_samples, cfg.smooth_stdev, seed=cfg.seed, batch_size=cfg.batch_size)
+    elif spec.name == "ig":
+        a = saliency.integrated_gradients(model, x, t, n_steps=cfg.ig_steps, batch_size=cfg.batch_size)
+    else:
+        a = grad_cam(model, x, t, cam_layer, batch_size=cfg.batch_size)
+    return reduce_map(a, spec.reduce)
+
+
+def run_audit(cfg: AuditConfig) -> dict[str, Any]:
+    """Select, compute missing (image, method, params, target) rows, publish. Returns the manifest.
+
+    Raises ``ValueError`` / :class:`ConvlensError` for bad options, a missing feature artefact or missing
+    dataset-audit findings.
+    """
+    from tasks.cam import default_cam_layer
+    from tasks.faithfulness import deletion_insertion
+    from tasks.features import normalise, pick_device
+    from tasks.models import ModelError, load_model
+
+    cfg.validate()
+    t_start = time.perf_counter()
+    store = Store(cfg.store)
+    faid, fman = store.resolve("features", cfg.artefact)
+    fdir = store.artefact_dir("features", faid)
+    meta = read_meta(fdir, fman)
+    spec = fman["model"]
+    weights = cfg.weights or spec.get("weights", "none")
+    if weights not in ("imagenet", "none") and not Path(weights).is_file():
+        raise ModelError(f"the feature artefact was made with weights file {weights!r}; pass --weights PATH to it")
+    lm = load_model(spec["arch"], weights, int(spec.get("seed") or 0))
+    if spec.get("weights_sha256") and lm.spec.get("weights_sha256") != spec["weights_sha256"]:
+        raise ModelError("these weights do not match the ones the features were extracted with "
+                         f"(sha256 {str(lm.spec.get('weights_sha256'))[:12]} vs {spec['weights_sha256'][:12]})")
+    cats = None
+    cat_entry = next((e for e in fman.get("files", []) if e.get("role") == "categories"), None)
+    if cat_entry:
+        cats = json.loads((fdir / cat_entry["name"]).read_text("utf-8"))
+    device = pick_device(cfg.device)
+    model = lm.module.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    num_classes = next((m.out_features for m in reversed(list(model.modules())) if isinstance(m, torch.nn.Linear)), 0)
+    cam_layer = cfg.layer or default_cam_layer(model)
+    cfg = replace(cfg, layer=cam_layer)
+    sel = select_images(meta, cfg.select, cfg.n, cfg.seed, cats, num_classes, store, faid)
+    methods = [method_spec(m).name for m in dict.fromkeys(cfg.methods)]
+    mparams = {m: cfg.method_params(m) for m in methods}
+    phash = {m: params_hash(m, mparams[m]) for m in methods}
+
+    aid = artefact_id(f"{faid[:40]}-attribution", {"features": faid, "code_version": CODE_VERSION, "kind": "attribution"})
+    adir = store.artefact_dir("audits", aid, create=True)
+    with artefact_lock(adir):
+        old = read_manifest(adir) if (adir / MANIFEST_NAME).is_file() else None
+        scores = _load_scores(adir, old)
+        done = {(r.image_id, r.method, r.params_hash, int(r.target)) for r in scores.itertuples()}
+        writer = _MapWriter(adir, cfg.maps_per_part)
+        new_rows: list[dict[str, Any]] = []
+        overlays: list[dict[str, Any]] = []
+        failures: list[str] = []
+        stats = {"computed": 0, "reused": 0}
+        occ_cache: dict = {}
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(sel), desc="audit", unit="img", dynamic_ncols=True)
+        try:
+            for s in range(0, len(sel), cfg.image_batch):
+                rows = sel.iloc[s:s + cfg.image_batch]
+                ok, raw, bad = _decode_batch(Path(fman["dataset_root"]), rows, lm.preprocess)
+                failures.extend(bad)
+                if raw is None:
+                    if bar is not None:
+                        bar.update(len(rows))
+                    continue
+                rows = rows.iloc[ok]
+                x = normalise(raw.to(device), lm.preprocess)
+                with torch.no_grad():
+                    prob = torch.softmax(model(x).float(), dim=1)
+                pconf, pred = prob.max(dim=1)
+                jobs: list[tuple[int, int, str]] = []  # (row position, target, kind)
+                for i, r in enumerate(rows.itertuples()):
+                    p = int(pred[i])
+                    li = label_index(r.label, cats, num_classes)
+                    jobs.append((i, p, "pred" if li != p else "pred=label"))
+                    if li is not None and li != p:
+                        jobs.append((i, li, "label"))
+                imgs_np = raw.permute(0, 2, 3, 1).numpy()
+                for m in methods:
+                    todo = [(i, t, k) for i, t, k in jobs if (rows.iloc[i].image_id, m, phash[m], t) not in done]
+                    stats["reused"] += len(jobs) - len(todo)
+                    if not todo:
+                        continue
+                    ii = torch.tensor([i for i, _, _ in todo], device=device)
+                    tt = torch.tensor([t for _, t, _ in todo], device=device)
+                    t0 = time.perf_counter()
+                    maps = _compute(m, model, x[ii], tt, cfg, cam_layer, occ_cache)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    dt = (time.perf_counter() - t0) / len(todo)
+                    faith = deletion_insertion(model, x[ii], tt, maps, n_steps=cfg.faith_steps, batch_size=cfg.batch_size)
+                    signed = METHODS[m].reduce in ("sum", "mean")
+                    for b, (i, t, kind) in enumerate(todo):
+                        r = rows.iloc[i]
+                        png = _overlay_png(imgs_np[i], _display(maps[b], signed), cfg.thumb)
+                        oname = f"ov-{sha256_bytes(f'{r.image_id}|{m}|{phash[m]}|{t}'.encode())[:20]}.png"
+                        atomic_write_bytes(adir / oname, png)
+                        overlays.append({"name": oname, "bytes": len(png), "sha256": sha256_bytes(png), "role": "overlay"})
+                        row = {"image_id": r.image_id, "path": r.path, "label": None if pd.isna(r.label) else str(r.label),
+                               "method": m, "params_hash": phash[m], "target": int(t), "target_kind": kind,
+                               "target_name": cats[t] if cats and t < len(cats) else str(t),
+                               "pred": int(pred[i]), "prob": float(pconf[i]),
+                               "deletion_auc": float(faith.deletion_auc[b]), "insertion_auc": float(faith.insertion_auc[b]),
+                               "runtime_s": round(dt, 4), "map_file": "", "map_index": -1, "overlay": oname,
+                               "selected_by": r.selected_by, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                        writer.add(maps[b].cpu().numpy(), row)
+                        new_rows.append(row)
+                        done.add((r.image_id, m, phash[m], int(t)))
+                    stats["computed"] += len(todo)
+                    del maps, faith
+                del x, raw
+                if bar is not None:
+                    bar.update(len(rows) + len(bad))
+        finally:
+            if bar is not None:
+                bar.close()
+        writer.flush()
+        files = [e for e in (old or {}).get("files", []) if e.get("role") in ("scores", "maps", "overlay")]
+        if new_rows:
+            tbl = pa.Table.from_pylist([{c: r.get(c) for c in SCORES_COLUMNS} for r in new_rows])
+            sentry = write_part(adir, tbl, prefix="scores")
+            files.append(dict(sentry, role="scores"))
+        names = {e["name"] for e in files}
+        files += [e for e in writer.entries + overlays if e["name"] not in names and not names.add(e["name"])]
+        all_methods = dict((old or {}).get("methods", {}))
+        for m in methods:
+            all_methods.setdefault(m, {})[phash[m]] = {"params": mparams[m], "reduce": METHODS[m].reduce}
+        manifest = {
+            "kind": "attribution",
+            "artefact_id": aid,
+            "features": {"id": faid, "created": fman.get("created"), "dataset_root": fman.get("dataset_root")},
+            "model": spec,
+            "preprocessing": fman.get("preprocessing"),
+            "gradcam_layer": cam_layer,
+            "methods": all_methods,
+            "rows": int(len(scores) + len(new_rows)),
+            "images": int(len(set(scores["image_id"]) | {r["image_id"] for r in new_rows})),
+            "map_dtype": "float16",
+            "faithfulness": {"steps": cfg.faith_steps, "score": "prob", "deletion_baseline": 0.0,
+                             "insertion_start": "gaussian blur sigma 5"},
+            "files": files,
+            "last_run": {"select": cfg.select, "n": cfg.n, "selected": int(len(sel)), "methods": methods,
+                         "computed": stats["computed"], "reused": stats["reused"], "failed": failures[:20],
+                         "device": str(device), "seconds": round(time.perf_counter() - t_start, 2)},
+            "previous_created": old.get("created") if old else None,
+        }
+        published = write_manifest(adir, manifest)
+        remove_garbage(adir, published)
+    return published
+
+
+def run_default_audit(store: str | Path, n: int = 4, methods: tuple[str, ...] = DEFAULT_METHODS,
+                      progress: bool = False) -> dict[str, Any]:
+    """Audit ``n`` images of the newest feature artefact with sensible defaults; return a small summary.
+
+    For the demo: occlusion window 32 / stride 16 (fast on CPU), random selection, predicted + label targets.
+    """
+    cfg = AuditConfig(store=str(store), methods=tuple(methods), n=n, window=32, stride=16, progress=progress)
+    return summarise(run_audit(cfg))
+
+
+def summarise(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Small summary of an attribution manifest (for the CLI and flows)."""
+    run = manifest.get("last_run", {})
+    return {"artefact_id": manifest["artefact_id"], "features": manifest["features"]["id"],
+            "rows": manifest["rows"], "images": manifest["images"], "computed": run.get("computed", 0),
+            "reused": run.get("reused", 0), "methods": run.get("methods", []), "seconds": run.get("seconds", 0.0),
+            "failed": len(run.get("failed", []))}

@@ -68,7 +68,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Bump when a technique's maths or stored layout changes: it is part of every artefact id.
-NEURONS_VERSION = 1
+NEURONS_VERSION = 2
 
 
 def pick_device(device: str = "auto") -> torch.device:

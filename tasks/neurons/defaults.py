@@ -51,8 +51,9 @@ def run_default_neurons(store: str | Path, features_id: str | None = None, devic
         confident = None
         if "prob_top5" in meta.columns and len(meta):
             m2 = meta.drop_duplicates("image_id").assign(p1=[float(p[0]) if p is not None else 0.0 for p in meta.drop_duplicates("image_id")["prob_top5"]])
-            confident = list(m2.sort_values(["p1", "path"], ascending=[False, True])["path"].iloc[:2])
-        adv = AdvConfig(method="fgsm", grid=8, refine=5)
-        timed("adversarial", lambda: run_adversarial(store, images=confident, n_images=2, n_examples=1, cfg=adv,
+            confident = list(m2.sort_values(["p1", "path"], ascending=[False, True])["path"].iloc[:1])
+        # PGD: one-step FGSM often fails on confidently classified images (its linearisation misleads)
+        adv = AdvConfig(method="pgd", grid=4, steps=3, eps_min=0.25 / 255, eps_max=4 / 255)
+        timed("adversarial", lambda: run_adversarial(store, images=confident, n_images=1, n_examples=1, cfg=adv,
                                                      device=device, source=src), flip_rate=None, median_eps_255=None)
     return out

@@ -202,8 +202,8 @@ def summarise_findings(findings: pd.DataFrame, top: int = 3) -> dict[str, Any]:
         rec: dict[str, Any] = {"count": int(len(sub))}
         if t in ("exact-duplicate", "near-duplicate"):
             rec["clusters"] = int(sub["cluster"].nunique())
-        rec["top"] = [{k: v for k, v in r.items() if k in ("rank", "score", "path", "image_id", "label", "split",
-                                                             "other_path", "suggested_label", "detail")}
+        rec["top"] = [{k: (None if isinstance(v, float) and np.isnan(v) and k != "score" else v) for k, v in r.items()
+                       if k in ("rank", "score", "path", "image_id", "label", "split", "other_path", "suggested_label", "detail")}
                       for r in sub.head(top).to_dict("records")]
         out[t] = rec
     return out

@@ -61,7 +61,7 @@ def run_demo(store: str = "convlens-store", data_dir: str = "demo-data", device:
             if (Path(data_dir) / p).is_file()])
         for p, df in nb or []:
             say(f"  nearest to {p} (feature space): " + ", ".join(str(x) for x in list(df["path"])[:5]))
-    audit_ds = optional("dataset-audit", "tasks.dataset_audit", "run_default_dataset_audit", lambda f: f(store, fid))
+    audit_ds = optional("dataset-audit", "flows.dataset_audit", "audit_dataset", lambda f: f(store))
     if audit_ds is not None:
         say(f"  dataset audit: {_short(audit_ds)}")
     maps = optional("maps", "flows.project", "make_default_maps", lambda f: f(store, fid))

@@ -208,40 +208,45 @@ def plan_incremental(model: nn.Module, shape: tuple[int, int, int], window: int,
 
 @dataclass(frozen=True)
 class _AxisCrop:
-    x0: int          # crop start (input pixels, multiple of S)
-    length: int      # crop length
-    e0: int          # first exact output of the crop run (relative index)
-    e1: int          # one past the last exact output (relative)
-    o0: int          # absolute prefix-output index of e0
+    x0: int          # crop start (input pixels, a multiple of S)
+    p0: int          # first pasted output, relative to the crop run's output
+    o0: int          # absolute prefix-output index of p0
 
 
-def _axis_crops(size: int, out_len: int, g: tuple[int, int, int], wins: list[tuple[int, int]]) -> list[_AxisCrop] | None:
+def _axis_crops(size: int, out_len: int, g: tuple[int, int, int],
+                wins: list[tuple[int, int]]) -> tuple[int, int, list[_AxisCrop]] | None:
+    """One crop length and one paste length for every window along an axis (so all copies batch together).
+
+    Returns ``(crop_len, paste_len, crops)`` or ``None`` when the crop would be the whole axis anyway.
+    """
     S, lo, hi = g
-    natural = []
+    need = []
     for r0, r1 in wins:
-        oa = max(0, -((hi - r0) // S))                    # ceil((r0 - hi) / S)
-        ob = min(out_len - 1, (r1 - 1 - lo) // S)
-        x0 = (max(0, oa * S + lo) // S) * S
-        x1 = min(size, ob * S + hi + 1)
-        natural.append((oa, ob, x0, x1))
-    lmax = max(x1 - x0 for _, _, x0, x1 in natural)
-    out = []
-    for oa, ob, x0, _x1 in natural:
-        x1 = min(size, x0 + lmax)
-        crop_out = _run_len(x1 - x0, S, lo, hi, size == x1)
-        lo_o = x0 // S if x0 == 0 else max(x0 // S, -((lo - x0) // S))
+        oa = max(0, -((hi - r0) // S))                    # first changed output: ceil((r0 - hi) / S)
+        ob = min(out_len - 1, (r1 - 1 - lo) // S)         # last changed output
+        need.append((oa, ob, (max(0, oa * S + lo) // S) * S, min(size, ob * S + hi + 1)))
+    length = max(x1 - x0 for _, _, x0, x1 in need)
+    length += (size - length) % S                          # so that size - length is a multiple of S
+    if length >= size:
+        return None
+    spans = []
+    for oa, ob, x0, _ in need:
+        x0 = min(x0, size - length)                        # stays aligned; the right border is then the image's
+        x1 = x0 + length
+        lo_o = x0 // S if x0 == 0 else max(x0 // S, -((lo - x0) // S))    # first exact output
         hi_o = out_len if x1 == size else min(out_len, (x1 - 1 - hi) // S + 1)
-        hi_o = min(hi_o, x0 // S + crop_out)
         if not (lo_o <= oa and ob < hi_o):
             return None
-        out.append(_AxisCrop(x0, x1 - x0, lo_o - x0 // S, hi_o - x0 // S, lo_o))
-    return out
-
-
-def _run_len(length: int, S: int, lo: int, hi: int, at_end: bool) -> int:
-    # number of prefix outputs a crop of ``length`` produces is checked at run time; this bound only keeps
-    # the exact range inside [0, length) in the worst case.
-    return max(0, length // S + 1)
+        spans.append((oa, ob, x0, lo_o, hi_o))
+    paste = min(h - l for _, _, _, l, h in spans)
+    if any(ob - oa + 1 > paste for oa, ob, *_ in spans):
+        return None
+    crops = []
+    for oa, ob, x0, lo_o, hi_o in spans:
+        start = min(max(lo_o, ob + 1 - paste), hi_o - paste)
+        start = max(start, lo_o)
+        crops.append(_AxisCrop(x0, start - x0 // S, start))
+    return length, paste, crops
 
 
 def _occlusion_incremental(plan: IncrementalPlan, x: torch.Tensor, target: int, base: float,
@@ -249,48 +254,41 @@ def _occlusion_incremental(plan: IncrementalPlan, x: torch.Tensor, target: int, 
                            batch_size: int) -> torch.Tensor | None:
     """Diffs ``(len(wr), len(wc))`` for one image ``x (1,C,H,W)``, or None if the geometry check fails."""
     _, C, H, W = x.shape
-    rows = _axis_crops(H, plan.out_hw[0], plan.geom[0], wr)
-    cols = _axis_crops(W, plan.out_hw[1], plan.geom[1], wc)
-    if rows is None or cols is None:
+    ra = _axis_crops(H, plan.out_hw[0], plan.geom[0], wr)
+    ca = _axis_crops(W, plan.out_hw[1], plan.geom[1], wc)
+    if ra is None or ca is None:
         return None
+    (Lr, Pr, rows), (Lc, Pc, cols) = ra, ca
     cached = plan.prefix(x)
     if tuple(cached.shape[2:]) != plan.out_hw:
         return None
-    groups: dict[tuple, list[tuple[int, int]]] = {}
-    for i, rc in enumerate(rows):
-        for j, cc in enumerate(cols):
-            key = (rc.length, rc.e0, rc.e1, cc.length, cc.e0, cc.e1)
-            groups.setdefault(key, []).append((i, j))
+    items = [(i, j) for i in range(len(wr)) for j in range(len(wc))]
     diffs = torch.empty((len(wr), len(wc)), dtype=torch.float32, device=x.device)
-    tgt = torch.tensor([target], device=x.device)
-    for key, items in groups.items():
-        Lr, er0, er1, Lc, ec0, ec1 = key
-        for s in range(0, len(items), batch_size):
-            chunk = items[s:s + batch_size]
-            B = len(chunk)
-            crops = torch.empty((B, C, Lr, Lc), dtype=x.dtype, device=x.device)
-            for b, (i, j) in enumerate(chunk):
-                rc, cc = rows[i], cols[j]
-                crops[b] = x[0, :, rc.x0:rc.x0 + Lr, cc.x0:cc.x0 + Lc]
-                r0, r1 = wr[i]
-                c0, c1 = wc[j]
-                crops[b, :, r0 - rc.x0:r1 - rc.x0, c0 - cc.x0:c1 - cc.x0] = baseline[0, :, r0:r1, c0:c1]
-            part = plan.prefix(crops)
-            if part.shape[2] < er1 or part.shape[3] < ec1:
+    for s in range(0, len(items), batch_size):
+        chunk = items[s:s + batch_size]
+        B = len(chunk)
+        crops = torch.empty((B, C, Lr, Lc), dtype=x.dtype, device=x.device)
+        for b, (i, j) in enumerate(chunk):
+            rc, cc = rows[i], cols[j]
+            crops[b] = x[0, :, rc.x0:rc.x0 + Lr, cc.x0:cc.x0 + Lc]
+            r0, r1 = wr[i]
+            c0, c1 = wc[j]
+            crops[b, :, r0 - rc.x0:r1 - rc.x0, c0 - cc.x0:c1 - cc.x0] = baseline[0, :, r0:r1, c0:c1]
+        part = plan.prefix(crops)
+        act = cached.expand(B, *cached.shape[1:]).clone()
+        for b, (i, j) in enumerate(chunk):
+            rc, cc = rows[i], cols[j]
+            if rc.p0 + Pr > part.shape[2] or cc.p0 + Pc > part.shape[3]:
                 return None
-            act = cached.expand(B, *cached.shape[1:]).clone()
-            for b, (i, j) in enumerate(chunk):
-                o_r, o_c = rows[i].o0, cols[j].o0
-                act[b, :, o_r:o_r + er1 - er0, o_c:o_c + ec1 - ec0] = part[b, :, er0:er1, ec0:ec1]
-            del part, crops
-            out = plan.rest(act)
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            scores = out[:, target]
-            for b, (i, j) in enumerate(chunk):
-                diffs[i, j] = base - scores[b]
-            del act, out
-    del tgt
+            act[b, :, rc.o0:rc.o0 + Pr, cc.o0:cc.o0 + Pc] = part[b, :, rc.p0:rc.p0 + Pr, cc.p0:cc.p0 + Pc]
+        del part, crops
+        out = plan.rest(act)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        d = base - out[:, target].float()
+        for b, (i, j) in enumerate(chunk):
+            diffs[i, j] = d[b]
+        del act, out
     return diffs
 
 

@@ -19,13 +19,12 @@ The layout is documented in ``docs/maps.md``.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -44,6 +43,7 @@ __all__ = [
     "PCAResult",
     "PCAAccumulator",
     "fit_pca",
+    "choose_pca_solver",
     "check_finite",
     "clamp_perplexity",
     "TSNEResult",
@@ -55,6 +55,7 @@ __all__ = [
     "build_map",
     "read_coords",
     "resolve_map",
+    "config_dict",
 ]
 
 log = logging.getLogger(__name__)

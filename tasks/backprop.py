@@ -7,8 +7,10 @@
   forward mask is ignored; max-pool "switches" are the ordinary max-pool backward; transposed filters are the
   ordinary conv backward).
 
-These are exactly Captum's ``GuidedBackprop`` / ``Deconvolution`` rules (which hook ``nn.ReLU`` modules only;
-functional ``F.relu`` calls are not overridden in either). In-place ReLUs are handled: the hook gives the
+On ``nn.ReLU`` these are exactly Captum's ``GuidedBackprop`` / ``Deconvolution`` rules. Beyond Captum, the
+same rules are applied to ``nn.ReLU6`` (MobileNetV2): Captum leaves ReLU6 alone, so on MobileNetV2 its guided
+backprop / deconvnet silently equal the plain gradient. Functional ``F.relu`` calls are not overridden
+(neither by Captum). In-place ReLUs are handled: the hook gives the
 module a copy, so the tensor the rule reads is never modified.
 """
 
@@ -40,6 +42,29 @@ class _GuidedReLU(torch.autograd.Function):
         return grad.clamp(min=0) * (out > 0).to(grad.dtype)
 
 
+class _GuidedReLU6(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        out = x.clamp(0, 6)
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad.clamp(min=0) * ((x > 0) & (x < 6)).to(grad.dtype)
+
+
+class _DeconvReLU6(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clamp(0, 6)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clamp(min=0)
+
+
 class _DeconvReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -51,13 +76,14 @@ class _DeconvReLU(torch.autograd.Function):
 
 
 def relu_rule(model: nn.Module, rule: str):
-    """Context manager: inside it every ``nn.ReLU`` of ``model`` backpropagates with ``rule``."""
+    """Context manager: inside it every ``nn.ReLU`` / ``nn.ReLU6`` of ``model`` backpropagates with ``rule``."""
     if rule not in RULES:
         raise ValueError(f"unknown backprop rule {rule!r}; use one of {', '.join(RULES)}")
     if rule == "plain":
         return nullcontext(0)
-    fn = _GuidedReLU if rule == "guided" else _DeconvReLU
-    return override_outputs(model, lambda m: isinstance(m, nn.ReLU), lambda _m, x: fn.apply(x))
+    fns = {nn.ReLU: _GuidedReLU if rule == "guided" else _DeconvReLU,
+           nn.ReLU6: _GuidedReLU6 if rule == "guided" else _DeconvReLU6}
+    return override_outputs(model, lambda m: type(m) in fns, lambda m, x: fns[type(m)].apply(x))
 
 
 def input_gradients(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, rule: str = "plain",

@@ -133,3 +133,14 @@ def test_saliency_to_mask_threshold_and_grabcut():
     assert inside > 0.9 and outside < 0.05
     with pytest.raises(ValueError, match="image"):
         saliency_to_mask(sal, "grabcut")
+
+
+def test_rules_also_apply_to_relu6():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU6(inplace=True), nn.Conv2d(6, 6, 3, padding=1),
+                      nn.ReLU6(), nn.Flatten(), nn.Linear(6 * 8 * 8, 3)).eval()
+    x = torch.randn(2, 3, 8, 8) * 3
+    t = torch.tensor([0, 2])
+    plain = S.vanilla_gradient(m, x, t, abs=False)
+    g, d = S.guided_backprop(m, x, t), S.deconvnet(m, x, t)
+    assert not torch.allclose(g, plain) and not torch.allclose(d, plain) and not torch.allclose(g, d)

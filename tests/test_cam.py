@@ -38,7 +38,7 @@ def close(a, ref):
 def test_matches_pytorch_grad_cam(arch, layer):
     torch.manual_seed(0)
     m = getattr(torchvision.models, arch)(weights=None).eval()
-    x = torch.randn(3, 3, 64, 72)
+    x = torch.randn(3, 3, 64, 72) if arch == "resnet18" else torch.randn(3, 3, 128, 136)  # AlexNet: 3x3 maps
     t = torch.tensor([3, 0, 9])
     close(grad_cam(m, x, t, layer, batch_size=2), reference(m, x, t, layer))
 

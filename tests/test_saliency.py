@@ -57,7 +57,7 @@ def test_saliency(case):
     close(S.vanilla_gradient(m, x, t, batch_size=2), Saliency(m).attribute(x, target=t))
     close(S.vanilla_gradient(m, x, t, abs=False), Saliency(m).attribute(x, target=t, abs=False))
     simonyan = S.vanilla_gradient(m, x, t, reduce="max")
-    assert simonyan.shape == (3, x.shape[2], x.shape[3])
+    assert simonyan.shape == (x.shape[0], x.shape[2], x.shape[3])
     close(simonyan, Saliency(m).attribute(x, target=t).amax(dim=1))
 
 

@@ -1,0 +1,68 @@
+"""Conv+BN folding used by the extraction fast path: same maths, names kept, hooked layer untouched."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+from tasks.features import CPU_MICRO_BATCH, _forward_batch, prepare_module
+from tasks.hooks import LayerRef, capture
+from tasks.models import fold_conv_bn
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    m = torchvision.models.mobilenet_v2(num_classes=10)
+    # non-trivial running statistics, so a missing fold would show
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.2, 0.2)
+    return m.eval()
+
+
+def test_fold_equals_unfolded_and_keeps_names():
+    m = _model()
+    f = fold_conv_bn(m)
+    x = torch.rand(3, 3, 96, 96)
+    with torch.inference_mode():
+        a, b = m(x), f(x)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+    assert set(dict(m.named_modules())) == set(dict(f.named_modules()))
+    assert not any(isinstance(mod, nn.BatchNorm2d) for mod in f.modules())
+    assert any(isinstance(mod, nn.BatchNorm2d) for mod in m.modules()), "the original must not be changed"
+
+
+def test_hooked_conv_keeps_its_pre_bn_output():
+    m = _model()
+    ref = LayerRef(alias="features.1.conv.1", name="features.1.conv.1")  # a conv followed by a BN in its Sequential
+    assert isinstance(dict(m.named_modules())[ref.name], nn.Conv2d)
+    f = prepare_module(m, torch.device("cpu"), ref)
+    assert isinstance(dict(f.named_modules())["features.1.conv.2"], nn.BatchNorm2d)
+    assert isinstance(dict(f.named_modules())["features.2.conv.3"], nn.Identity)  # others folded
+    x = torch.rand(2, 3, 64, 64)
+    with capture(m, ref) as acts, torch.inference_mode():
+        m(x)
+        want = acts[ref.alias].clone()
+    with capture(f, ref) as acts, torch.inference_mode():
+        f(x.contiguous(memory_format=torch.channels_last))
+        got = acts[ref.alias].clone()
+    assert torch.allclose(want, got, atol=1e-5)
+
+
+def test_micro_batched_forward_equals_one_pass():
+    m = _model()
+    ref = LayerRef(alias="penultimate", name="classifier.1", side="input")
+    f = prepare_module(m, torch.device("cpu"), ref)
+    n = CPU_MICRO_BATCH * 2 + 3  # chunks that don't divide the batch
+    x = torch.rand(n, 3, 64, 64)
+    feats, preds, probs = _forward_batch(f, x, ref, "avg", torch.device("cpu"), True)
+    with capture(m, ref) as acts, torch.inference_mode():
+        out = m(x)
+        want = acts[ref.alias]
+    assert feats.shape == (n, 1280) and preds.shape == (n, 5) and probs.shape == (n, 5)
+    assert torch.allclose(torch.from_numpy(feats), want, rtol=1e-4, atol=1e-5)
+    assert (torch.from_numpy(preds[:, 0]).long() == out.argmax(1)).all()

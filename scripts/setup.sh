@@ -19,7 +19,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 extras="dask,timm,s3"
 [ "$mode" = "test" ] && extras="test,$extras"
-stamp=".venv/.convlens-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-${extras//,/_}"
+key="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+stamp=".venv/.convlens-$key-${extras//,/_}"
+# A test install is a superset of the run install: `make demo` after `make test` installs nothing.
+if [ "$mode" != "test" ] && [ -f ".venv/.convlens-$key-test_${extras//,/_}" ]; then
+  stamp=".venv/.convlens-$key-test_${extras//,/_}"
+fi
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing convlens[$extras] (torch 2.14.1 / torchvision 0.29.1; first time takes a few minutes)"
   .venv/bin/python -m pip install -q --upgrade pip

@@ -7,6 +7,7 @@ the old file or the new one, never a torn one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ __all__ = [
     "sha256_file",
     "sha256_stream",
     "TMP_PREFIX",
+    "raise_if_disk_full",
 ]
 
 TMP_PREFIX = ".tmp-"
@@ -61,22 +63,43 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def raise_if_disk_full(exc: BaseException, path: str | os.PathLike[str]) -> None:
+    """Re-raise an out-of-space ``OSError`` as :class:`~storage.errors.DiskFullError` saying what happened."""
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+        from storage.errors import DiskFullError
+
+        raise DiskFullError(
+            f"disk full while writing {path} ({exc.strerror or exc}): the write was abandoned and its temp file "
+            "removed; the previously published manifest and its files are intact. Free space on that "
+            "filesystem and rerun (finished work is resumed)"
+        ) from exc
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp + fsync + replace). The temp file is removed on error."""
+    """Write ``data`` to ``path`` atomically (temp + fsync + replace). The temp file is removed on error;
+    running out of space raises :class:`~storage.errors.DiskFullError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    except OSError as exc:
+        raise_if_disk_full(exc, path)
+        raise
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        raise_if_disk_full(exc, path)
         raise
     fsync_dir(path.parent)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConvlensError", "StoreError", "ChecksumError", "LockedError", "QualityGateError"]
+__all__ = ["ConvlensError", "StoreError", "ChecksumError", "LockedError", "DiskFullError", "QualityGateError"]
 
 
 class ConvlensError(Exception):
@@ -19,6 +19,10 @@ class ChecksumError(StoreError):
 
 class LockedError(StoreError):
     """Another writer holds the artefact's lock."""
+
+
+class DiskFullError(StoreError):
+    """A write ran out of space (ENOSPC / EDQUOT); the temp file was removed and nothing was published."""
 
 
 class QualityGateError(ConvlensError):

@@ -8,6 +8,7 @@ anything else is refused.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -26,6 +27,7 @@ __all__ = [
     "write_manifest",
     "file_entry",
     "safe_member",
+    "manifest_digest",
     "verify_files",
     "library_versions",
     "utc_now",
@@ -59,13 +61,27 @@ def library_versions() -> dict[str, str]:
 
 
 def safe_member(artefact_dir: str | os.PathLike[str], name: str) -> Path:
-    """Resolve a manifest-listed file name inside ``artefact_dir``; refuse anything that escapes it."""
+    """Resolve a manifest-listed file name inside ``artefact_dir``; refuse anything that escapes it
+    (a path with separators or ``..``, or a symlink, which could point anywhere)."""
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
         raise StoreError(
             f"manifest in {artefact_dir} lists {name!r}, which is not a plain file name inside the artefact; "
             "the manifest is corrupt or hostile — delete the artefact and rebuild it"
         )
-    return Path(artefact_dir) / name
+    path = Path(artefact_dir) / name
+    if path.is_symlink():
+        raise StoreError(
+            f"{path} is a symlink (to {os.readlink(path)!r}); artefact files must be regular files inside the "
+            "artefact directory — the store was tampered with: delete the artefact and rebuild it"
+        )
+    return path
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of a manifest's canonical JSON (sorted keys, compact), excluding ``manifest_sha256`` itself."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    canonical = json.dumps(json.loads(json.dumps(body, default=str)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def file_entry(artefact_dir: str | os.PathLike[str], name: str, **extra: Any) -> dict[str, Any]:
@@ -83,6 +99,8 @@ def write_manifest(artefact_dir: str | os.PathLike[str], manifest: dict[str, Any
     out.setdefault("created", utc_now())
     for entry in out.get("files", []):
         safe_member(artefact_dir, entry["name"])
+    out.pop("manifest_sha256", None)
+    out["manifest_sha256"] = manifest_digest(out)
     atomic_write_json(Path(artefact_dir) / MANIFEST_NAME, out)
     return out
 
@@ -91,7 +109,8 @@ def read_manifest(artefact_dir: str | os.PathLike[str], verify: bool = False) ->
     """Read an artefact's manifest; with ``verify`` check every listed file's sha256.
 
     Raises :class:`StoreError` if there is no manifest (the artefact was never published) and
-    :class:`ChecksumError` naming the file on a mismatch.
+    :class:`ChecksumError` naming the file on a mismatch. A manifest carrying ``manifest_sha256`` (all written
+    by :func:`write_manifest`) is checked against its own content, so an edited or torn manifest is refused.
     """
     path = Path(artefact_dir) / MANIFEST_NAME
     try:
@@ -100,12 +119,22 @@ def read_manifest(artefact_dir: str | os.PathLike[str], verify: bool = False) ->
         raise StoreError(f"no manifest in {artefact_dir}: this artefact was never published (run the stage first)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise StoreError(f"manifest {path} is not valid JSON ({exc}); delete the artefact and rebuild it") from None
+    if not isinstance(manifest, dict):
+        raise StoreError(f"manifest {path} is not a JSON object; delete the artefact and rebuild it")
     if manifest.get("schema_version", 0) > SCHEMA_VERSION:
         raise StoreError(
             f"{path} has schema version {manifest.get('schema_version')}, newer than this convlens "
             f"({SCHEMA_VERSION}); upgrade convlens"
         )
+    stated = manifest.get("manifest_sha256")
+    if stated is not None and stated != manifest_digest(manifest):
+        raise ChecksumError(
+            f"checksum mismatch for {path}: its content does not match its manifest_sha256; the manifest was "
+            "edited or corrupted — rebuild the artefact (`convlens verify --store ...` checks a whole store)"
+        )
     for entry in manifest.get("files", []):
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise StoreError(f"manifest {path} has a malformed file entry {entry!r}; delete the artefact and rebuild it")
         safe_member(artefact_dir, entry["name"])
     if verify:
         verify_files(artefact_dir, manifest)

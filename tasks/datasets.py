@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.atomic import atomic_write_bytes, sha256_stream
-from tasks.images import EXTENSION_FORMATS, UNSUPPORTED_IMAGE_EXTENSIONS
+from tasks.images import EXTENSION_FORMATS, UNSUPPORTED_IMAGE_EXTENSIONS, os_error_reason
 
 __all__ = [
     "ImageRecord",
@@ -203,7 +203,8 @@ def _list_table(list_path: Path, root: Path | None, allow_outside: bool) -> tupl
         try:
             resolved = full.resolve(strict=False)
         except (OSError, RuntimeError) as exc:  # symlink loop
-            rejects.append(Reject(display_path(raw), "unreadable", str(exc)))
+            reason = os_error_reason(exc) if isinstance(exc, OSError) else "symlink-loop"
+            rejects.append(Reject(display_path(raw), reason, str(exc)))
             continue
         inside = resolved == base or base in resolved.parents
         if not inside and not allow_outside:
@@ -293,7 +294,7 @@ def _hash_one(rec: ImageRecord, cache: dict[str, tuple[int, int, str]]) -> tuple
     try:
         st = os.stat(rec.src)
     except OSError as exc:
-        return rec, Reject(rec.path, "unreadable", exc.strerror or str(exc)), False
+        return rec, Reject(rec.path, os_error_reason(exc), exc.strerror or str(exc)), False
     if stat.S_ISDIR(st.st_mode):
         return rec, Reject(rec.path, "not-a-file", "is a directory"), False
     if not stat.S_ISREG(st.st_mode):
@@ -309,7 +310,7 @@ def _hash_one(rec: ImageRecord, cache: dict[str, tuple[int, int, str]]) -> tuple
         with open(rec.src, "rb") as fh:
             rec.image_id = sha256_stream(fh)
     except OSError as exc:
-        return rec, Reject(rec.path, "unreadable", exc.strerror or str(exc)), False
+        return rec, Reject(rec.path, os_error_reason(exc), exc.strerror or str(exc)), False
     return rec, None, False
 
 
@@ -318,7 +319,7 @@ def _stat_local(rec: ImageRecord, cache: dict[str, tuple[int, int, str]]) -> tup
     try:
         st = os.stat(rec.src)
     except OSError as exc:
-        return Reject(rec.path, "unreadable", exc.strerror or str(exc)), False
+        return Reject(rec.path, os_error_reason(exc), exc.strerror or str(exc)), False
     if stat.S_ISDIR(st.st_mode):
         return Reject(rec.path, "not-a-file", "is a directory"), False
     if not stat.S_ISREG(st.st_mode):

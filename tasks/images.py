@@ -6,9 +6,13 @@ alpha (RGBA / LA / palette transparency) composited onto white. Output is a PIL 
 
 from __future__ import annotations
 
+import errno
 import io
+import logging
 import os
+import signal
 import stat
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +28,13 @@ __all__ = [
     "UNSUPPORTED_IMAGE_EXTENSIONS",
     "decode_image",
     "read_file_bytes",
+    "os_error_reason",
+    "run_with_timeout",
+    "DecodeTimeout",
     "to_rgb",
 ]
+
+log = logging.getLogger(__name__)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -59,6 +68,66 @@ class DecodeLimits:
     max_bytes: int = 256 << 20
     min_side: int = 4
     strict_extension: bool = True
+    timeout_s: float | None = 30.0  # per-image decode deadline (seconds); None disables it
+
+
+class DecodeTimeout(Exception):
+    """Raised inside :func:`run_with_timeout` when the deadline passes."""
+
+
+def os_error_reason(exc: OSError) -> str:
+    """A stable reject reason for an ``OSError`` raised while opening / reading an input file."""
+    code = getattr(exc, "errno", None)
+    if code == errno.ELOOP:
+        return "symlink-loop"
+    if code in (errno.EACCES, errno.EPERM) or isinstance(exc, PermissionError):
+        return "permission-denied"
+    if code == errno.ENOENT or isinstance(exc, FileNotFoundError):
+        return "missing"
+    return "unreadable"
+
+
+def run_with_timeout(fn, timeout_s: float | None):
+    """Call ``fn()`` and return its result, or raise :class:`DecodeTimeout` after ``timeout_s`` seconds.
+
+    In a process's main thread (the CLI, DataLoader workers) a ``SIGALRM`` interval timer interrupts the call
+    (PIL decodes in 64 KiB steps, so the alarm lands between steps) unless something else owns ``SIGALRM``.
+    Elsewhere (e.g. a Prefect task thread) ``fn`` runs in a daemon helper thread that is abandoned on timeout:
+    the run moves on and never hangs, but that thread may keep one core busy until its decode ends.
+    """
+    if timeout_s is None or timeout_s <= 0:
+        return fn()
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main and hasattr(signal, "setitimer") and signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        def _alarm(_signum, _frame):
+            raise DecodeTimeout(f"decode took longer than {timeout_s:g}s")
+
+        previous = signal.signal(signal.SIGALRM, _alarm)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, timeout_s)
+            try:
+                return fn()
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:
+            signal.signal(signal.SIGALRM, previous)
+    box: dict[str, object] = {}
+
+    def _target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed back to the caller's thread below
+            box["error"] = exc
+
+    worker = threading.Thread(target=_target, name="convlens-decode", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        log.warning("abandoning a decode that exceeded %ss (its thread finishes in the background)", timeout_s)
+        raise DecodeTimeout(f"decode took longer than {timeout_s:g}s")
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]
 
 
 def read_file_bytes(path: str | os.PathLike[str], limits: DecodeLimits = DecodeLimits()) -> bytes:
@@ -78,23 +147,37 @@ def read_file_bytes(path: str | os.PathLike[str], limits: DecodeLimits = DecodeL
             return fs.cat_file(p)
         except (OSError, ValueError) as exc:
             raise RejectedImage("unreadable", str(exc)[:300]) from None
+    # O_NONBLOCK: opening a FIFO never waits for a writer; fstat on the open descriptor then refuses anything
+    # that is not a regular file, with no window between the check and the read.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        st = os.stat(path)
+        fd = os.open(path, flags)
     except OSError as exc:
-        raise RejectedImage("unreadable", f"{exc.strerror or exc}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise RejectedImage("not-a-file", "is a directory")
-    if not stat.S_ISREG(st.st_mode):
-        raise RejectedImage("not-a-file", "not a regular file (FIFO, socket or device)")
-    if st.st_size == 0:
-        raise RejectedImage("empty-file", "0 bytes")
-    if st.st_size > limits.max_bytes:
-        raise RejectedImage("too-large", f"{st.st_size} bytes > limit {limits.max_bytes}")
+        raise RejectedImage(os_error_reason(exc), f"{exc.strerror or exc}") from None
     try:
-        with open(path, "rb") as fh:
-            return fh.read()
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise RejectedImage("not-a-file", "is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise RejectedImage("not-a-file", "not a regular file (FIFO, socket or device)")
+        if st.st_size == 0:
+            raise RejectedImage("empty-file", "0 bytes")
+        if st.st_size > limits.max_bytes:
+            raise RejectedImage("too-large", f"{st.st_size} bytes > limit {limits.max_bytes}")
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limits.max_bytes:
+                raise RejectedImage("too-large", f"more than {limits.max_bytes} bytes (file grew while reading)")
+            chunks.append(chunk)
+        return b"".join(chunks)
     except OSError as exc:
-        raise RejectedImage("unreadable", f"{exc.strerror or exc}") from None
+        raise RejectedImage(os_error_reason(exc), f"{exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -125,10 +208,17 @@ def decode_image(data: bytes, name: str = "", limits: DecodeLimits = DecodeLimit
     """Decode ``data`` to an RGB PIL image, or raise :class:`RejectedImage`.
 
     Reasons: ``not-an-image``, ``unsupported-format``, ``wrong-extension``, ``decompression-bomb``,
-    ``truncated``, ``corrupt``, ``too-small``.
+    ``truncated``, ``corrupt``, ``too-small``, ``decode-timeout`` (longer than ``limits.timeout_s``).
     """
     if not data:
         raise RejectedImage("empty-file", "0 bytes")
+    try:
+        return run_with_timeout(lambda: _decode(data, name, limits), limits.timeout_s)
+    except DecodeTimeout as exc:
+        raise RejectedImage("decode-timeout", f"{exc}; the file may be hostile or enormous") from None
+
+
+def _decode(data: bytes, name: str, limits: DecodeLimits) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:

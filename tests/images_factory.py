@@ -92,7 +92,7 @@ def write_bad_images(d: Path) -> dict[str, tuple[Path, str]]:
     out["1x1"] = (p, "too-small")
     p = d / "loop.png"
     p.symlink_to(p)
-    out["symlink_loop"] = (p, "unreadable")
+    out["symlink_loop"] = (p, "symlink-loop")
     p = d / "dir_like.jpg"
     p.mkdir()
     out["directory"] = (p, "not-a-file")

@@ -429,6 +429,7 @@ def publish_features(plan: ExtractPlan, new_entries: list[dict[str, Any]], decod
     satisfied: set[str] = set()
     donor: dict[str, tuple[dict[str, Any], int]] = {}
     nonfinite = 0
+    nonzero = False  # quality gate: a feature column that is all zeros carries no information
     for e in candidates:
         try:
             t = read_part(adir, e)
@@ -448,6 +449,7 @@ def publish_features(plan: ExtractPlan, new_entries: list[dict[str, Any]], decod
                 satisfied.add(p)
         feats = t.column("feature").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         nonfinite += int((~np.isfinite(feats.reshape(len(d), -1)[keep])).any(axis=1).sum()) if keep else 0
+        nonzero = nonzero or bool(keep and np.any(feats.reshape(len(d), -1)[keep] != 0))
         if len(keep) == len(d) and t.schema.names == feature_schema(dim, with_preds, extra).names:
             kept.append(e)
         elif keep:
@@ -479,6 +481,7 @@ def publish_features(plan: ExtractPlan, new_entries: list[dict[str, Any]], decod
             row.update({"path": p, "label": r.label, "split": r.split, **{c: None if r.extras.get(c) is None else str(r.extras.get(c)) for c in extra}})
             rows.append(row)
             satisfied.add(p)
+            nonzero = nonzero or any(v != 0 for v in row["feature"])
         kept.append(write_part(adir, pa.Table.from_pylist(rows, schema=feature_schema(dim, with_preds, extra))))
     all_rejects = list(plan.rejects) + list(decode_rejects)
     unextracted = [p for p in desired if p not in satisfied]
@@ -497,6 +500,10 @@ def publish_features(plan: ExtractPlan, new_entries: list[dict[str, Any]], decod
     if nonfinite:
         raise QualityGateError(f"{nonfinite} feature rows contain NaN or Inf; nothing was published. "
                                "Check the model/weights (e.g. fp16 overflow) and rerun")
+    if n_rows and not nonzero:
+        raise QualityGateError(f"all {n_rows} stored feature vectors are exactly zero: the feature column carries no "
+                               "information (a dead layer, e.g. after a ReLU with broken weights, or blank inputs); "
+                               "nothing was published and the previous manifest stays current. Check --weights/--layer")
     if unextracted:
         log.warning("%d listed images have no stored feature (e.g. %s)", len(unextracted), unextracted[0])
     rej_entry = write_part(adir, _rejects_table(all_rejects), prefix="rejects")

@@ -4,7 +4,8 @@
 
 Writes N JPEGs (real photos + digits from the demo set, varied sizes), then times
 (a) a naive loop: PIL open -> torchvision transforms -> model(x[None]) one image at a time, hooked layer;
-(b) ``run_extraction`` (DataLoader decode workers, batched forward, Parquet parts, manifest).
+(b) ``run_extraction`` (DataLoader decode workers, Conv+BN folded, channels_last, micro-batched forward,
+Parquet parts, manifest), and on CPU also (c) the same with ``precision="bf16"`` (opt-in on CPU).
 Prints images/s of both and the ratio. On a GPU also runs with AMP/channels_last (the pipeline's defaults).
 """
 
@@ -65,7 +66,8 @@ def naive(paths: list[Path], model_name: str, device: str) -> float:
     return len(paths) / (time.perf_counter() - t0)
 
 
-def pipeline(paths: list[Path], model_name: str, device: str, batch_size: int, workers: int | None) -> float:
+def pipeline(paths: list[Path], model_name: str, device: str, batch_size: int, workers: int | None,
+             precision: str = "auto") -> float:
     from tasks.features import ExtractConfig, run_extraction
 
     store = Path(tempfile.mkdtemp(prefix="convlens-bench-store-"))
@@ -73,7 +75,8 @@ def pipeline(paths: list[Path], model_name: str, device: str, batch_size: int, w
         t0 = time.perf_counter()
         m = run_extraction(ExtractConfig(data=str(paths[0].parent), store=str(store), model=model_name,
                                          weights="imagenet" if model_name == "mobilenet_v2" else "none",
-                                         device=device, batch_size=batch_size, num_workers=workers, progress=False))
+                                         device=device, batch_size=batch_size, num_workers=workers,
+                                         precision=precision, progress=False))
         dt = time.perf_counter() - t0
         if m["rows"] != len(paths):
             raise SystemExit(f"pipeline stored {m['rows']} rows for {len(paths)} images")
@@ -90,6 +93,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--num-workers", type=int, default=None)
     ap.add_argument("--naive-n", type=int, default=None, help="images for the naive loop (default: same N)")
+    ap.add_argument("--no-bf16", action="store_true", help="skip the CPU --precision bf16 run")
     a = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="convlens-bench-"))
     try:
@@ -97,11 +101,17 @@ def main() -> None:
         dev = "cuda" if a.device == "auto" and torch.cuda.is_available() else (a.device if a.device != "auto" else "cpu")
         naive_rate = naive(paths[: a.naive_n or a.n], a.model, dev)
         pipe_rate = pipeline(paths, a.model, dev, a.batch_size, a.num_workers)
+        bf16_rate = None
+        if not dev.startswith("cuda") and not a.no_bf16:
+            bf16_rate = pipeline(paths, a.model, dev, a.batch_size, a.num_workers, precision="bf16")
         name = torch.cuda.get_device_name() if dev.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"
         print(f"device: {name}; model {a.model}; {a.n} JPEGs (200-500 px) end to end from files")
         print(f"naive per-image loop : {naive_rate:8.1f} img/s")
         print(f"convlens extract     : {pipe_rate:8.1f} img/s   (batch {a.batch_size}, end to end incl. listing, hashing, Parquet, manifest)")
         print(f"ratio                : {pipe_rate / naive_rate:8.2f}x")
+        if bf16_rate is not None:
+            print(f"convlens --precision bf16: {bf16_rate:8.1f} img/s   ratio {bf16_rate / naive_rate:.2f}x "
+                  "(opt-in on CPU: bf16 autocast, features stored float32, ~1e-2 relative difference)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

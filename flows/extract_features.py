@@ -30,7 +30,7 @@ def extract_features(data: str, store: str = "convlens-store", model: str = "mob
                      root: str | None = None, allow_outside_root: bool = False, strict_extension: bool = True,
                      weights_prefix: str | None = None, resize: int | None = None, crop: int | None = None,
                      mean: list[float] | None = None, std: list[float] | None = None,
-                     interpolation: str | None = None, part_rows: int | None = None) -> dict[str, Any]:
+                     interpolation: str | None = None, precision: str = "auto", part_rows: int | None = None) -> dict[str, Any]:
     """Extract features of DATA into STORE; returns a small summary (artefact id, rows, rejects, timings)."""
     cfg = ExtractConfig(data=data, store=store, model=model, weights=weights, layer=layer, pool=pool,
                         batch_size=batch_size, device=device, num_workers=num_workers,
@@ -38,7 +38,7 @@ def extract_features(data: str, store: str = "convlens-store", model: str = "mob
                         allow_outside_root=allow_outside_root, strict_extension=strict_extension,
                         weights_prefix=weights_prefix, resize=resize, crop=crop,
                         mean=tuple(mean) if mean else None, std=tuple(std) if std else None,
-                        interpolation=interpolation, part_rows=part_rows, progress=False)
+                        interpolation=interpolation, part_rows=part_rows, precision=precision, progress=False)
     manifest = extract_task(cfg)
     summary = summarise(manifest)
     get_run_logger().info("published %(artefact_id)s: %(rows)d rows, %(rejects)d rejects, %(extracted)d extracted", summary)
@@ -65,6 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader decode workers")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="forward precision: auto = bf16 autocast on CUDA, fp32 on CPU (features stored float32)")
     p.add_argument("--part-rows", type=int, default=None,
                    help="rows per Parquet part (default: about 64 MB of features); smaller parts resume finer after a crash")
     p.add_argument("--max-reject-rate", type=float, default=0.2, help="fail (publish nothing) above this reject rate")
@@ -95,7 +97,7 @@ def config_from_args(a: argparse.Namespace) -> ExtractConfig:
                          max_reject_rate=a.max_reject_rate, seed=a.seed, root=a.root,
                          allow_outside_root=a.allow_outside_root, strict_extension=not a.allow_extension_mismatch,
                          weights_prefix=a.weights_prefix, resize=a.resize, crop=a.crop, mean=a.mean, std=a.std,
-                         interpolation=a.interpolation, part_rows=a.part_rows, progress=True)
+                         interpolation=a.interpolation, part_rows=a.part_rows, precision=a.precision, progress=True)
 
 
 def _cli(args: argparse.Namespace) -> int:
@@ -110,6 +112,7 @@ def _cli(args: argparse.Namespace) -> int:
         strict_extension=cfg.strict_extension, weights_prefix=cfg.weights_prefix, resize=cfg.resize, crop=cfg.crop,
         mean=list(cfg.mean) if cfg.mean else None, std=list(cfg.std) if cfg.std else None, interpolation=cfg.interpolation,
         part_rows=cfg.part_rows,
+        precision=cfg.precision,
     )
     emit(result, args.json, (
         f"features {result['artefact_id']}: {result['rows']} rows (D={result['dim']}, layer {result['layer']}), "

@@ -40,6 +40,7 @@ from tasks.images import DecodeLimits, RejectedImage, decode_image, read_file_by
 from tasks.models import LoadedModel, Preprocess, apply_preprocess_overrides, load_model
 
 __all__ = [
+    "resolve_precision",
     "ExtractConfig",
     "ExtractPlan",
     "plan_extraction",
@@ -82,6 +83,7 @@ class ExtractConfig:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     interpolation: str | None = None
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16; features are stored float32
     progress: bool = True
 
     def validate(self) -> None:
@@ -89,12 +91,22 @@ class ExtractConfig:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.max_reject_rate <= 1.0:
             raise ValueError(f"--max-reject-rate must be in [0, 1], got {self.max_reject_rate}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.pool not in ("avg", "max", "none"):
             raise ValueError(f"--pool must be avg, max or none, got {self.pool!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device} asked for but no CUDA device is available; use --device cpu")
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """``auto`` -> ``bf16`` (autocast) on CUDA, ``fp32`` on CPU; explicit values pass through."""
+    if precision != "auto":
+        return precision
+    dev = pick_device(device) if isinstance(device, str) else device
+    return "bf16" if dev.type == "cuda" else "fp32"
 
 
 def pick_device(device: str) -> torch.device:
@@ -206,6 +218,9 @@ def plan_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> tuple[
         "dataset_root": str(root), "model": {k: v for k, v in lm.spec.items() if k != "weights_source"},
         "layer": ref.name, "side": ref.side, "pool": cfg.pool, "preprocess": lm.preprocess.to_dict(),
     }
+    if resolve_precision(cfg.precision, cfg.device) == "bf16":
+        # bf16 features differ from fp32 ones (~1e-2 relative): never mixed into one artefact
+        key["compute"] = "bf16"
     root_name = root.name if isinstance(root, Path) else str(root).rstrip("/").rsplit("/", 1)[-1]
     aid = artefact_id(f"{root_name}-{str(lm.spec.get('arch', 'model')).replace(':', '-')}-{ref.alias}", key)
     adir = store.artefact_dir("features", aid)
@@ -233,6 +248,8 @@ def plan_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> tuple[
             okey = {"model": {k: v for k, v in om.get("model", {}).items() if k not in ("weights_source",)},
                     "layer": om["layer"]["name"], "side": om["layer"]["side"], "pool": om.get("pool"),
                     "preprocess": om.get("preprocessing")}
+            if om.get("precision") == "bf16":
+                okey["compute"] = "bf16"
             if json.dumps(okey, sort_keys=True, default=str) != json.dumps(model_key, sort_keys=True, default=str):
                 continue
             odir = store.artefact_dir("features", other_id)
@@ -277,17 +294,19 @@ def prepare_module(module: nn.Module, device: torch.device, ref: LayerRef | None
 
 
 def _forward_batch(module: nn.Module, x: torch.Tensor, ref: LayerRef, pool: str, device: torch.device,
-                   with_preds: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+                   with_preds: bool, precision: str = "auto") -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Features ``(N, D) float32`` (+ top-5 ``(N, 5)`` int32 / float32) of a normalised ``(N,3,H,W)`` batch.
 
-    On CPU the batch runs in :data:`CPU_MICRO_BATCH` chunks; on CUDA in one pass under bf16 autocast.
+    On CPU the batch runs in :data:`CPU_MICRO_BATCH` chunks; on CUDA in one pass. ``precision`` (see
+    :func:`resolve_precision`) picks bf16 autocast or plain fp32; features come out float32 either way.
     """
+    amp = resolve_precision(precision, device) == "bf16"
     if x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     step = CPU_MICRO_BATCH if device.type == "cpu" else max(1, x.shape[0])
     feats_l, preds_l, probs_l = [], [], []
     for s in range(0, x.shape[0], step):
-        f, p, q = _forward_chunk(module, x[s:s + step], ref, pool, device, with_preds)
+        f, p, q = _forward_chunk(module, x[s:s + step], ref, pool, device, with_preds, amp)
         feats_l.append(f)
         if p is not None:
             preds_l.append(p)
@@ -299,8 +318,7 @@ def _forward_batch(module: nn.Module, x: torch.Tensor, ref: LayerRef, pool: str,
 
 
 def _forward_chunk(module: nn.Module, x: torch.Tensor, ref: LayerRef, pool: str, device: torch.device,
-                   with_preds: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    amp = device.type == "cuda"
+                   with_preds: bool, amp: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     with capture(module, ref) as acts, torch.inference_mode():
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             out = module(x)
@@ -315,12 +333,12 @@ def _forward_chunk(module: nn.Module, x: torch.Tensor, ref: LayerRef, pool: str,
 
 
 def embed_images(lm: LoadedModel, images: Sequence, ref: LayerRef, pool: str = "avg",
-                 device: str = "cpu") -> np.ndarray:
+                 device: str = "cpu", precision: str = "auto") -> np.ndarray:
     """Features of PIL RGB images with the model's own preprocessing: ``(N, D) float32``."""
     dev = pick_device(device)
     module = prepare_module(lm.module, dev, ref)
     x = torch.stack([preprocess_uint8(im, lm.preprocess) for im in images]).to(dev)
-    feats, _, _ = _forward_batch(module, normalise(x, lm.preprocess), ref, pool, dev, False)
+    feats, _, _ = _forward_batch(module, normalise(x, lm.preprocess), ref, pool, dev, False, precision)
     return feats
 
 
@@ -365,7 +383,7 @@ def extract_records(plan: ExtractPlan, lm: LoadedModel, records: list[ImageRecor
                 rejects.append(Reject(records[i].path, reason, detail))
             if batch is not None:
                 x = normalise(batch.to(device, non_blocking=True), plan.preprocess)
-                feats, preds, probs = _forward_batch(module, x, plan.layer, cfg.pool, device, with_preds)
+                feats, preds, probs = _forward_batch(module, x, plan.layer, cfg.pool, device, with_preds, cfg.precision)
                 if writer is None:
                     dim = feats.shape[1]
                     part_rows = cfg.part_rows or max(256, min(65536, (64 << 20) // (4 * dim)))
@@ -524,6 +542,7 @@ def publish_features(plan: ExtractPlan, new_entries: list[dict[str, Any]], decod
         "model": plan.model_spec,
         "layer": {"alias": plan.layer.alias, "name": plan.layer.name, "side": plan.layer.side},
         "pool": cfg.pool,
+        "precision": resolve_precision(cfg.precision, cfg.device),
         "preprocessing": plan.preprocess.to_dict(),
         "dim": int(dim) if dim else 0,
         "with_preds": bool(with_preds),

@@ -221,7 +221,8 @@ def embed_image_file(oi: OpenIndex, file: str | Path, weights: str | None = None
                                                pre.get("interpolation", "bilinear")))
     layer = oi.fmanifest["layer"]
     ref = LayerRef(layer["alias"], layer["name"], layer.get("side", "output"))
-    return embed_images(lm, [img], ref, oi.fmanifest.get("pool", "avg"), device)
+    return embed_images(lm, [img], ref, oi.fmanifest.get("pool", "avg"), device,
+                        oi.fmanifest.get("precision", "auto"))
 
 
 def query_vectors(oi: OpenIndex, vecs: np.ndarray, k: int, exclude_rows: list[int] | None = None) -> list[pd.DataFrame]:

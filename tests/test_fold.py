@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torchvision
 from torch import nn
@@ -66,3 +67,24 @@ def test_micro_batched_forward_equals_one_pass():
     assert feats.shape == (n, 1280) and preds.shape == (n, 5) and probs.shape == (n, 5)
     assert torch.allclose(torch.from_numpy(feats), want, rtol=1e-4, atol=1e-5)
     assert (torch.from_numpy(preds[:, 0]).long() == out.argmax(1)).all()
+
+
+def test_bf16_precision_is_a_separate_artefact_and_recorded(tmp_path):
+    from conftest import make_color_dataset
+    from tasks.features import ExtractConfig, run_extraction
+    from storage.features import load_features
+    from storage.paths import Store
+
+    data = make_color_dataset(tmp_path / "d", per_class=2, splits=("",))
+    common = dict(data=str(data), store=str(tmp_path / "s"), model="resnet18", weights="none", progress=False)
+    m32 = run_extraction(ExtractConfig(**common))
+    m16 = run_extraction(ExtractConfig(**common, precision="bf16"))
+    assert m32["precision"] == "fp32" and m16["precision"] == "bf16"
+    assert m32["artefact_id"] != m16["artefact_id"]
+    assert m16["run"]["extracted"] == m16["rows"] == 6  # nothing reused from the fp32 artefact
+    st = Store(tmp_path / "s")
+    _, f32 = load_features(st.artefact_dir("features", m32["artefact_id"]), m32)
+    _, f16 = load_features(st.artefact_dir("features", m16["artefact_id"]), m16)
+    assert f16.dtype == np.float32
+    assert not np.array_equal(f32, f16)
+    assert np.allclose(f32, f16, rtol=0.1, atol=0.05 * np.abs(f32).max())

@@ -86,8 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM turned into an exception so ``finally`` blocks run (locks released, temp files removed)."""
+
+
+def _on_sigterm(signum: int, _frame: Any) -> None:
+    raise _Terminated(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        # Under Prefect, the flow engine installs its own SIGTERM bridge for the run (marks it CRASHED) and
+        # then re-delivers the signal here; either way the run unwinds cleanly instead of dying mid-write.
+        signal.signal(signal.SIGTERM, _on_sigterm)
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
@@ -102,9 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConvlensError, ValueError, FileNotFoundError) as exc:
         print(f"convlens {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"convlens {args.command}: interrupted; the last published output is intact, rerun to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
+        print(f"convlens {args.command}: {what}; the last published output is intact, rerun to resume", file=sys.stderr)
+        return 143 if isinstance(exc, _Terminated) else 130
     return int(result or 0)
 
 

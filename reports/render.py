@@ -28,6 +28,9 @@ import pandas as pd
 
 from reports.figures import PALETTE, clean_text, pca2, safe_json, thumbnail
 from reports.sections import core, stored
+from reports.sections.attribution import attribution_view, fmt_auc
+from reports.sections.findings import findings_view
+from reports.sections.neurons import neuron_view
 from storage.atomic import atomic_write_bytes
 from storage.errors import StoreError
 from storage.features import load_features, part_entries, read_part
@@ -322,12 +325,13 @@ def build_report(store: str | Path, features_id: str | None = None, compare: str
     # other stages' artefacts
     t1 = time.perf_counter()
     maps = stored.maps_data(s, fid, n)
-    audit_cards = stored.cards_for(s, "audits", fid, path_rows, needed, select=_is_dataset_audit)
-    attr_cards = stored.cards_for(s, "audits", fid, path_rows, needed, select=_is_attribution)
-    _sort_attribution(attr_cards)
+    audit_cards = _views(s, "audits", fid, path_rows, needed, findings_view, select=_is_dataset_audit)
+    attr_cards = _views(s, "audits", fid, path_rows, needed, attribution_view, select=_is_attribution)
+    _sort_attribution([c for c in attr_cards if c["view"] == "card"])
     arch = (fman.get("model") or {}).get("arch")
-    neuron_cards = stored.cards_for(s, "neurons", fid, path_rows, needed, include_unrelated=True, limit=40,
-                                    select=lambda m: _same_model(m, fid, arch))
+    neuron_cards = _views(s, "neurons", fid, path_rows, needed, neuron_view, include_unrelated=True, limit=40,
+                          select=lambda m: _same_model(m, fid, arch))
+    neuron_cards.sort(key=lambda c: c.get("order", 99))
     flags = _audit_flags(audit_cards, s, fid, path_rows)
     timings["stored artefacts"] = time.perf_counter() - t1
 
@@ -423,6 +427,23 @@ def _same_model(m: dict[str, Any], fid: str, arch: str | None) -> bool:
     return bool(arch) and arch in src
 
 
+def _views(s: Store, kind: str, fid: str, path_rows: dict[str, int], needed: set[int], build: Callable[..., Any],
+           **kw: Any) -> list[dict[str, Any]]:
+    """Curated views (``build(aid, manifest, dir, path_rows, needed)``) of the artefacts of ``kind`` built from
+    ``fid``; an artefact ``build`` does not understand (returns None) falls back to the generic card. Each item
+    has ``view``: the builder's name without ``_view``, or ``card``."""
+    out = []
+    name = build.__name__.removesuffix("_view")
+    for aid, m, adir in stored.artefacts_for(s, kind, fid, **kw):
+        v = build(aid, m, adir, path_rows, needed)
+        if v is None:
+            v = dict(stored.artefact_card(aid, m, adir, path_rows, needed), view="card")
+        else:
+            v["view"] = name
+        out.append(v)
+    return out
+
+
 def _sort_attribution(cards: list[dict[str, Any]]) -> None:
     """Worst-explained first: tables with a deletion/insertion AUC column are sorted in place."""
     for card in cards:
@@ -482,6 +503,7 @@ def render_html(ctx: dict[str, Any]) -> str:
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["pct"] = lambda v: "—" if v is None else f"{100 * float(v):.1f}%"
     env.filters["num"] = lambda v, d=3: "—" if v is None else f"{float(v):.{d}f}"
+    env.filters["auc"] = fmt_auc
     template = env.get_template("report.html")
     return template.render(
         **ctx,

@@ -11,6 +11,7 @@ images, table preview) for anything else.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,10 @@ __all__ = [
     "maps_data",
     "artefact_card",
     "cards_for",
+    "artefacts_for",
+    "open_verified_image",
+    "table_preview",
+    "is_hex_id",
 ]
 
 log = logging.getLogger(__name__)
@@ -36,6 +41,23 @@ _IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 _PATH_COLUMNS = ("path", "image_path", "neighbor_path", "path_a", "path_b", "other_path", "query_path",
                  "train_path", "test_path")
 _ROW_COLUMNS = ("row", "neighbor_row", "row_a", "row_b")
+_HEX_ID = re.compile(r"^[0-9a-f]{32,64}$")
+
+
+def is_hex_id(v: Any) -> bool:
+    """Whether ``v`` is a content hash / image id (32-64 lowercase hex digits): never shown as cell text."""
+    return isinstance(v, str) and bool(_HEX_ID.match(v))
+
+
+def _id_column_target(col: str, cols: list[str]) -> str | None:
+    """The path column that carries ``col``'s id as a hover title (``image_id`` -> ``path``, ``other_image_id`` -> ``other_path``)."""
+    if not col.endswith("image_id"):
+        return None
+    prefix = col[: -len("image_id")]
+    for cand in (prefix + "path", prefix + "image_path", "path"):
+        if cand in cols:
+            return cand
+    return None
 
 
 def _source_ids(manifest: dict[str, Any]) -> set[str]:
@@ -181,19 +203,50 @@ def artefact_card(aid: str, m: dict[str, Any], adir: Path, path_rows: dict[str, 
     return card
 
 
-def _table_preview(df: pd.DataFrame, name: str, path_rows: dict[str, int], needed: set[int], limit: int) -> dict[str, Any]:
-    cols = [c for c in df.columns if not _is_vector(df[c])][:10]
+def open_verified_image(adir: Path, entry: dict[str, Any]):
+    """A manifest-listed image file, sha256-verified, loaded as an RGB PIL image (None if undecodable)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = _verified(adir, entry)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        log.warning("cannot embed %s: %s", path, exc)
+        return None
+
+
+def table_preview(df: pd.DataFrame, name: str, path_rows: dict[str, int], needed: set[int], limit: int = 30,
+                  max_cols: int = 10) -> dict[str, Any]:
+    """First ``limit`` rows of a table for display: vector columns dropped; id columns (64-hex ``*image_id``)
+    are not shown as text but become the hover title of the matching path cell; path cells that name a feature
+    row get its thumbnail (row added to ``needed``)."""
+    all_cols = [str(c) for c in df.columns]
+    id_for = {c: _id_column_target(c, all_cols) for c in all_cols}
+    hidden = {c for c in all_cols if id_for[c] is not None or (c.endswith("_id") and len(df) and is_hex_id(df[c].iloc[0]))}
+    cols = [c for c in all_cols if c not in hidden and not _is_vector(df[c])][:max_cols]
+    titles = {id_for[c]: c for c in all_cols if id_for[c] in cols}
     rows = []
-    for rec in df[cols].head(limit).itertuples(index=False):
+    for rec in df.head(limit).to_dict("records"):
         cells = []
-        for c, v in zip(cols, rec):
-            cell: dict[str, Any] = {"text": clean_text(_fmt(v))}
+        for c in cols:
+            v = rec[c]
+            text = _fmt(v)
+            cell: dict[str, Any] = {"text": clean_text(text[:12] + "…" if is_hex_id(text) else text)}
+            if is_hex_id(text):
+                cell["title"] = text
+            if c in titles and isinstance(rec.get(titles[c]), str):
+                cell["title"] = clean_text(f"{titles[c]} {rec[titles[c]]}")
             if c in _PATH_COLUMNS and isinstance(v, str) and v in path_rows:
                 cell["thumb"] = path_rows[v]
                 needed.add(path_rows[v])
             cells.append(cell)
         rows.append(cells)
     return {"name": clean_text(name), "cols": [clean_text(c) for c in cols], "rows": rows, "n": int(len(df))}
+
+
+_table_preview = table_preview
 
 
 def _is_vector(s: pd.Series) -> bool:
@@ -208,19 +261,20 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def cards_for(store: Store, kind: str, fid: str, path_rows: dict[str, int], needed: set[int],
-              select=None, include_unrelated: bool = False, limit: int = 20) -> list[dict[str, Any]]:
-    """Cards for the artefacts of ``kind`` built from ``fid`` (``select(manifest)`` filters further)."""
+def artefacts_for(store: Store, kind: str, fid: str, select=None, include_unrelated: bool = False,
+                  limit: int = 20) -> list[tuple[str, dict[str, Any], Path]]:
+    """(id, manifest, dir) of the artefacts of ``kind`` built from ``fid`` (``select(manifest)`` filters further),
+    newest first, at most ``limit``."""
     if include_unrelated:
         items = [(aid, m, store.artefact_dir(kind, aid)) for aid, m in store.iter_artefacts(kind)]
         items.sort(key=lambda t: (t[1].get("created", ""), t[0]), reverse=True)
     else:
         items = related_artefacts(store, kind, fid)
-    out = []
-    for aid, m, adir in items:
-        if select is not None and not select(m):
-            continue
-        out.append(artefact_card(aid, m, adir, path_rows, needed))
-        if len(out) >= limit:
-            break
-    return out
+    return [t for t in items if select is None or select(t[1])][:limit]
+
+
+def cards_for(store: Store, kind: str, fid: str, path_rows: dict[str, int], needed: set[int],
+              select=None, include_unrelated: bool = False, limit: int = 20) -> list[dict[str, Any]]:
+    """Generic cards for the artefacts of ``kind`` built from ``fid`` (``select(manifest)`` filters further)."""
+    return [artefact_card(aid, m, adir, path_rows, needed)
+            for aid, m, adir in artefacts_for(store, kind, fid, select, include_unrelated, limit)]

@@ -1,0 +1,130 @@
+"""Dataset-audit findings grouped by kind: near-duplicate clusters, train/test leaks (pairs), likely label
+errors and outliers (single images), each with counts and thumbnails; no hash columns.
+
+Reads a dataset-audit artefact's ``findings`` table (``tasks/dataset_audit.py``: ``finding, rank, score, cluster,
+image_id, path, label, split, other_image_id, other_path, other_label, other_split, suggested_label, detail``);
+tolerates a ``flag`` / ``kind`` column instead of ``finding`` and missing optional columns. Thumbnails are
+feature rows (``<img data-thumb>``, filled lazily by the page); rows shown are added to ``needed``.
+
+Memory: the findings table (bounded by the audit's own limits) + the shown items.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from reports.figures import clean_text
+from reports.sections.stored import read_verified_table, table_preview
+from storage.errors import StoreError
+
+__all__ = ["KIND_ORDER", "findings_view"]
+
+KIND_ORDER = ("leakage", "exact-duplicate", "near-duplicate", "label-disagreement", "outlier")
+_TITLES = {"leakage": "Train/test leaks", "exact-duplicate": "Exact duplicates", "near-duplicate": "Near-duplicate clusters",
+           "label-disagreement": "Likely label errors", "outlier": "Outliers"}
+_EXPLAIN = {
+    "leakage": "a test image whose nearest train image is (nearly) the same picture: test scores are inflated",
+    "exact-duplicate": "byte-identical or identical-feature images",
+    "near-duplicate": "groups of images closer than the duplicate threshold in feature space",
+    "label-disagreement": "the image's labelled kNN neighbours vote for another label",
+    "outlier": "far from everything else (distance to the k-th neighbour, robust z-score)",
+}
+
+
+def _s(v: Any) -> str:
+    if v is None or (isinstance(v, float) and v != v) or v is pd.NA:
+        return ""
+    return clean_text(v)
+
+
+def _img(rec: dict[str, Any], prefix: str, path_rows: dict[str, int], needed: set[int]) -> dict[str, Any]:
+    path = _s(rec.get(prefix + "path"))
+    raw = rec.get(prefix + "path")
+    row = path_rows.get(raw) if isinstance(raw, str) else None
+    if row is not None:
+        needed.add(row)
+    return {"path": path, "row": row, "label": _s(rec.get(prefix + "label")), "split": _s(rec.get(prefix + "split")),
+            "id": _s(rec.get(prefix + "image_id"))}
+
+
+def findings_view(aid: str, m: dict[str, Any], adir: Path, path_rows: dict[str, int], needed: set[int],
+                  per_kind: int = 12, per_cluster: int = 12) -> dict[str, Any] | None:
+    """Template data for one dataset audit, or None when it has no findings table with a kind column."""
+    entries = [e for e in m.get("files", []) if e["name"].endswith(".parquet")]
+    entry = next((e for e in entries if e.get("role") == "findings"), entries[0] if entries else None)
+    if entry is None:
+        return None
+    view: dict[str, Any] = {"id": clean_text(aid), "title": "dataset audit", "error": None, "groups": [], "raw": None,
+                            "params": [(clean_text(k), clean_text(v)) for k, v in (m.get("params") or {}).items()]}
+    try:
+        df = read_verified_table(adir, entry)
+    except StoreError as exc:
+        view["error"] = clean_text(str(exc))
+        return view
+    kcol = next((c for c in ("finding", "flag", "kind", "issue") if c in df.columns), None)
+    if kcol is None or "path" not in df.columns:
+        return None
+    counts = {str(k): int(v) for k, v in (m.get("counts") or {}).items()}
+    for k, v in df[kcol].astype(str).value_counts().items():
+        counts.setdefault(str(k), int(v))
+    kinds = sorted(counts, key=lambda k: (KIND_ORDER.index(k) if k in KIND_ORDER else len(KIND_ORDER), k))
+    if "rank" in df.columns:
+        df = df.sort_values([kcol, "rank"], kind="stable")
+    elif "score" in df.columns:
+        df = df.sort_values([kcol, "score"], ascending=[True, False], kind="stable")
+    for kind in kinds:
+        sub = df[df[kcol].astype(str) == kind]
+        recs = sub.to_dict("records")
+        group: dict[str, Any] = {"kind": clean_text(kind), "title": clean_text(_TITLES.get(kind, kind)), "count": counts[kind],
+                                 "explain": _EXPLAIN.get(kind, ""), "mode": "singles", "entries": [], "total": 0}
+        has_other = "other_path" in sub.columns and sub["other_path"].notna().any()
+        clustered = "cluster" in sub.columns and (sub["cluster"].fillna(-1).astype(int) >= 0).any() and kind != "leakage"
+        if clustered:
+            group["mode"] = "clusters"
+            clusters = []
+            for cid, g in sub.groupby(sub["cluster"].fillna(-1).astype(int), sort=False):
+                members: dict[str, dict[str, Any]] = {}
+                for rec in g.to_dict("records"):
+                    for prefix in ("", "other_"):
+                        p = rec.get(prefix + "path")
+                        if isinstance(p, str) and p not in members:
+                            members[p] = rec if prefix == "" else {"path": p, "label": rec.get("other_label"),
+                                                                   "split": rec.get("other_split"),
+                                                                   "image_id": rec.get("other_image_id")}
+                size = len(members)
+                clusters.append({"cluster": int(cid), "size": size, "score": float(g["score"].max()) if "score" in g else None,
+                                 "splits": sorted({_s(v.get("split")) for v in members.values()} - {""}),
+                                 "labels": sorted({_s(v.get("label")) for v in members.values()} - {""}),
+                                 "members": list(members.values())})
+            clusters.sort(key=lambda c: (-c["size"], -(c["score"] or 0)))
+            group["total"] = len(clusters)
+            for c in clusters[:per_kind]:
+                c["shown"] = [_img(v, "", path_rows, needed) for v in c["members"][:per_cluster]]
+                c["more"] = max(0, c["size"] - per_cluster)
+                del c["members"]
+                group["entries"].append(c)
+        elif has_other:
+            group["mode"] = "pairs"
+            seen: set[frozenset] = set()
+            pairs = []
+            for rec in recs:
+                key = frozenset((str(rec.get("path")), str(rec.get("other_path"))))
+                if key in seen:
+                    continue
+                seen.add(key)
+                pairs.append(rec)
+            group["total"] = len(pairs)
+            for rec in pairs[:per_kind]:
+                group["entries"].append({"a": _img(rec, "", path_rows, needed), "b": _img(rec, "other_", path_rows, needed),
+                                       "score": rec.get("score"), "detail": _s(rec.get("detail"))})
+        else:
+            group["total"] = len(recs)
+            for rec in recs[:per_kind]:
+                group["entries"].append({"a": _img(rec, "", path_rows, needed), "score": rec.get("score"),
+                                       "suggested": _s(rec.get("suggested_label")), "detail": _s(rec.get("detail"))})
+        view["groups"].append(group)
+    view["raw"] = table_preview(df, entry["name"], path_rows, set(), limit=40, max_cols=12)
+    return view

@@ -150,7 +150,8 @@ def add_nightly_arguments(p: argparse.ArgumentParser, data_required: bool = True
     if data_required:
         p.add_argument("data", help="dataset: image folder, CSV or Parquet list (local path or s3://...)")
     else:
-        p.add_argument("--data", required=True, help="dataset the scheduled runs audit (folder, CSV, Parquet list)")
+        p.add_argument("--data", default=None,
+                       help="dataset the scheduled runs audit (folder, CSV, Parquet list); omitted: give it per run")
     add_store_argument(p)
     p.add_argument("--model", default="mobilenet_v2", help="torchvision NAME, timm:NAME, module.path:factory or TorchScript file")
     p.add_argument("--weights", default="imagenet", help="imagenet | none | path to a state dict")

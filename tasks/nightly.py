@@ -6,14 +6,14 @@ with no new images computes nothing and a night with 1% new images computes abou
 Run records (store kind ``runs``): a successful nightly run ends by publishing
 ``<store>/runs/nightly-<features-id>-<UTC stamp>/`` holding
 
-- ``features-snapshot/``: the features artefact exactly as this run saw it (its ``manifest.json`` and every file it
+- ``<run id>/`` (the snapshot): the features artefact exactly as this run saw it (its ``manifest.json`` and every file it
   lists, hard-linked: parts are content-named and never rewritten in place, so a link costs no space and
   stays valid after the live artefact moves on; copied where links are not possible);
 - ``manifest.json`` (kind ``nightly-run``, written **last**, atomically): features id / created, report path,
   per-stage counts, drift counts.
 
 The *previous successful run* of a features artefact is its newest published run record; the report's
-drift section compares today's features against that record's ``features-snapshot/`` (a features artefact folder,
+drift section compares today's features against that record's snapshot folder (a features artefact folder,
 which ``convlens report --compare`` accepts). A failed run publishes no record, so tomorrow still compares
 against the last good night. Old records beyond ``keep_runs`` are removed.
 """
@@ -37,7 +37,7 @@ from storage.paths import Store
 __all__ = [
     "NightlyConfig",
     "RUN_KIND",
-    "SNAPSHOT_DIR",
+    "snapshot_dir",
     "is_transient",
     "previous_run",
     "publish_run",
@@ -54,7 +54,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 RUN_KIND = "nightly-run"
-SNAPSHOT_DIR = "features-snapshot"  # the report's drift section names the previous run by this folder's run record
 
 
 @dataclass
@@ -127,6 +126,12 @@ def _utc_stamp() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
 
 
+def snapshot_dir(store: str | os.PathLike[str], run_id: str) -> Path:
+    """``runs/<run_id>/<run_id>/``: the run's features snapshot, named after the run so that the report's drift
+    section ("compared with ...") names the previous run."""
+    return Store(store).artefact_dir("runs", run_id) / run_id
+
+
 def previous_run(store: str | os.PathLike[str], features_id: str) -> tuple[str, dict[str, Any], Path] | None:
     """Newest published nightly run record of ``features_id``: ``(run id, manifest, snapshot dir)`` or None."""
     s = Store(store)
@@ -135,7 +140,7 @@ def previous_run(store: str | os.PathLike[str], features_id: str) -> tuple[str, 
     if not found:
         return None
     _, rid, m = max(found)
-    return rid, m, s.artefact_dir("runs", rid) / SNAPSHOT_DIR
+    return rid, m, snapshot_dir(store, rid)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -162,7 +167,7 @@ def publish_run(store: str | os.PathLike[str], run_id: str, features_id: str, fm
     s = Store(store)
     rdir = s.artefact_dir("runs", run_id, create=True)
     fdir = s.artefact_dir("features", features_id)
-    _snapshot(fdir, fman, rdir / SNAPSHOT_DIR)
+    _snapshot(fdir, fman, snapshot_dir(store, run_id))
     manifest = {"kind": RUN_KIND, "artefact_id": run_id, "status": "completed",
                 "features": {"id": features_id, "created": fman.get("created"), "rows": fman.get("rows")},
                 **record}

@@ -204,6 +204,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
+def _truncated_or_corrupt(exc: BaseException) -> str:
+    msg = str(exc).lower()
+    return "truncated" if "truncat" in msg or "incomplete" in msg else "corrupt"
+
+
 def decode_image(data: bytes, name: str = "", limits: DecodeLimits = DecodeLimits()) -> Image.Image:
     """Decode ``data`` to an RGB PIL image, or raise :class:`RejectedImage`.
 
@@ -228,7 +233,7 @@ def _decode(data: bytes, name: str, limits: DecodeLimits) -> Image.Image:
         except UnidentifiedImageError:
             raise RejectedImage("not-an-image", "no image format recognised in the file's bytes") from None
         except (OSError, ValueError, SyntaxError) as exc:
-            raise RejectedImage("corrupt", str(exc)) from None
+            raise RejectedImage(_truncated_or_corrupt(exc), str(exc)) from None
         fmt = img.format or "?"
         if fmt not in ALLOWED_FORMATS:
             raise RejectedImage("unsupported-format", f"{fmt} is not among {', '.join(sorted(ALLOWED_FORMATS))}")
@@ -248,9 +253,7 @@ def _decode(data: bytes, name: str, limits: DecodeLimits) -> Image.Image:
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise RejectedImage("decompression-bomb", str(exc)) from None
         except OSError as exc:
-            msg = str(exc)
-            reason = "truncated" if "truncated" in msg.lower() or "incomplete" in msg.lower() else "corrupt"
-            raise RejectedImage(reason, msg) from None
+            raise RejectedImage(_truncated_or_corrupt(exc), str(exc)) from None
         except (ValueError, SyntaxError, MemoryError, IndexError, TypeError, EOFError) as exc:
             raise RejectedImage("corrupt", f"{type(exc).__name__}: {exc}") from None
     return rgb

@@ -188,7 +188,7 @@ def test_nightly_incremental_runs_and_exact_drift(tmp_path, api):
     # exactly the new images were audited: the attribution artefact holds run 1's 8 + these 5
     from tasks.attribution_audit import read_scores
 
-    scores = read_scores(Store(store).artefact_dir("audits", att["artefact_id"]))
+    scores, _ = read_scores(store, att["artefact_id"])
     assert set(scores["image_id"]) >= {sha(p) for p in new}
     assert scores["image_id"].nunique() == 13
     assert gone_id not in {sha(p) for p in new}

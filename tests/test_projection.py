@@ -90,6 +90,20 @@ def test_tsne_keeps_separated_clusters_apart():
     assert res.info["k_neighbors"] == 90 and res.info["knn"].startswith("faiss")
 
 
+def test_tsne_auto_stop_runs_fewer_iterations_with_the_same_quality():
+    from sklearn.manifold import trustworthiness
+
+    x, lab = clusters(n_per=80, k=5, d=30)
+    auto = tsne_embed(x, seed=0)
+    full = tsne_embed(x, seed=0, auto_stop=False)
+    assert full.info["iterations_run"] == [250, 500]
+    assert sum(auto.info["iterations_run"]) < 750 and auto.info["auto_stop"]
+    assert knn_label_agreement(auto.coords, lab, k=10) >= 0.95
+    t_auto = trustworthiness(x, auto.coords, n_neighbors=10)
+    t_full = trustworthiness(x, full.coords, n_neighbors=10)
+    assert t_auto >= t_full - 0.02
+
+
 def test_tsne_same_seed_identical_other_seed_different():
     x, _ = clusters(n_per=30, k=3, d=10)
     a = tsne_embed(x, seed=3)

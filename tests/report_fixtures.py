@@ -107,6 +107,18 @@ def _grid_png() -> bytes:
     return buf.getvalue()
 
 
+def _overlay_png(seed: int) -> bytes:
+    """A 2:1 overlay like the attribution audit's: original (left) | heat-map blend (right), 48 px high."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (48, 96, 3), dtype=np.uint8)
+    arr[:, 48:, 0] = 255
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def add_fake_artefacts(store: Path, fid: str) -> dict[str, str]:
     """Publish a maps (coords + grid), an audits (dataset + attribution) and a neurons artefact for ``fid``."""
     import pyarrow as pa
@@ -135,25 +147,46 @@ def add_fake_artefacts(store: Path, fid: str) -> dict[str, str]:
                           "files": [file_entry(adir, "coords.parquet", role="coords", rows=n),
                                     file_entry(adir, "grid.png", role="grid")]})
     ids["maps"] = adir.name
-    # dataset audit: a duplicate pair and an outlier
+    # dataset audit: a duplicate pair and an outlier (+ hash ids, which the report must not show as text)
     adir = s.artefact_dir("audits", "dataset-audit-test-000000000002", create=True)
-    pd.DataFrame({"flag": ["near-duplicate", "near-duplicate", "outlier"], "path": list(meta["path"][:3]),
-                  "score": [0.99, 0.99, 3.2]}).to_parquet(adir / "findings.parquet")
+    paths = list(meta["path"][:3])
+    pd.DataFrame({"flag": ["near-duplicate", "near-duplicate", "outlier"], "path": paths, "score": [0.99, 0.99, 3.2],
+                  "image_id": list(meta["image_id"][:3]),
+                  "other_path": [paths[1], paths[0], None]}).to_parquet(adir / "findings.parquet")
     write_manifest(adir, {"kind": "audits", "audit": "dataset", "artefact_id": adir.name,
                           "source": {"artefact_id": fid}, "files": [file_entry(adir, "findings.parquet", role="findings")]})
     ids["audit"] = adir.name
-    # attribution audit: overlays + AUCs
+    # attribution audit in the real layout (tasks/attribution_audit.py): scores + one overlay PNG per row
+    # (original | blend). Best insertion - deletion per image: row 1 -0.1 (worst), row 2 0.4, row 0 0.7;
+    # mean gap: occlusion 0.167, gradcam 0.267 (the method to believe).
     adir = s.artefact_dir("audits", "attribution-test-000000000003", create=True)
-    (adir / "overlay-occlusion.png").write_bytes(_grid_png())
-    (adir / "overlay-gradcam.png").write_bytes(_grid_png())
-    pd.DataFrame({"path": list(meta["path"][:3]), "method": ["occlusion"] * 3,
-                  "deletion_auc": [0.2, 0.5, 0.3], "insertion_auc": [0.9, 0.1, 0.5]}).to_parquet(adir / "scores.parquet")
-    write_manifest(adir, {"kind": "audits", "technique": "attribution", "artefact_id": adir.name,
-                          "source": {"artefact_id": fid},
-                          "files": [file_entry(adir, "overlay-occlusion.png", role="overlay"),
-                                    file_entry(adir, "overlay-gradcam.png", role="overlay"),
-                                    file_entry(adir, "scores.parquet", role="scores")]})
+    aucs = {("occlusion", 0): (0.2, 0.9), ("occlusion", 1): (0.5, 0.1), ("occlusion", 2): (0.3, 0.5),
+            ("gradcam", 0): (0.1, 0.6), ("gradcam", 1): (0.3, 0.2), ("gradcam", 2): (0.2, 0.6)}
+    rows, entries = [], []
+    for (method, i), (dele, ins) in aucs.items():
+        name = f"ov-{method}-{i}.png"
+        (adir / name).write_bytes(_overlay_png(i))
+        entries.append(file_entry(adir, name, role="overlay"))
+        rows.append({"image_id": meta["image_id"][i], "path": meta["path"][i], "label": meta["label"][i],
+                     "method": method, "target": 7, "target_kind": "pred", "target_name": f"class-{i}", "pred": 7,
+                     "prob": 0.5, "deletion_auc": dele, "insertion_auc": ins, "overlay": name})
+    pd.DataFrame(rows).to_parquet(adir / "scores.parquet")
+    write_manifest(adir, {"kind": "attribution", "technique": "attribution", "artefact_id": adir.name,
+                          "source": {"artefact_id": fid}, "images": 3,
+                          "faithfulness": {"deletion_baseline": 0.0, "insertion_start": "blur", "score": "prob", "steps": 8},
+                          "files": [file_entry(adir, "scores.parquet", role="scores")] + entries})
     ids["attribution"] = adir.name
+    # neurons: class visualisation (image + score per step)
+    adir = s.artefact_dir("neurons", "class_viz-test-000000000005", create=True)
+    (adir / "class-3.png").write_bytes(_png((90, 120, 200), size=(32, 32)))
+    pd.DataFrame({"class_index": [3] * 5, "class_name": ["tabby<cat>"] * 5, "step": range(5),
+                  "score": [0.0, 1.0, 2.5, 3.0, 4.0], "prob": [0.1] * 5, "l2": [0.0] * 5}).to_parquet(adir / "class_viz.parquet")
+    write_manifest(adir, {"kind": "neurons", "technique": "class_viz", "artefact_id": adir.name, "source": {"features": fid},
+                          "classes": [{"class_index": 3, "class_name": "tabby<cat>", "score_start": 0.0, "score_end": 4.0,
+                                       "prob_end": 0.1}],
+                          "files": [file_entry(adir, "class-3.png", role="image", class_index=3, class_name="tabby<cat>"),
+                                    file_entry(adir, "class_viz.parquet", role="table")]})
+    ids["class_viz"] = adir.name
     # neurons: first-layer filters image
     adir = s.artefact_dir("neurons", "filters-test-000000000004", create=True)
     (adir / "filters.png").write_bytes(_grid_png())

@@ -200,3 +200,99 @@ def test_feature_neighbours_come_from_a_stored_knn_graph(hs, tmp_path):
     _, feats = load_features(Store(store).artefact_dir("features", hs["a"]))
     exact = _knn_rows(feats, np.arange(len(feats)), 5, "cosine")
     assert (np.sort(np.array(pts["nf"]).reshape(-1, 5), 1) == np.sort(exact, 1)).all()
+
+
+# ---- curated views (attribution gallery, dataset-audit findings, neurons) ----
+
+_HEX64 = re.compile(r"\b[0-9a-f]{64}\b")
+
+
+def _section_html(html: str, sid: str) -> str:
+    return re.search(rf'<section id="{sid}".*?</section>', html, re.S).group(0)
+
+
+def _visible_text(fragment: str) -> str:
+    """Text a reader sees: tags (and their attributes, e.g. hover titles and data URIs) removed."""
+    import html as html_mod
+
+    return html_mod.unescape(re.sub(r"<[^>]+>", " ", fragment))
+
+
+def test_attribution_gallery_rows_worst_first_with_aucs(hs):
+    from reports.render import build_report
+    from storage.features import read_meta
+    from storage.paths import Store
+
+    ctx = build_report(hs["store"], hs["a"])
+    (v,) = [c for c in ctx["attr_cards"] if c["view"] == "attribution"]
+    s = Store(hs["store"])
+    paths = list(read_meta(s.artefact_dir("features", hs["a"]))["path"])
+    # best insertion - deletion per image: row 1 -0.1, row 2 0.4, row 0 0.7 -> worst explained first
+    assert [r["path"] for r in v["rows"]] == [paths[1], paths[2], paths[0]]
+    assert [r["best_gap"] for r in v["rows"]] == pytest.approx([-0.1, 0.4, 0.7])
+    assert [r["best_method"] for r in v["rows"]] == ["gradcam", "gradcam", "occlusion"]
+    first = v["rows"][0]
+    assert [c["method"] for c in first["cells"]] == ["occlusion", "gradcam"]  # canonical method order
+    assert (first["cells"][0]["deletion"], first["cells"][0]["insertion"]) == ("0.500", "0.100")
+    assert all(c["uri"].startswith("data:image/jpeg;base64,") for r in v["rows"] for c in r["cells"])
+    assert first["original"].startswith("data:image/jpeg;base64,")
+    summ = {r["method"]: r for r in v["summary"]}
+    assert summ["occlusion"]["deletion"] == pytest.approx(1.0 / 3) and summ["gradcam"]["insertion"] == pytest.approx(1.4 / 3)
+    assert v["believe"]["method"] == "gradcam" and summ["gradcam"]["believe"] and not summ["occlusion"]["believe"]
+    assert summ["gradcam"]["wins"] == 2 and summ["occlusion"]["wins"] == 1
+
+
+def test_curated_sections_render_without_hash_ids(hs, tmp_path):
+    from reports.render import write_report
+    from storage.features import read_meta
+    from storage.paths import Store
+
+    html = Path(write_report(hs["store"], out=tmp_path / "r.html", features_id=hs["a"])).read_text("utf-8")
+    paths = list(read_meta(Store(hs["store"]).artefact_dir("features", hs["a"]))["path"])
+    attr = _section_html(html, "attribution")
+    text = _visible_text(attr)
+    assert "Believe gradcam" in " ".join(text.split())
+    # gallery rows in worst-first order, each with the method names and both AUCs under the overlays
+    rows = re.findall(r'<div class="attr-row".*?(?=<div class="attr-row"|<p class="hint">images|<details)', attr, re.S)
+    assert len(rows) == 3
+    assert [_visible_text(r).count(p) > 0 for r, p in zip(rows, (paths[1], paths[2], paths[0]))] == [True] * 3
+    for r in rows:
+        t = _visible_text(r)
+        assert "occlusion" in t and "gradcam" in t and t.count("del ") == 2 and t.count("ins ") == 2
+        assert len(re.findall(r'<img src="data:image/jpeg;base64,', r)) == 3  # original + 2 overlays
+    assert "del 0.500" in _visible_text(rows[0]) and "ins 0.100" in _visible_text(rows[0])
+    # dataset audit grouped by finding kind, pairs shown side by side; neurons curated per technique
+    audit = _visible_text(_section_html(html, "audit"))
+    assert "Near-duplicates 2" in " ".join(audit.split())
+    assert "Outliers" in audit and paths[2] in audit
+    neurons = _section_html(html, "neurons")
+    assert "Class visualisation" in neurons and "tabby&lt;cat&gt;" in neurons and "<polyline" in neurons
+    assert "First-layer filters" in neurons
+    # no 64-hex id is visible anywhere in these sections (they live in hover titles only)
+    for sid in ("audit", "attribution", "neurons"):
+        assert not _HEX64.search(_visible_text(_section_html(html, sid))), sid
+    assert _HEX64.search(attr)  # ... but are still there for hover
+
+
+def test_findings_view_groups_pairs_and_singles(hs):
+    from reports.render import build_report
+
+    ctx = build_report(hs["store"], hs["a"])
+    (v,) = [c for c in ctx["audit_cards"] if c["view"] == "findings"]
+    groups = {g["kind"]: g for g in v["groups"]}
+    assert groups["near-duplicate"]["count"] == 2 and groups["near-duplicate"]["mode"] == "pairs"
+    assert groups["near-duplicate"]["total"] == 1  # (a, b) and (b, a) are one pair
+    pair = groups["near-duplicate"]["entries"][0]
+    assert {pair["a"]["row"], pair["b"]["row"]} == {0, 1}
+    assert groups["outlier"]["mode"] == "singles" and groups["outlier"]["entries"][0]["a"]["row"] == 2
+    assert not any(_HEX64.search(c["text"]) for r in v["raw"]["rows"] for c in r)
+    assert "image_id" not in v["raw"]["cols"]
+
+
+def test_sparkline_maps_values_into_the_box():
+    from reports.sections.neurons import sparkline
+
+    s = sparkline([0, 1, 2], [0.0, 5.0, 10.0], width=100, height=50, pad=5)
+    pts = [tuple(map(float, p.split(","))) for p in s["points"].split()]
+    assert pts == [(5.0, 45.0), (50.0, 25.0), (95.0, 5.0)]
+    assert sparkline([0, 1], [float("nan")] * 2)["points"] == ""

@@ -65,10 +65,21 @@ def test_every_section_renders(page_state):
     widths = page.evaluate("Array.from(document.querySelectorAll('#tsne_grid img, #neurons img, #attribution figure img'))"
                            ".map(i => i.naturalWidth)")
     assert len(widths) >= 4 and all(w > 0 for w in widths)
-    assert "near-duplicate" in page.locator("#audit").inner_text()
-    # attribution table sorted worst-explained first (insertion AUC 0.1 first)
-    first = page.locator("#attribution table.data tr").nth(1).inner_text()
-    assert "0.1" in first
+    assert "Near-duplicates — 2 findings" in page.locator("#audit").inner_text()
+    # attribution gallery: one row per image, worst explained first, an overlay per method with its AUCs
+    rows = page.locator("#attribution .attr-row")
+    assert rows.count() == 3
+    first = rows.nth(0).inner_text()
+    assert "occlusion" in first and "gradcam" in first and "del 0.500" in first and "ins 0.100" in first
+    rows.nth(0).scroll_into_view_if_needed()
+    imgs = page.evaluate("Array.from(document.querySelectorAll('#attribution .attr-row img'))"
+                         ".map(i => [i.naturalWidth, i.getBoundingClientRect().width])")
+    assert len(imgs) == 9 and all(w > 0 and shown >= 100 for w, shown in imgs)  # original + 2 overlays per row
+    assert "Believe gradcam" in page.locator("#attribution .verdict").inner_text()
+    # findings grouped by kind with thumbnails; class visualisation with its score line
+    assert page.locator("#audit .fgroup[data-kind=near-duplicate] .pair img").count() == 2
+    assert page.locator("#neurons [data-technique=class_viz] svg polyline").count() == 1
+    assert "tabby<cat>" in page.locator("#neurons").inner_text()
     assert "not computed" not in page.locator("main").inner_text().lower()
     summary = page.locator("#summary").inner_text()
     assert "resnet18" in summary and "broken<b>.png" in summary and "not-an-image" in summary  # reject + reason

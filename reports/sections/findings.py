@@ -125,6 +125,8 @@ def findings_view(aid: str, m: dict[str, Any], adir: Path, path_rows: dict[str, 
             for rec in recs[:per_kind]:
                 group["entries"].append({"a": _img(rec, "", path_rows, needed), "score": rec.get("score"),
                                        "suggested": _s(rec.get("suggested_label")), "detail": _s(rec.get("detail"))})
+        if kind == "near-duplicate" and group["mode"] != "clusters":
+            group["title"] = "Near-duplicates"
         view["groups"].append(group)
     view["raw"] = table_preview(df, entry["name"], path_rows, set(), limit=40, max_cols=12)
     return view

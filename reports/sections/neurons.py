@@ -174,7 +174,8 @@ def _class_viz(m, adir, df):
 
 def _adversarial(m, adir, df):
     params = m.get("params") or {}
-    summary = [f"{m.get('images', '?')} images attacked with {str(params.get('method', '?')).upper()} "
+    n_img = m.get("images", "?")
+    summary = [f"{n_img} image{'' if n_img == 1 else 's'} attacked with {str(params.get('method', '?')).upper()} "
                f"(eps ≤ {_num(float(params.get('eps_max', float('nan'))) * 255)}/255): {m.get('flipped', '?')} flipped "
                f"(flip rate {_num(float(m.get('flip_rate', float('nan'))) * 100)}%), median smallest flipping eps "
                f"{_num(m.get('median_eps_255'))}/255."]

@@ -306,7 +306,17 @@ def _forward_batch(module: nn.Module, x: torch.Tensor, ref: LayerRef, pool: str,
     step = CPU_MICRO_BATCH if device.type == "cpu" else max(1, x.shape[0])
     feats_l, preds_l, probs_l = [], [], []
     for s in range(0, x.shape[0], step):
-        f, p, q = _forward_chunk(module, x[s:s + step], ref, pool, device, with_preds, amp)
+        chunk = x[s:s + step]
+        n = chunk.shape[0]
+        if device.type == "cpu" and n < step:
+            # Pad to the fixed micro-batch: oneDNN picks kernels by batch size, so an image's features would
+            # otherwise depend (in the last bits) on how many images shared its chunk, and a resumed run would
+            # not be byte-identical to an uninterrupted one.
+            chunk = torch.cat([chunk, chunk.new_zeros((step - n, *chunk.shape[1:]))])
+            if chunk.dim() == 4:
+                chunk = chunk.contiguous(memory_format=torch.channels_last)
+        f, p, q = _forward_chunk(module, chunk, ref, pool, device, with_preds, amp)
+        f, p, q = f[:n], (p[:n] if p is not None else None), (q[:n] if q is not None else None)
         feats_l.append(f)
         if p is not None:
             preds_l.append(p)

@@ -296,3 +296,59 @@ def test_sparkline_maps_values_into_the_box():
     pts = [tuple(map(float, p.split(","))) for p in s["points"].split()]
     assert pts == [(5.0, 45.0), (50.0, 25.0), (95.0, 5.0)]
     assert sparkline([0, 1], [float("nan")] * 2)["points"] == ""
+
+
+def _neuron_artefact(tmp_path, technique, table, pictures, manifest):
+    from report_fixtures import _png
+    from storage.manifest import file_entry, write_manifest
+
+    adir = tmp_path / technique
+    adir.mkdir()
+    files = []
+    for name, size, extra in pictures:
+        (adir / name).write_bytes(_png((120, 80, 40), size=size))
+        files.append(file_entry(adir, name, role="image", **extra))
+    pd.DataFrame(table).to_parquet(adir / f"{technique}.parquet")
+    files.append(file_entry(adir, f"{technique}.parquet", role="table"))
+    m = write_manifest(adir, {"kind": "neurons", "technique": technique, "artefact_id": technique, "files": files, **manifest})
+    return adir, m
+
+
+_H = "ab" * 32
+_NEURON_CASES = {
+    "filters": ({"layer": ["conv1"] * 2, "filter": [0, 1], "l2_norm": [1.0, 0.01]}, [("f.png", (20, 10), {"layer": "conv1", "shape": [2, 3, 3, 3]})], {}, "1 near-dead"),
+    "max_activations": ({"layer": ["l"] * 4, "channel": [5, 5, 7, 7], "rank": [0, 1, 0, 1], "image_id": [_H] * 4,
+                         "path": ["a.png", "b.png", "c.png", "d.png"], "label": ["x"] * 4, "activation": [3.0, 2.0, 1.5, 1.0]},
+                        [("p.png", (3 * 8 + 4 * 2, 2 * 8 + 3 * 2), {"channels": [5, 7]})], {"k": 2, "params": {"patch_px": 8}}, "ch 5"),
+    "adversarial": ({"image_id": [_H], "path": ["a.png"], "orig_class": ["cat"], "orig_prob": [0.9], "adv_class": ["dog"],
+                     "adv_prob": [0.6], "flipped": [True], "eps_255": [0.5]}, [("adv-00.png", (60, 20), {"path": "a.png"})],
+                    {"images": 2, "flipped": 1, "flip_rate": 0.5, "median_eps_255": 0.5, "params": {"method": "fgsm", "eps_max": 4 / 255}},
+                    "flip rate 50%"),
+    "invariance": ({"transform": ["rotate"] * 2, "value": [0.0, 10.0], "distance": [0.0, 0.2], "top1_changed": [False, True]},
+                   [("invariance.png", (30, 20), {})], {}, "top-1 changes in 50%"),
+    "inversion": ({"layer": ["l1", "l1"], "path": ["a.png"] * 2, "step": [0, 1], "feature_distance": [1.0, 0.25]},
+                  [("inversion-0.png", (30, 10), {})], {}, "0.25"),
+    "style": ({"step": [0, 1], "total": [2.0, 1.0]}, [("style.png", (30, 10), {})], {"style_loss_start": 9.0, "style_loss_end": 1.0}, "9 → 1"),
+    "compare": ({"metric": ["knn_accuracy"], "space": ["a"], "value": [0.75], "detail": ["k=5"]}, [("compare.png", (30, 10), {})], {}, "knn_accuracy"),
+    "evolution": ({"checkpoint": [0]}, [("evolution.png", (30, 10), {})], {"checkpoints": ["e1", "e2"]}, "2 checkpoints"),
+    "deepdream": ({"step": [0]}, [("dream-0.png", (30, 10), {})], {"layer": "l3"}, "l3"),
+}
+
+
+@pytest.mark.parametrize("technique", sorted(_NEURON_CASES))
+def test_neuron_views_per_technique(tmp_path, technique):
+    from reports.sections.neurons import neuron_view
+
+    table, images, extra, expect = _NEURON_CASES[technique]
+    adir, m = _neuron_artefact(tmp_path, technique, table, images, extra)
+    v = neuron_view(technique, m, adir, {}, set())
+    assert v["error"] is None and v["blocks"], v
+    text = " ".join(v["summary"]) + json.dumps(v["blocks"], ensure_ascii=False)
+    assert expect in text
+    assert not _HEX64.search(json.dumps([v["summary"], [c["text"] for r in v["raw"]["rows"] for c in r]]))
+    if technique == "max_activations":
+        rows = v["blocks"][0]["rows"]
+        assert [r["label"] for r in rows] == ["ch 5", "ch 7"] and [len(r["patches"]) for r in rows] == [2, 2]
+        assert rows[0]["patches"][0]["title"].startswith("a.png")
+    if technique == "filters":
+        assert v["blocks"][0]["type"] == "pixelated" and v["blocks"][0]["width"] == 20 * 8

@@ -115,7 +115,9 @@ class AuditConfig:
 
 
 def label_index(label: Any, categories: list[str] | None, num_classes: int) -> int | None:
-    """Class index of a dataset label: its position in ``categories``, or an integer label; else ``None``."""
+    """Class index of a dataset label: its position in ``categories`` (by name), or, for a model without
+    category names, an integer label; else ``None``. Same rule as the report's accuracy section: digits labelled
+    ``3`` on an ImageNet model are not class 3 ("tiger shark")."""
     if label is None or (isinstance(label, float) and np.isnan(label)):
         return None
     s = str(label)
@@ -125,7 +127,7 @@ def label_index(label: Any, categories: list[str] | None, num_classes: int) -> i
         low = [c.lower().replace(" ", "_") for c in categories]
         if s.lower().replace(" ", "_") in low:
             return low.index(s.lower().replace(" ", "_"))
-    if s.isdigit() and int(s) < num_classes:
+    if not categories and s.isdigit() and int(s) < num_classes:
         return int(s)
     return None
 

@@ -128,3 +128,14 @@ def test_flow_through_prefect(feature_store, prefect_server):
     store, _ = feature_store
     s = attribution_audit(store=str(store), methods=["saliency"], n=1, faith_steps=2)
     assert s["artefact_id"] and s["rows"] >= 1
+
+
+def test_label_index_maps_names_and_only_bare_integers_without_names():
+    from tasks.attribution_audit import label_index
+
+    cats = ["tench", "goldfish", "great white shark", "tiger shark"]
+    assert label_index("goldfish", cats, 4) == 1
+    assert label_index("Great_White_Shark", cats, 4) == 2
+    assert label_index("3", cats, 4) is None  # a digit label on a named model is not class 3
+    assert label_index("3", None, 4) == 3
+    assert label_index("7", None, 4) is None and label_index(None, cats, 4) is None

@@ -3,6 +3,10 @@
 Parameters mirror ``convlens extract``. Steps (each a task that passes paths and small records):
 plan (list + hash + diff against the store) -> extract new images into journalled parts -> publish the
 manifest. Incremental: a rerun extracts only images whose content hash is not stored yet.
+
+Scale-out: with a Dask task runner (``--runner dask``, :mod:`flows.runners`) or ``shard_size > 0`` the new
+images are split into shards extracted by parallel ``extract-shard`` tasks, each writing its own parts; the
+manifest merge / publish runs once, under the artefact lock (:func:`tasks.sharding.run_sharded_extraction`).
 """
 
 from __future__ import annotations
@@ -11,16 +15,53 @@ import argparse
 from typing import Any
 
 from prefect import flow, task, get_run_logger
+from prefect.cache_policies import NO_CACHE
 
 from tasks.features import ExtractConfig, run_extraction
+from tasks.sharding import ExtractShard, extract_shard, run_sharded_extraction
 
-__all__ = ["extract_features", "extract_task", "add_arguments", "config_from_args", "summarise"]
+__all__ = ["extract_features", "extract_task", "extract_shard_task", "submit_shards", "add_arguments",
+           "config_from_args", "summarise"]
 
 
 @task(name="extract-features", retries=0)
 def extract_task(cfg: ExtractConfig) -> dict[str, Any]:
     """Plan, extract and publish under the artefact lock; returns the published manifest."""
     return run_extraction(cfg)
+
+
+@task(name="extract-shard", retries=0, cache_policy=NO_CACHE)
+def extract_shard_task(job: ExtractShard) -> dict[str, Any]:
+    """Extract one shard into its own parts (no lock); returns part entries, rejects and counters."""
+    return extract_shard(job)
+
+
+def submit_shards(shard_task: Any):
+    """A ``run_shards`` for :mod:`tasks.sharding`: submit one ``shard_task`` per job on the flow's task runner and
+    yield ``(index, result)`` as they finish (the first failure raises). Outside a flow run (``flow.fn(...)``)
+    the shards run one after another in this process."""
+    from prefect.context import FlowRunContext
+    from prefect.futures import as_completed
+
+    from tasks.sharding import run_serially
+
+    if FlowRunContext.get() is None:
+        return run_serially(shard_task.fn)
+
+    def run(jobs: list[Any]):
+        futures = {shard_task.submit(job): i for i, job in enumerate(jobs)}
+        for fut in as_completed(list(futures)):
+            yield futures[fut], fut.result()
+    return run
+
+
+def _shard_size(shard_size: int | None) -> tuple[bool, int | None]:
+    """``(shard?, size)``: ``None`` = shard (automatic size) under a Dask runner only; 0 = never; N = N images."""
+    from flows.runners import flow_is_distributed
+
+    if shard_size is None:
+        return flow_is_distributed(), None
+    return shard_size > 0, shard_size or None
 
 
 @flow(name="extract-features", log_prints=False)
@@ -30,8 +71,12 @@ def extract_features(data: str, store: str = "convlens-store", model: str = "mob
                      root: str | None = None, allow_outside_root: bool = False, strict_extension: bool = True,
                      weights_prefix: str | None = None, resize: int | None = None, crop: int | None = None,
                      mean: list[float] | None = None, std: list[float] | None = None,
-                     interpolation: str | None = None, precision: str = "auto", part_rows: int | None = None) -> dict[str, Any]:
-    """Extract features of DATA into STORE; returns a small summary (artefact id, rows, rejects, timings)."""
+                     interpolation: str | None = None, precision: str = "auto", part_rows: int | None = None,
+                     shard_size: int | None = None) -> dict[str, Any]:
+    """Extract features of DATA into STORE; returns a small summary (artefact id, rows, rejects, timings).
+
+    ``shard_size``: ``None`` shards automatically under a Dask task runner only, ``0`` never shards, ``N`` splits
+    the new images into shards of N (rounded up to a multiple of ``batch_size``) on any task runner."""
     cfg = ExtractConfig(data=data, store=store, model=model, weights=weights, layer=layer, pool=pool,
                         batch_size=batch_size, device=device, num_workers=num_workers,
                         max_reject_rate=max_reject_rate, seed=seed, root=root,
@@ -39,7 +84,11 @@ def extract_features(data: str, store: str = "convlens-store", model: str = "mob
                         weights_prefix=weights_prefix, resize=resize, crop=crop,
                         mean=tuple(mean) if mean else None, std=tuple(std) if std else None,
                         interpolation=interpolation, part_rows=part_rows, precision=precision, progress=False)
-    manifest = extract_task(cfg)
+    shard, size = _shard_size(shard_size)
+    if shard:
+        manifest = run_sharded_extraction(cfg, submit_shards(extract_shard_task), size)
+    else:
+        manifest = extract_task(cfg)
     summary = summarise(manifest)
     get_run_logger().info("published %(artefact_id)s: %(rows)d rows, %(rejects)d rejects, %(extracted)d extracted", summary)
     return summary
@@ -101,7 +150,8 @@ def config_from_args(a: argparse.Namespace) -> ExtractConfig:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from flows.cli import emit, run_stage
+    from flows.cli import emit
+    from flows.runners import run_stage
 
     cfg = config_from_args(args)
     result = run_stage(
@@ -112,7 +162,7 @@ def _cli(args: argparse.Namespace) -> int:
         strict_extension=cfg.strict_extension, weights_prefix=cfg.weights_prefix, resize=cfg.resize, crop=cfg.crop,
         mean=list(cfg.mean) if cfg.mean else None, std=list(cfg.std) if cfg.std else None, interpolation=cfg.interpolation,
         part_rows=cfg.part_rows,
-        precision=cfg.precision,
+        precision=cfg.precision, shard_size=getattr(args, "shard_size", None),
     )
     emit(result, args.json, (
         f"features {result['artefact_id']}: {result['rows']} rows (D={result['dim']}, layer {result['layer']}), "
@@ -126,7 +176,10 @@ def register(sub) -> None:
 
     p = sub.add_parser("extract", help="extract a layer's features for a dataset into the store",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from flows.runners import add_runner_arguments
+
     add_arguments(p)
+    add_runner_arguments(p)
     add_store_argument(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cli)

@@ -1,0 +1,130 @@
+"""Scale-out: the sharded flows on a 2-worker Dask LocalCluster publish what the local runner publishes.
+
+Tiny hand-built model (``tiny_models:build``, seeded weights) and generated images. The LocalCluster uses two
+single-threaded workers inside this process (``processes=False``): the same scheduler, task graph and
+serialisation boundary as a process cluster, started in a fraction of the time.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import make_color_dataset
+from storage.features import load_features
+from storage.manifest import read_manifest
+from storage.paths import Store
+
+MODEL = "tiny_models:build"
+
+
+def dask_runner():
+    from flows.runners import make_task_runner
+
+    return make_task_runner("dask", workers=2, threads=1, processes=False)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("dask")
+    data = make_color_dataset(root / "data", per_class=5, size=(40, 36))  # 30 images
+    (data / "train" / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return data
+
+
+def _features(store: Path, manifest: dict) -> tuple[pd.DataFrame, np.ndarray]:
+    return load_features(Store(store).artefact_dir("features", manifest["artefact_id"]), verify=True)
+
+
+def _extract_kwargs(data: Path, store: Path) -> dict:
+    return dict(data=str(data), store=str(store), model=MODEL, weights="none", batch_size=4, num_workers=0)
+
+
+@pytest.fixture(scope="module")
+def local_and_dask(dataset, tmp_path_factory, prefect_server):
+    """The extraction flow run twice: default runner, and a 2-worker Dask cluster with shards of 8 images."""
+    from flows.extract_features import extract_features
+
+    root = tmp_path_factory.mktemp("stores")
+    local = extract_features(**_extract_kwargs(dataset, root / "local"))
+    dask = extract_features.with_options(task_runner=dask_runner())(**_extract_kwargs(dataset, root / "dask"),
+                                                                     shard_size=8)
+    return root, local, dask
+
+
+def test_shard_bounds_align_to_batches():
+    from tasks.sharding import shard_bounds
+
+    assert shard_bounds(30, 8, align=4) == [(0, 8), (8, 16), (16, 24), (24, 30)]
+    assert shard_bounds(30, 6, align=4) == [(0, 8), (8, 16), (16, 24), (24, 30)]  # rounded up to the batch
+    assert shard_bounds(0, 8) == []
+    auto = shard_bounds(100_000, None, align=64)
+    assert all((e - s) % 64 == 0 for s, e in auto[:-1]) and auto[-1][1] == 100_000 and len(auto) >= 16
+    with pytest.raises(ValueError, match="shard-size"):
+        shard_bounds(10, 0)
+
+
+def test_dask_extraction_publishes_the_local_store(local_and_dask):
+    root, local, dask = local_and_dask
+    assert local["artefact_id"] == dask["artefact_id"]
+    assert local["rows"] == dask["rows"] == 30 and local["rejects"] == dask["rejects"] == 1
+    assert dask["extracted"] == 30
+    lm, lf = _features(root / "local", local)
+    dm, df = _features(root / "dask", dask)
+    assert list(lm["image_id"]) == list(dm["image_id"]) and list(lm["path"]) == list(dm["path"])
+    assert lf.dtype == df.dtype == np.float32 and np.array_equal(lf, df)  # bit for bit
+    cols = ["image_id", "path", "label", "split", "width", "height"]
+    pd.testing.assert_frame_equal(lm[cols], dm[cols])
+    assert np.array_equal(np.stack(lm["pred_top5"]), np.stack(dm["pred_top5"]))
+    man = read_manifest(Store(root / "dask").artefact_dir("features", dask["artefact_id"]), verify=True)
+    assert len([f for f in man["files"] if f["role"] == "part"]) == 4  # one part per shard (30 rows / 8)
+    rej = [f for f in man["files"] if f["role"] == "rejects"]
+    assert len(rej) == 1 and not (Store(root / "dask").artefact_dir("features", dask["artefact_id"]) / "journal.json").exists()
+
+
+def test_sharded_rerun_is_incremental(local_and_dask, dataset, tmp_path):
+    """Shards on the default (thread pool) runner; a rerun after adding images extracts only the new ones,
+    shard by shard, keeping the stored rows."""
+    import shutil
+
+    from flows.extract_features import extract_features
+
+    root, _, dask = local_and_dask
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    store = tmp_path / "store"
+    first = extract_features(**_extract_kwargs(data, store), shard_size=8)
+    assert first["extracted"] == 30
+    extra = make_color_dataset(tmp_path / "more", per_class=1, size=(40, 36), splits=("new",), seed=7)
+    shutil.copytree(extra / "new", data / "new")
+    again = extract_features(**_extract_kwargs(data, store), shard_size=8)
+    assert again["extracted"] == 3 and again["rows"] == 33
+    meta, feats = _features(store, again)
+    dm, df = _features(root / "dask", dask)
+    # the 30 first-run rows are kept as they were: same features as the dask run's store, path for path
+    pos = {p: i for i, p in enumerate(meta["path"])}
+    idx = [pos[p] for p in dm["path"]]
+    assert np.array_equal(feats[idx], df) and list(meta["image_id"].iloc[idx]) == list(dm["image_id"])
+    assert set(meta["path"]) - set(dm["path"]) == {f"new/{c}/{c}_new_0.png" for c in ("red", "green", "blue")}
+
+
+def test_cli_runner_arguments():
+    from flows.runners import make_task_runner
+
+    assert make_task_runner("local") is None
+    with pytest.raises(ValueError, match="--runner"):
+        make_task_runner("spark")
+    with pytest.raises(ValueError, match="need --runner dask"):
+        make_task_runner("local", workers=2)
+    with pytest.raises(ValueError, match="dask-workers"):
+        make_task_runner("dask", workers=0)
+    r = make_task_runner("dask", address="tcp://127.0.0.1:8786")
+    assert type(r).__name__ == "DaskTaskRunner"
+    from flows.cli import build_parser
+
+    args = build_parser().parse_args(["extract", "d", "--runner", "dask", "--dask-workers", "3", "--shard-size", "64"])
+    assert (args.runner, args.dask_workers, args.shard_size, args.dask_address) == ("dask", 3, 64, None)

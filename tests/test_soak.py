@@ -332,8 +332,6 @@ def test_sigterm_prefect_flow_run_ends_crashed_not_running(tmp_path, prefect_ser
     assert not list(store.rglob(f"{TMP_PREFIX}*"))
 
     async def states() -> list[tuple[str, dict]]:
-        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags  # noqa: F401
-
         async with get_client() as client:
             runs = await client.read_flow_runs()
             return [(r.state.type.value, r.parameters) for r in runs if r.parameters.get("store") == str(store)]
@@ -342,6 +340,7 @@ def test_sigterm_prefect_flow_run_ends_crashed_not_running(tmp_path, prefect_ser
 
     got = asyncio.run(states())
     assert len(got) == 1, got
+    print("SIGTERM-PREFECT", json.dumps({"returncode": p.returncode, "state": got[0][0]}))
     assert got[0][0] in ("CRASHED", "CANCELLED"), got
     summary = _run("extract", data, store)  # the next run resumes and completes
     assert summary["rows"] == 60 and summary["extracted"] < 60

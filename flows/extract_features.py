@@ -18,10 +18,10 @@ from prefect import flow, task, get_run_logger
 from prefect.cache_policies import NO_CACHE
 
 from tasks.features import ExtractConfig, run_extraction
+from flows.runners import shard_setting, submit_shards
 from tasks.sharding import ExtractShard, extract_shard, run_sharded_extraction
 
-__all__ = ["extract_features", "extract_task", "extract_shard_task", "submit_shards", "add_arguments",
-           "config_from_args", "summarise"]
+__all__ = ["extract_features", "extract_task", "extract_shard_task", "add_arguments", "config_from_args", "summarise"]
 
 
 @task(name="extract-features", retries=0)
@@ -34,34 +34,6 @@ def extract_task(cfg: ExtractConfig) -> dict[str, Any]:
 def extract_shard_task(job: ExtractShard) -> dict[str, Any]:
     """Extract one shard into its own parts (no lock); returns part entries, rejects and counters."""
     return extract_shard(job)
-
-
-def submit_shards(shard_task: Any):
-    """A ``run_shards`` for :mod:`tasks.sharding`: submit one ``shard_task`` per job on the flow's task runner and
-    yield ``(index, result)`` as they finish (the first failure raises). Outside a flow run (``flow.fn(...)``)
-    the shards run one after another in this process."""
-    from prefect.context import FlowRunContext
-    from prefect.futures import as_completed
-
-    from tasks.sharding import run_serially
-
-    if FlowRunContext.get() is None:
-        return run_serially(shard_task.fn)
-
-    def run(jobs: list[Any]):
-        futures = {shard_task.submit(job): i for i, job in enumerate(jobs)}
-        for fut in as_completed(list(futures)):
-            yield futures[fut], fut.result()
-    return run
-
-
-def _shard_size(shard_size: int | None) -> tuple[bool, int | None]:
-    """``(shard?, size)``: ``None`` = shard (automatic size) under a Dask runner only; 0 = never; N = N images."""
-    from flows.runners import flow_is_distributed
-
-    if shard_size is None:
-        return flow_is_distributed(), None
-    return shard_size > 0, shard_size or None
 
 
 @flow(name="extract-features", log_prints=False)
@@ -84,7 +56,7 @@ def extract_features(data: str, store: str = "convlens-store", model: str = "mob
                         weights_prefix=weights_prefix, resize=resize, crop=crop,
                         mean=tuple(mean) if mean else None, std=tuple(std) if std else None,
                         interpolation=interpolation, part_rows=part_rows, precision=precision, progress=False)
-    shard, size = _shard_size(shard_size)
+    shard, size = shard_setting(shard_size)
     if shard:
         manifest = run_sharded_extraction(cfg, submit_shards(extract_shard_task), size)
     else:

@@ -13,8 +13,9 @@ import importlib
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-__all__ = ["neurons", "neurons_task", "run_technique", "summarise", "register", "COMMANDS"]
+__all__ = ["neurons", "neurons_task", "max_act_shard_task", "run_technique", "summarise", "register", "COMMANDS"]
 
 # CLI name -> (module, function, config class name or None)
 COMMANDS: dict[str, tuple[str, str, str | None]] = {
@@ -58,9 +59,33 @@ def neurons_task(technique: str, store: str, params: dict[str, Any]) -> dict[str
     return summarise(technique, run_technique(technique, store, params))
 
 
+@task(name="max-act-shard", retries=0, cache_policy=NO_CACHE)
+def max_act_shard_task(job: Any) -> dict[str, Any]:
+    """Running top-k of one shard of the max-activation pass (small arrays, no images)."""
+    from tasks.sharding import max_activation_shard
+
+    return max_activation_shard(job)
+
+
 @flow(name="neurons", log_prints=False)
-def neurons(technique: str, store: str = "convlens-store", params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run one neuron technique on STORE; returns the artefact summary."""
+def neurons(technique: str, store: str = "convlens-store", params: dict[str, Any] | None = None,
+            shard_size: int | None = None) -> dict[str, Any]:
+    """Run one neuron technique on STORE; returns the artefact summary.
+
+    ``max-act`` scales out: under a Dask task runner (or with ``shard_size > 0``) its pass over the images runs as
+    parallel ``max-act-shard`` tasks whose top-k tables are merged, under the artefact lock, in this flow run.
+    ``shard_size``: ``None`` = shard under Dask only, ``0`` = never, ``N`` = N images per shard."""
+    from flows.runners import shard_setting, submit_shards
+
+    shard, size = shard_setting(shard_size)
+    if technique == "max-act" and shard:
+        from tasks.sharding import sharded_max_activation_scan
+
+        params = dict(params or {})
+        scan = sharded_max_activation_scan(store, params.get("features_id"), submit_shards(max_act_shard_task), size)
+        out = summarise(technique, run_technique(technique, store, {**params, "scan": scan}))
+        get_run_logger().info("neurons %s: %s", technique, out.get("artefact_id", out))
+        return out
     out = neurons_task(technique, store, params or {})
     get_run_logger().info("neurons %s: %s", technique, out.get("artefact_id", out))
     return out
@@ -132,12 +157,14 @@ def _params(cmd: str, a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from flows.cli import emit, run_stage
+    from flows.cli import emit
+    from flows.runners import run_stage
 
     cmd = args.neurons_command
     params = _params(cmd, args)
+    extra = {"shard_size": args.shard_size} if getattr(args, "shard_size", None) is not None else {}
     result = run_stage(args, neurons, lambda: summarise(cmd, run_technique(cmd, args.store, params)),
-                       technique=cmd, store=args.store, params=params)
+                       technique=cmd, store=args.store, params=params, **extra)
     if cmd == "defaults":
         text = "\n".join(f"{k}: {v}" for k, v in result.items())
     else:
@@ -191,6 +218,9 @@ def register(sub) -> None:
     q.add_argument("--limit", type=int, default=None, help="use only the first N images (by path)")
     q.add_argument("--min-inside", type=float, default=0.5,
                    help="rank only units whose receptive field is at least this fraction inside the image (0 = all)")
+    from flows.runners import add_runner_arguments
+
+    add_runner_arguments(q)
 
     q = ns.add_parser("class-viz", help="class visualisation by gradient ascent")
     _common(q)

@@ -21,7 +21,8 @@ import logging
 import os
 from typing import Any, Callable
 
-__all__ = ["RUNNERS", "add_runner_arguments", "make_task_runner", "with_runner", "run_stage", "flow_is_distributed"]
+__all__ = ["RUNNERS", "add_runner_arguments", "make_task_runner", "with_runner", "run_stage", "flow_is_distributed",
+           "shard_setting", "submit_shards"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,32 @@ def flow_is_distributed() -> bool:
     ctx = FlowRunContext.get()
     runner = getattr(ctx, "task_runner", None) if ctx is not None else None
     return runner is not None and type(runner).__name__ == "DaskTaskRunner"
+
+
+def submit_shards(shard_task: Any):
+    """A ``run_shards`` for :mod:`tasks.sharding`: submit one ``shard_task`` per job on the flow's task runner and
+    yield ``(index, result)`` as they finish (the first failure raises). Outside a flow run (``flow.fn(...)``)
+    the shards run one after another in this process."""
+    from prefect.context import FlowRunContext
+    from prefect.futures import as_completed
+
+    from tasks.sharding import run_serially
+
+    if FlowRunContext.get() is None:
+        return run_serially(shard_task.fn)
+
+    def run(jobs: list[Any]):
+        futures = {shard_task.submit(job): i for i, job in enumerate(jobs)}
+        for fut in as_completed(list(futures)):
+            yield futures[fut], fut.result()
+    return run
+
+
+def shard_setting(shard_size: int | None) -> tuple[bool, int | None]:
+    """``(shard?, size)``: ``None`` = shard (automatic size) under a Dask runner only; 0 = never; N = N images."""
+    if shard_size is None:
+        return flow_is_distributed(), None
+    return shard_size > 0, shard_size or None
 
 
 def run_stage(args: argparse.Namespace, flow_fn: Any, plain_fn: Callable[[], Any], **flow_kwargs: Any) -> Any:

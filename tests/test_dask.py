@@ -128,3 +128,47 @@ def test_cli_runner_arguments():
 
     args = build_parser().parse_args(["extract", "d", "--runner", "dask", "--dask-workers", "3", "--shard-size", "64"])
     assert (args.runner, args.dask_workers, args.shard_size, args.dask_address) == ("dask", 3, 64, None)
+
+
+def test_dask_max_activations_equal_local(local_and_dask):
+    """Per channel top-k (image, activation, unit, box) from 2 shards on Dask == the one-process pass."""
+    from flows.neurons import neurons
+    from tasks.neurons.common import read_table
+
+    root, _, _ = local_and_dask
+    params = {"layer": "conv", "k": 4, "batch_size": 16, "png_channels": 2}  # 30 images: in-process decode
+    local = neurons(technique="max-act", store=str(root / "local"), params=params)
+    dask = neurons.with_options(task_runner=dask_runner())(technique="max-act", store=str(root / "dask"), params=params)
+    tables = []
+    for name, res in (("local", local), ("dask", dask)):
+        adir = Store(root / name).artefact_dir("neurons", res["artefact_id"])
+        tables.append(read_table(adir, read_manifest(adir, verify=True)))
+    lt, dt = tables
+    assert len(lt) == 8 * 4 and lt["image_id"].nunique() > 1
+    cols = ["channel", "rank", "image_id", "path", "activation", "unit_y", "unit_x", "box_x0", "box_y0", "box_x1", "box_y1"]
+    pd.testing.assert_frame_equal(lt[cols].reset_index(drop=True), dt[cols].reset_index(drop=True), check_exact=True)
+    assert local["images_scanned"] == dask["images_scanned"] == 30 and local["png_channels"] == dask["png_channels"]
+
+
+def test_topk_merge_of_shards_equals_streaming_with_ties():
+    """Shard top-k tables merged in order == one running top-k, ties (ReLU zeros) included: earlier row first."""
+    import torch
+
+    from tasks.neurons.max_activations import TopK
+
+    g = torch.Generator().manual_seed(1)
+    act = torch.relu(torch.randn(40, 5, 3, 3, generator=g)).round(decimals=1)  # many exact ties
+    act[:, 4] = 0.0  # a dead channel: every image ties
+    rows = torch.arange(40)
+    one = TopK.empty(5, 6)
+    for s in range(0, 40, 4):
+        one.update(act[s:s + 4], rows[s:s + 4])
+    merged = None
+    for s in range(0, 40, 16):
+        part = TopK.empty(5, 6)
+        for b in range(s, min(40, s + 16), 4):
+            part.update(act[b:b + 4], rows[b:b + 4])
+        merged = part if merged is None else (merged.merge(part) or merged)
+    for name in ("values", "rows", "ys", "xs"):
+        assert torch.equal(getattr(one, name), getattr(merged, name)), name
+    assert one.rows[4].tolist() == [0, 1, 2, 3, 4, 5]  # dead channel: the first images, in order

@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -64,10 +64,19 @@ class TopK:
         idx = idx.t().cpu()
         all_y = torch.cat([self.ys, idx // w], dim=1)
         all_x = torch.cat([self.xs, idx % w], dim=1)
-        top = torch.topk(all_v, k=min(k, all_v.shape[1]), dim=1)
-        sel = top.indices
+        self._keep(all_v, all_r, all_y, all_x)
+
+    def merge(self, other: "TopK") -> None:
+        """Merge another running top-k whose rows all come after this one's (e.g. the next shard)."""
+        self._keep(torch.cat([self.values, other.values], dim=1), torch.cat([self.rows, other.rows], dim=1),
+                   torch.cat([self.ys, other.ys], dim=1), torch.cat([self.xs, other.xs], dim=1))
+
+    def _keep(self, all_v: torch.Tensor, all_r: torch.Tensor, all_y: torch.Tensor, all_x: torch.Tensor) -> None:
+        # stable descending sort: equal values keep the earlier row, so streaming, batching and sharding agree
+        c, k = self.values.shape
+        sel = torch.sort(all_v, dim=1, descending=True, stable=True).indices[:, :k]
         self.values = torch.full((c, k), float("-inf"))
-        self.values[:, : sel.shape[1]] = top.values
+        self.values[:, : sel.shape[1]] = torch.gather(all_v, 1, sel)
         for name, src in (("rows", all_r), ("ys", all_y), ("xs", all_x)):
             out = torch.full((c, k), -1, dtype=torch.long)
             out[:, : sel.shape[1]] = torch.gather(src, 1, sel)
@@ -219,7 +228,8 @@ def run_max_activations(store: str | Path, layer: str | None = None, features_id
                         channels: Sequence[int] | None = None, png_channels: int = 8, per_png: int = 8,
                         batch_size: int = 32, patch_px: int = 64, limit: int | None = None, min_inside: float = 0.5,
                         device: str = "auto", progress: bool = False, source: Source | None = None,
-                        force: bool = False) -> dict[str, Any]:
+                        force: bool = False, scan: Callable[..., tuple[TopK, tuple[int, int], list[int]]] | None = None,
+                        ) -> dict[str, Any]:
     """Top-``k`` images and RF patches of every channel of ``layer`` over the images of a feature artefact.
 
     ``channels``: which channels get patch PNGs (default: the ``png_channels`` channels with the highest
@@ -227,6 +237,8 @@ def run_max_activations(store: str | Path, layer: str | None = None, features_id
     ``min_inside``: rank only units whose receptive field lies at least this fraction (of its area) inside the
     crop, so border units that mostly see padding do not dominate (0 = every unit).
     Files: ``max_activations.parquet`` (:func:`hits_table`), ``patches-<n>.png`` (``per_png`` channels each).
+    ``scan``: replaces the one-process :func:`max_activation_pass` with the same signature and result (the
+    sharded pass of :mod:`tasks.sharding`, called under the artefact lock).
     """
     from tasks.neurons.common import default_conv_layer
 
@@ -244,8 +256,8 @@ def run_max_activations(store: str | Path, layer: str | None = None, features_id
         crop = src.preprocess.crop
         rf = receptive_field(src.lm.module, layer, crop)
         files_in = [src.dataset_root / p for p in meta["path"]]
-        top, size, skipped = max_activation_pass(net, files_in, src.preprocess, layer, k, batch_size, dev, progress=progress,
-                                                 rf=rf, min_inside=min_inside)
+        top, size, skipped = (scan or max_activation_pass)(net, files_in, src.preprocess, layer, k, batch_size, dev,
+                                                           progress=progress, rf=rf, min_inside=min_inside)
         hits = hits_table(top, layer, rf, crop, list(meta["image_id"]), list(meta["path"]), list(meta["label"]))
         if channels:
             bad = [c for c in channels if not 0 <= c < top.values.shape[0]]

@@ -383,16 +383,24 @@ def test_same_inputs_give_identical_features_maps_and_neighbours(tmp_path):
             maps[method] = read_coords(Store(store).artefact_dir("maps", mm["artefact_id"]), mm)
         build_index(IndexConfig(store=str(store)))
         g = knn_graph(str(store), k=3)
-        im = read_manifest(Store(store).artefact_dir("indexes", g["index"]))
         knn = pq.read_table(Store(store).artefact_dir("indexes", g["index"]) / g["file"]).to_pandas()
-        out.append((files, load_features(adir(store, m), m)[1], maps, knn, im))
-    (fa, xa, ma, ka, _), (fb, xb, mb, kb, _) = out
+        meta, feats = load_features(adir(store, m), m)
+        out.append((files, feats, maps, knn, meta))
+    (fa, xa, ma, ka, meta_a), (fb, xb, mb, kb, _) = out
     assert fa == fb  # every Parquet part byte-identical (same names = same sha256)
     assert xa.tobytes() == xb.tobytes()
     for method in ("pca", "tsne"):
         cols = [c for c in ma[method].columns if c.startswith(("x", "y", "z")) or c in ("image_id", "path")]
+        assert {"x", "y", "image_id"} <= set(cols)
         pd.testing.assert_frame_equal(ma[method][cols], mb[method][cols], check_exact=True)
     pd.testing.assert_frame_equal(ka, kb, check_exact=True)
+    # an image's features do not depend on its batch-mates (a resumed run batches differently)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(data / meta_a["path"][5], alone / "only.png")
+    m1 = extract(alone, tmp_path / "store-alone", seed=3, batch_size=3)
+    one = load_features(adir(tmp_path / "store-alone", m1), m1)[1]
+    assert one[0].tobytes() == xa[5].tobytes()
 
 
 # --- 9. unsafe loads ----------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ SEED = int(os.environ.get("CONVLENS_SOAK_SEED", "0"))
 # Keys that legitimately differ between an interrupted-and-resumed run and an uninterrupted one: times,
 # timings, per-run statistics, and part boundaries (a resumed run keeps its journalled parts, so rows are
 # split differently across files; rows, features and rejects are compared separately, bit for bit).
-VOLATILE = {"created", "previous_created", "updated", "manifest_sha256", "seconds", "images_per_s", "run", "build",
+VOLATILE = {"created", "previous_created", "updated", "first_built", "manifest_sha256", "seconds", "images_per_s", "run", "build",
             "files", "library_versions", "timings", "reused", "computed"}
 
 

@@ -117,13 +117,15 @@ def nightly_audit(data: str, store: str = "convlens-store", model: str = "mobile
                   num_workers: int | None = None, select: str = "random", n: int = 16,
                   methods: list[str] | None = None, window: int = 32, stride: int = 16,
                   index: bool = True, dataset_audit: bool = True, maps: bool = True,
-                  report_dir: str | None = None, keep_runs: int = 14, seed: int = 0) -> dict[str, Any]:
+                  report_dir: str | None = None, keep_runs: int = 14, always_report: bool = False,
+                  seed: int = 0) -> dict[str, Any]:
     """Nightly incremental audit of ``data`` into ``store``; returns the summary (run id, report path, per-stage
     counts and seconds, drift counts vs the previous successful run)."""
     cfg = NightlyConfig(data=data, store=store, model=model, weights=weights, layer=layer, device=device,
                         batch_size=batch_size, num_workers=num_workers, select=select, n=n,
                         methods=tuple(methods or DEFAULT_METHODS), window=window, stride=stride, index=index,
-                        dataset_audit=dataset_audit, maps=maps, report_dir=report_dir, keep_runs=keep_runs, seed=seed)
+                        dataset_audit=dataset_audit, maps=maps, report_dir=report_dir, keep_runs=keep_runs,
+                        always_report=always_report, seed=seed)
     logger = get_run_logger()
     summary = run_nightly(cfg, call=lambda name, fn, kw: _TASKS[name](**kw), say=logger.info)
     publish_artifact(summary)
@@ -169,6 +171,8 @@ def add_nightly_arguments(p: argparse.ArgumentParser, data_required: bool = True
     p.add_argument("--no-dataset-audit", dest="dataset_audit", action="store_false", help="skip the kNN dataset audit")
     p.add_argument("--report-dir", default=None, help="where reports go (default <store>/reports)")
     p.add_argument("--keep-runs", type=int, default=14, help="run records kept per dataset (default 14)")
+    p.add_argument("--always-report", action="store_true",
+                   help="re-render the report even when nothing changed (default: reuse the previous run's)")
 
 
 def flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
@@ -186,7 +190,7 @@ def flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
             "select": args.select, "n": args.n,
             "methods": [m.strip() for m in args.methods.split(",") if m.strip()], "index": args.index,
             "dataset_audit": args.dataset_audit, "maps": args.maps, "report_dir": absolute(args.report_dir),
-            "keep_runs": args.keep_runs}
+            "keep_runs": args.keep_runs, "always_report": args.always_report}
 
 
 def _cli(args: argparse.Namespace) -> int:

@@ -78,6 +78,7 @@ class NightlyConfig:
     maps: bool = True
     report_dir: str | None = None   # default <store>/reports
     keep_runs: int = 14
+    always_report: bool = False     # re-render the report even when nothing changed (default: reuse the last one)
     seed: int = 0
 
     def validate(self) -> None:
@@ -174,9 +175,14 @@ def publish_run(store: str | os.PathLike[str], run_id: str, features_id: str, fm
     published = write_manifest(rdir, manifest)
     runs = sorted(((m.get("created", ""), rid) for rid, m in s.iter_artefacts("runs")
                    if m.get("kind") == RUN_KIND and m.get("features", {}).get("id") == features_id), reverse=True)
+    kept_reports = {str(read_manifest(s.artefact_dir("runs", rid)).get("report")) for _, rid in runs[:keep_runs]}
     for _, rid in runs[keep_runs:]:
         log.info("removing old nightly run record %s (keeping %d)", rid, keep_runs)
-        shutil.rmtree(s.artefact_dir("runs", rid), ignore_errors=True)
+        rdir_old = s.artefact_dir("runs", rid)
+        report = Path(str(read_manifest(rdir_old).get("report", "")))
+        if str(report) not in kept_reports and report.parent == s.kind_dir("reports") and report.name.startswith("nightly-"):
+            report.unlink(missing_ok=True)  # a nightly report in the store that no kept record points to
+        shutil.rmtree(rdir_old, ignore_errors=True)
     return published
 
 
@@ -399,19 +405,48 @@ def run_nightly(cfg: NightlyConfig, call: Call = _direct, say: Callable[[str], N
     stage("attribution", stage_attribution, cfg=cfg, features_id=fid, new_ids=new_ids, work_dir=work_dir)
     report_dir = Path(cfg.report_dir) if cfg.report_dir else Store(cfg.store).kind_dir("reports")
     out = report_dir / f"{run_id}.html"
-    rep = stage("report", stage_report, store=cfg.store, features_id=fid, out=str(out),
-                compare=str(prev_snapshot) if prev_snapshot else None)
+    reuse = _reusable_report(cfg, prev, created, ext, stages)
+    if reuse is not None:
+        say(f"[report] nothing changed since {prev[0]}; reusing its report {reuse['path']}")
+        stages["report"], seconds["report"] = reuse, 0.0
+        rep = reuse
+    else:
+        rep = stage("report", stage_report, store=cfg.store, features_id=fid, out=str(out),
+                    compare=str(prev_snapshot) if prev_snapshot else None)
     seconds["total"] = round(time.perf_counter() - t_all, 3)
     summary = {
         "run_id": run_id, "features_id": fid, "report": rep["path"], "previous_run": prev[0] if prev else None,
-        "new_images": len(new_ids), "removed_images": len(removed_ids), "drift": rep["drift"],
-        "stages": {k: v for k, v in stages.items() if k != "report"} | {"report": {"path": rep["path"], "bytes": rep["bytes"]}},
+        "new_images": len(new_ids), "removed_images": len(removed_ids),
+        "drift": rep["drift"] if reuse is None else {"n_new": 0, "n_removed": 0, "n_common": ext["rows"],
+                                                      "n_prev": ext["rows"], "n_cur": ext["rows"], "previous": prev[0]},
+        "stages": {k: v for k, v in stages.items() if k != "report"}
+        | {"report": {"path": rep["path"], "bytes": rep["bytes"], "reused": reuse is not None}},
         "seconds": seconds, "config": cfg.to_dict(),
     }
     fdir = Store(cfg.store).artefact_dir("features", fid)
     publish_run(cfg.store, run_id, fid, read_manifest(fdir), {k: v for k, v in summary.items() if k != "run_id"},
                 cfg.keep_runs)
     return summary
+
+
+def _reusable_report(cfg: NightlyConfig, prev: tuple[str, dict[str, Any], Path] | None, created: str,
+                     ext: dict[str, Any], stages: dict[str, Any]) -> dict[str, Any] | None:
+    """The previous run's report when tonight changed nothing it shows (same features publication, every
+    stage reused, report file still there) and ``cfg.always_report`` is off; else None."""
+    if cfg.always_report or prev is None or ext["republished"]:
+        return None
+    _, pman, _ = prev
+    report = Path(str(pman.get("report", "")))
+    if pman.get("features", {}).get("created") != created or not report.is_file():
+        return None
+    st = stages
+    if any(v["mode"] != "reused" for v in st.get("index", {}).values()):
+        return None
+    if ("dataset-audit" in st and not st["dataset-audit"]["reused"]) or st.get("maps", {}).get("computed", 0):
+        return None
+    if st["attribution"]["computed"]:
+        return None
+    return {"path": str(report), "bytes": report.stat().st_size, "drift": pman.get("drift"), "reused": True}
 
 
 def _brief(out: Any, limit: int = 240) -> str:
@@ -442,7 +477,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     at = st["attribution"]
     lines.append(f"| attribution | {at['selected']} new images selected, {at['computed']} maps computed, "
                  f"{at['reused']} reused | {summary['seconds'].get('attribution', 0):.1f} |")
-    lines.append(f"| report | written ({st['report']['bytes'] / 1e6:.1f} MB) | {summary['seconds'].get('report', 0):.1f} |")
+    how = "reused (nothing changed)" if st["report"].get("reused") else "written"
+    lines.append(f"| report | {how} ({st['report']['bytes'] / 1e6:.1f} MB) | {summary['seconds'].get('report', 0):.1f} |")
     d = summary.get("drift")
     lines += ["", (f"**Drift vs previous run:** {d['n_new']} new images, {d['n_removed']} removed, "
                    f"{d['n_common']} in both ({d['n_prev']} → {d['n_cur']} rows)." if d else

@@ -210,10 +210,17 @@ def test_nightly_incremental_runs_and_exact_drift(tmp_path, api):
     assert st["dataset-audit"]["reused"] and st["maps"]["computed"] == 0
     assert st["attribution"]["selected"] == 0 and st["attribution"]["computed"] == 0
     assert (s3["new_images"], s3["removed_images"]) == (0, 0)
+    assert st["report"]["reused"] and s3["report"] == s2["report"]  # nothing changed: yesterday's report stands
 
     # run records: one per successful run, each with a features snapshot the next run compared against
     runs = sorted(rid for rid, m in Store(store).iter_artefacts("runs") if m.get("kind") == "nightly-run")
     assert runs == sorted([s1["run_id"], s2["run_id"], s3["run_id"]])
+    # retention: --keep-runs 2 drops the oldest record and its (no longer referenced) report
+    s4 = nightly_audit(data=str(data), **kw, keep_runs=2, always_report=True)
+    assert not s4["stages"]["report"]["reused"] and Path(s4["report"]).is_file()
+    runs = sorted(rid for rid, m in Store(store).iter_artefacts("runs") if m.get("kind") == "nightly-run")
+    assert runs == sorted([s3["run_id"], s4["run_id"]])
+    assert not Path(s1["report"]).exists() and Path(s2["report"]).is_file()
     # the Prefect artefact: markdown summary + link to the report
     from storage.paths import slugify
 

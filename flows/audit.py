@@ -5,6 +5,10 @@ Parameters mirror ``convlens audit``. Steps: resolve the feature artefact and se
 missing (image, method, parameters, target) maps in batches -> score deletion / insertion AUC -> publish the
 ``audits`` artefact (kind ``attribution``; layout in docs/attribution.md). Incremental: a rerun computes only
 what is not stored yet.
+
+Scale-out: under a Dask task runner (``--runner dask``, :mod:`flows.runners`) or with ``shard_size > 0`` the
+selection is split into shards computed by parallel ``attribution-shard`` tasks (maps and overlays written by
+each); the scores merge / publish runs once under the artefact lock (:func:`tasks.sharding.run_sharded_audit`).
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ import argparse
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
+from flows.runners import shard_setting, submit_shards
 from tasks.attribution_audit import DEFAULT_METHODS, SELECT_POLICIES, AuditConfig, run_audit, summarise
+from tasks.sharding import AuditShard, audit_shard, run_sharded_audit
 
-__all__ = ["attribution_audit", "audit_task", "add_arguments", "config_from_args", "register"]
+__all__ = ["attribution_audit", "audit_task", "audit_shard_task", "add_arguments", "config_from_args", "register"]
 
 
 @task(name="attribution-audit", retries=0)
@@ -25,18 +32,32 @@ def audit_task(cfg: AuditConfig) -> dict[str, Any]:
     return summarise(run_audit(cfg))
 
 
+@task(name="attribution-shard", retries=0, cache_policy=NO_CACHE)
+def audit_shard_task(job: AuditShard) -> dict[str, Any]:
+    """Maps, overlays and score rows of one slice of the selection (no lock; content-addressed files)."""
+    return audit_shard(job)
+
+
 @flow(name="attribution-audit", log_prints=False)
 def attribution_audit(store: str = "convlens-store", artefact: str | None = None,
                       methods: list[str] | None = None, select: str = "random", n: int = 16, seed: int = 0,
                       device: str = "auto", batch_size: int = 64, window: int = 16, stride: int = 8,
                       baseline: float = 0.0, layer: str | None = None, ig_steps: int = 50,
-                      faith_steps: int = 16, weights: str | None = None) -> dict[str, Any]:
-    """Audit N selected images of a feature artefact with the given methods; returns a summary."""
+                      faith_steps: int = 16, weights: str | None = None,
+                      shard_size: int | None = None) -> dict[str, Any]:
+    """Audit N selected images of a feature artefact with the given methods; returns a summary.
+
+    ``shard_size``: ``None`` shards automatically under a Dask task runner only, ``0`` never, ``N`` images per
+    shard (rounded up to the image batch) on any task runner."""
     cfg = AuditConfig(store=store, artefact=artefact, methods=tuple(methods or DEFAULT_METHODS), select=select, n=n,
                       seed=seed, device=device, batch_size=batch_size, window=window, stride=stride,
                       baseline=baseline, layer=layer, ig_steps=ig_steps, faith_steps=faith_steps, weights=weights,
                       progress=False)
-    summary = audit_task(cfg)
+    shard, size = shard_setting(shard_size)
+    if shard:
+        summary = summarise(run_sharded_audit(cfg, submit_shards(audit_shard_task), size))
+    else:
+        summary = audit_task(cfg)
     get_run_logger().info("published %(artefact_id)s: %(computed)d maps computed, %(reused)d reused", summary)
     return summary
 
@@ -70,7 +91,8 @@ def config_from_args(a: argparse.Namespace) -> AuditConfig:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from flows.cli import emit, run_stage
+    from flows.cli import emit
+    from flows.runners import run_stage
 
     cfg = config_from_args(args)
     cfg.validate()
@@ -79,7 +101,7 @@ def _cli(args: argparse.Namespace) -> int:
         store=cfg.store, artefact=cfg.artefact, methods=list(cfg.methods), select=cfg.select, n=cfg.n,
         seed=cfg.seed, device=cfg.device, batch_size=cfg.batch_size, window=cfg.window, stride=cfg.stride,
         baseline=cfg.baseline, layer=cfg.layer, ig_steps=cfg.ig_steps, faith_steps=cfg.faith_steps,
-        weights=cfg.weights,
+        weights=cfg.weights, shard_size=getattr(args, "shard_size", None),
     )
     emit(result, args.json, (
         f"attribution audit {result['artefact_id']}: {result['computed']} maps computed, {result['reused']} reused "
@@ -94,7 +116,10 @@ def register(sub) -> None:
 
     p = sub.add_parser("audit", help="attribution maps (occlusion, saliency, Grad-CAM, ...) + faithfulness scores",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from flows.runners import add_runner_arguments
+
     add_arguments(p)
+    add_runner_arguments(p)
     add_store_argument(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cli)

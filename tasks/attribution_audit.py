@@ -45,6 +45,12 @@ __all__ = [
     "label_index",
     "run_audit",
     "run_default_audit",
+    "AuditPlan",
+    "plan_audit",
+    "audit_model",
+    "compute_audit",
+    "stored_scores",
+    "publish_audit",
     "read_scores",
     "load_map",
     "SCORES_COLUMNS",
@@ -345,19 +351,37 @@ def _compute(name: str, model, x: torch.Tensor, t: torch.Tensor, cfg: AuditConfi
     return reduce_map(a, spec.reduce)
 
 
-def run_audit(cfg: AuditConfig) -> dict[str, Any]:
-    """Select, compute missing (image, method, params, target) rows, publish. Returns the manifest.
+@dataclass
+class AuditPlan:
+    """What an audit run will do (small: the selection is at most ``n`` rows); picklable for shard workers."""
+
+    config: AuditConfig  # with ``layer`` resolved to the Grad-CAM layer
+    features_id: str
+    features: dict[str, Any]  # the feature manifest's id / created / dataset_root
+    spec: dict[str, Any]  # model spec of the feature artefact
+    weights: str
+    preprocessing: dict[str, Any] | None
+    preprocess: Any  # tasks.models.Preprocess
+    categories: list[str] | None
+    num_classes: int
+    artefact_id: str
+    artefact_dir: Path
+    selection: pd.DataFrame
+    methods: list[str]
+    params: dict[str, dict[str, Any]]
+    phash: dict[str, str]
+
+
+def plan_audit(cfg: AuditConfig) -> tuple[AuditPlan, Any]:
+    """Resolve the feature artefact, load and check the model, select the images. Returns ``(plan, loaded model)``.
 
     Raises ``ValueError`` / :class:`ConvlensError` for bad options, a missing feature artefact or missing
     dataset-audit findings.
     """
     from tasks.cam import default_cam_layer
-    from tasks.faithfulness import deletion_insertion
-    from tasks.features import normalise, pick_device
     from tasks.models import ModelError, load_model
 
     cfg.validate()
-    t_start = time.perf_counter()
     store = Store(cfg.store)
     faid, fman = store.resolve("features", cfg.artefact)
     fdir = store.artefact_dir("features", faid)
@@ -374,10 +398,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     cat_entry = next((e for e in fman.get("files", []) if e.get("role") == "categories"), None)
     if cat_entry:
         cats = json.loads((fdir / cat_entry["name"]).read_text("utf-8"))
-    device = pick_device(cfg.device)
-    model = lm.module.to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = lm.module
     num_classes = next((m.out_features for m in reversed(list(model.modules())) if isinstance(m, torch.nn.Linear)), 0)
     cam_layer = cfg.layer or default_cam_layer(model)
     cfg = replace(cfg, layer=cam_layer)
@@ -385,117 +406,179 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     methods = [method_spec(m).name for m in dict.fromkeys(cfg.methods)]
     mparams = {m: cfg.method_params(m) for m in methods}
     phash = {m: params_hash(m, mparams[m]) for m in methods}
-
     aid = artefact_id(f"{faid[:40]}-attribution", {"features": faid, "code_version": CODE_VERSION, "kind": "attribution"})
     adir = store.artefact_dir("audits", aid, create=True)
-    with artefact_lock(adir):
-        old = read_manifest(adir) if (adir / MANIFEST_NAME).is_file() else None
-        scores = _load_scores(adir, old)
-        done = {(r.image_id, r.method, r.params_hash, int(r.target)) for r in scores.itertuples()}
-        writer = _MapWriter(adir, cfg.maps_per_part)
-        new_rows: list[dict[str, Any]] = []
-        overlays: list[dict[str, Any]] = []
-        failures: list[str] = []
-        stats = {"computed": 0, "reused": 0}
-        occ_cache: dict = {}
-        bar = None
-        if cfg.progress:
-            from tqdm.auto import tqdm
+    feats = {"id": faid, "created": fman.get("created"), "dataset_root": fman.get("dataset_root")}
+    return AuditPlan(cfg, faid, feats, spec, weights, fman.get("preprocessing"), lm.preprocess, cats, num_classes, aid,
+                     adir, sel, methods, mparams, phash), lm
 
-            bar = tqdm(total=len(sel), desc="audit", unit="img", dynamic_ncols=True)
-        try:
-            for s in range(0, len(sel), cfg.image_batch):
-                rows = sel.iloc[s:s + cfg.image_batch]
-                ok, raw, bad = _decode_batch(Path(fman["dataset_root"]), rows, lm.preprocess)
-                failures.extend(bad)
-                if raw is None:
-                    if bar is not None:
-                        bar.update(len(rows))
-                    continue
-                rows = rows.iloc[ok]
-                x = normalise(raw.to(device), lm.preprocess)
-                with torch.no_grad():
-                    prob = torch.softmax(model(x).float(), dim=1)
-                pconf, pred = prob.max(dim=1)
-                jobs: list[tuple[int, int, str]] = []  # (row position, target, kind)
-                for i, r in enumerate(rows.itertuples()):
-                    p = int(pred[i])
-                    li = label_index(r.label, cats, num_classes)
-                    jobs.append((i, p, "pred" if li != p else "pred=label"))
-                    if li is not None and li != p:
-                        jobs.append((i, li, "label"))
-                imgs_np = raw.permute(0, 2, 3, 1).numpy()
-                for m in methods:
-                    todo = [(i, t, k) for i, t, k in jobs if (rows.iloc[i].image_id, m, phash[m], t) not in done]
-                    stats["reused"] += len(jobs) - len(todo)
-                    if not todo:
-                        continue
-                    ii = torch.tensor([i for i, _, _ in todo], device=device)
-                    tt = torch.tensor([t for _, t, _ in todo], device=device)
-                    t0 = time.perf_counter()
-                    maps = _compute(m, model, x[ii], tt, cfg, cam_layer, occ_cache)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    dt = (time.perf_counter() - t0) / len(todo)
-                    faith = deletion_insertion(model, x[ii], tt, maps, n_steps=cfg.faith_steps, batch_size=cfg.batch_size)
-                    signed = METHODS[m].reduce in ("sum", "mean")
-                    for b, (i, t, kind) in enumerate(todo):
-                        r = rows.iloc[i]
-                        png = _overlay_png(imgs_np[i], _display(maps[b], signed), cfg.thumb)
-                        oname = f"ov-{sha256_bytes(f'{r.image_id}|{m}|{phash[m]}|{t}'.encode())[:20]}.png"
-                        atomic_write_bytes(adir / oname, png)
-                        overlays.append({"name": oname, "bytes": len(png), "sha256": sha256_bytes(png), "role": "overlay"})
-                        row = {"image_id": r.image_id, "path": r.path, "label": None if pd.isna(r.label) else str(r.label),
-                               "method": m, "params_hash": phash[m], "target": int(t), "target_kind": kind,
-                               "target_name": cats[t] if cats and t < len(cats) else str(t),
-                               "pred": int(pred[i]), "prob": float(pconf[i]),
-                               "deletion_auc": float(faith.deletion_auc[b]), "insertion_auc": float(faith.insertion_auc[b]),
-                               "runtime_s": round(dt, 4), "map_file": "", "map_index": -1, "overlay": oname,
-                               "selected_by": r.selected_by, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-                        writer.add(maps[b].cpu().numpy(), row)
-                        new_rows.append(row)
-                        done.add((r.image_id, m, phash[m], int(t)))
-                    stats["computed"] += len(todo)
-                    del maps, faith
-                del x, raw
+
+def audit_model(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` on ``device`` in eval mode with frozen parameters (in place)."""
+    model = module.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def compute_audit(plan: AuditPlan, model: torch.nn.Module, rows_sel: pd.DataFrame,
+                  done: set[tuple[str, str, str, int]], progress: bool = False) -> dict[str, Any]:
+    """Compute the rows of ``rows_sel`` (a slice of the selection) not in ``done``; write maps and overlays.
+
+    Writes content-addressed map NPZ parts and overlay PNGs into the artefact dir (no lock needed: safe on
+    disjoint slices in parallel). Returns small records: ``{"rows": score rows, "maps": map part entries,
+    "overlays": overlay entries, "failures": [...], "computed": int, "reused": int}``.
+    Memory: O(image_batch x method working set) + one map part buffer.
+    """
+    from tasks.faithfulness import deletion_insertion
+    from tasks.features import normalise, pick_device
+
+    cfg, adir, cats, phash, methods = plan.config, plan.artefact_dir, plan.categories, plan.phash, plan.methods
+    device = pick_device(cfg.device)
+    cam_layer = cfg.layer
+    num_classes = plan.num_classes
+    done = set(done)
+    writer = _MapWriter(adir, cfg.maps_per_part)
+    new_rows: list[dict[str, Any]] = []
+    overlays: list[dict[str, Any]] = []
+    failures: list[str] = []
+    stats = {"computed": 0, "reused": 0}
+    occ_cache: dict = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(rows_sel), desc="audit", unit="img", dynamic_ncols=True)
+    try:
+        for s in range(0, len(rows_sel), cfg.image_batch):
+            rows = rows_sel.iloc[s:s + cfg.image_batch]
+            ok, raw, bad = _decode_batch(Path(plan.features["dataset_root"]), rows, plan.preprocess)
+            failures.extend(bad)
+            if raw is None:
                 if bar is not None:
-                    bar.update(len(rows) + len(bad))
-        finally:
+                    bar.update(len(rows))
+                continue
+            rows = rows.iloc[ok]
+            x = normalise(raw.to(device), plan.preprocess)
+            with torch.no_grad():
+                prob = torch.softmax(model(x).float(), dim=1)
+            pconf, pred = prob.max(dim=1)
+            jobs: list[tuple[int, int, str]] = []  # (row position, target, kind)
+            for i, r in enumerate(rows.itertuples()):
+                p = int(pred[i])
+                li = label_index(r.label, cats, num_classes)
+                jobs.append((i, p, "pred" if li != p else "pred=label"))
+                if li is not None and li != p:
+                    jobs.append((i, li, "label"))
+            imgs_np = raw.permute(0, 2, 3, 1).numpy()
+            for m in methods:
+                todo = [(i, t, k) for i, t, k in jobs if (rows.iloc[i].image_id, m, phash[m], t) not in done]
+                stats["reused"] += len(jobs) - len(todo)
+                if not todo:
+                    continue
+                ii = torch.tensor([i for i, _, _ in todo], device=device)
+                tt = torch.tensor([t for _, t, _ in todo], device=device)
+                t0 = time.perf_counter()
+                maps = _compute(m, model, x[ii], tt, cfg, cam_layer, occ_cache)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = (time.perf_counter() - t0) / len(todo)
+                faith = deletion_insertion(model, x[ii], tt, maps, n_steps=cfg.faith_steps, batch_size=cfg.batch_size)
+                signed = METHODS[m].reduce in ("sum", "mean")
+                for b, (i, t, kind) in enumerate(todo):
+                    r = rows.iloc[i]
+                    png = _overlay_png(imgs_np[i], _display(maps[b], signed), cfg.thumb)
+                    oname = f"ov-{sha256_bytes(f'{r.image_id}|{m}|{phash[m]}|{t}'.encode())[:20]}.png"
+                    atomic_write_bytes(adir / oname, png)
+                    overlays.append({"name": oname, "bytes": len(png), "sha256": sha256_bytes(png), "role": "overlay"})
+                    row = {"image_id": r.image_id, "path": r.path, "label": None if pd.isna(r.label) else str(r.label),
+                           "method": m, "params_hash": phash[m], "target": int(t), "target_kind": kind,
+                           "target_name": cats[t] if cats and t < len(cats) else str(t),
+                           "pred": int(pred[i]), "prob": float(pconf[i]),
+                           "deletion_auc": float(faith.deletion_auc[b]), "insertion_auc": float(faith.insertion_auc[b]),
+                           "runtime_s": round(dt, 4), "map_file": "", "map_index": -1, "overlay": oname,
+                           "selected_by": r.selected_by, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                    writer.add(maps[b].cpu().numpy(), row)
+                    new_rows.append(row)
+                    done.add((r.image_id, m, phash[m], int(t)))
+                stats["computed"] += len(todo)
+                del maps, faith
+            del x, raw
             if bar is not None:
-                bar.close()
-        writer.flush()
-        files = [e for e in (old or {}).get("files", []) if e.get("role") in ("scores", "maps", "overlay")]
-        if new_rows:
-            tbl = pa.Table.from_pylist([{c: r.get(c) for c in SCORES_COLUMNS} for r in new_rows])
-            sentry = write_part(adir, tbl, prefix="scores")
-            files.append(dict(sentry, role="scores"))
-        names = {e["name"] for e in files}
-        files += [e for e in writer.entries + overlays if e["name"] not in names and not names.add(e["name"])]
-        all_methods = dict((old or {}).get("methods", {}))
-        for m in methods:
-            all_methods.setdefault(m, {})[phash[m]] = {"params": mparams[m], "reduce": METHODS[m].reduce}
-        manifest = {
-            "kind": "attribution",
-            "artefact_id": aid,
-            "features": {"id": faid, "created": fman.get("created"), "dataset_root": fman.get("dataset_root")},
-            "model": spec,
-            "preprocessing": fman.get("preprocessing"),
-            "gradcam_layer": cam_layer,
-            "methods": all_methods,
-            "rows": int(len(scores) + len(new_rows)),
-            "images": int(len(set(scores["image_id"]) | {r["image_id"] for r in new_rows})),
-            "map_dtype": "float16",
-            "faithfulness": {"steps": cfg.faith_steps, "score": "prob", "deletion_baseline": 0.0,
-                             "insertion_start": "gaussian blur sigma 5"},
-            "files": files,
-            "last_run": {"select": cfg.select, "n": cfg.n, "selected": int(len(sel)), "methods": methods,
-                         "computed": stats["computed"], "reused": stats["reused"], "failed": failures[:20],
-                         "device": str(device), "seconds": round(time.perf_counter() - t_start, 2)},
-            "previous_created": old.get("created") if old else None,
-        }
-        published = write_manifest(adir, manifest)
-        remove_garbage(adir, published)
+                bar.update(len(rows) + len(bad))
+    finally:
+        if bar is not None:
+            bar.close()
+    writer.flush()
+    return {"rows": new_rows, "maps": writer.entries, "overlays": overlays, "failures": failures, **stats}
+
+
+def stored_scores(plan: AuditPlan) -> tuple[dict[str, Any] | None, pd.DataFrame, set[tuple[str, str, str, int]]]:
+    """``(old manifest, stored scores, done keys)`` of the audit artefact; call under its lock."""
+    adir = plan.artefact_dir
+    old = read_manifest(adir) if (adir / MANIFEST_NAME).is_file() else None
+    scores = _load_scores(adir, old)
+    done = {(r.image_id, r.method, r.params_hash, int(r.target)) for r in scores.itertuples()}
+    return old, scores, done
+
+
+def publish_audit(plan: AuditPlan, old: dict[str, Any] | None, scores: pd.DataFrame, results: list[dict[str, Any]],
+                  seconds: float) -> dict[str, Any]:
+    """Merge the computed results (in selection order) with the stored rows and publish; call under the lock."""
+    from tasks.features import pick_device
+
+    cfg, adir, methods = plan.config, plan.artefact_dir, plan.methods
+    new_rows = [r for res in results for r in res["rows"]]
+    failures = [f for res in results for f in res["failures"]]
+    files = [e for e in (old or {}).get("files", []) if e.get("role") in ("scores", "maps", "overlay")]
+    if new_rows:
+        tbl = pa.Table.from_pylist([{c: r.get(c) for c in SCORES_COLUMNS} for r in new_rows])
+        sentry = write_part(adir, tbl, prefix="scores")
+        files.append(dict(sentry, role="scores"))
+    names = {e["name"] for e in files}
+    files += [e for res in results for e in res["maps"] + res["overlays"] if e["name"] not in names and not names.add(e["name"])]
+    all_methods = dict((old or {}).get("methods", {}))
+    for m in methods:
+        all_methods.setdefault(m, {})[plan.phash[m]] = {"params": plan.params[m], "reduce": METHODS[m].reduce}
+    manifest = {
+        "kind": "attribution",
+        "artefact_id": plan.artefact_id,
+        "features": plan.features,
+        "model": plan.spec,
+        "preprocessing": plan.preprocessing,
+        "gradcam_layer": cfg.layer,
+        "methods": all_methods,
+        "rows": int(len(scores) + len(new_rows)),
+        "images": int(len(set(scores["image_id"]) | {r["image_id"] for r in new_rows})),
+        "map_dtype": "float16",
+        "faithfulness": {"steps": cfg.faith_steps, "score": "prob", "deletion_baseline": 0.0,
+                         "insertion_start": "gaussian blur sigma 5"},
+        "files": files,
+        "last_run": {"select": cfg.select, "n": cfg.n, "selected": int(len(plan.selection)), "methods": methods,
+                     "computed": sum(r["computed"] for r in results), "reused": sum(r["reused"] for r in results),
+                     "failed": failures[:20], "device": str(pick_device(cfg.device)), "seconds": round(seconds, 2)},
+        "previous_created": old.get("created") if old else None,
+    }
+    published = write_manifest(adir, manifest)
+    remove_garbage(adir, published)
     return published
+
+
+def run_audit(cfg: AuditConfig) -> dict[str, Any]:
+    """Select, compute missing (image, method, params, target) rows, publish. Returns the manifest.
+
+    Raises ``ValueError`` / :class:`ConvlensError` for bad options, a missing feature artefact or missing
+    dataset-audit findings.
+    """
+    from tasks.features import pick_device
+
+    t_start = time.perf_counter()
+    plan, lm = plan_audit(cfg)
+    model = audit_model(lm.module, pick_device(cfg.device))
+    with artefact_lock(plan.artefact_dir):
+        old, scores, done = stored_scores(plan)
+        result = compute_audit(plan, model, plan.selection, done, progress=cfg.progress)
+        return publish_audit(plan, old, scores, [result], time.perf_counter() - t_start)
 
 
 def run_default_audit(store: str | Path, n: int = 4, methods: tuple[str, ...] = DEFAULT_METHODS,

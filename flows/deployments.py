@@ -109,7 +109,7 @@ def deploy_nightly(parameters: dict[str, Any], pool: str, cron: str | None = DEF
     dep_id = remote.deploy(name=name, work_pool_name=pool, build=False, push=False, parameters=parameters,
                            schedules=[schedule] if schedule else None, tags=["convlens", "nightly"],
                            description="convlens nightly incremental dataset audit", print_next_steps=False,
-                           ignore_warnings=True)
+                           ignore_warnings=True, concurrency_limit=1)  # never two nights of one store at once
     return str(dep_id)
 
 

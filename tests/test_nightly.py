@@ -325,6 +325,7 @@ def test_deploy_registers_on_a_process_pool_with_local_source(tmp_path, api):
     assert dep.work_pool_name == "test-pool"
     assert [s.schedule.cron for s in dep.schedules] == ["30 3 * * *"]
     assert dep.entrypoint == "flows/nightly_audit.py:nightly_audit"
+    assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
     assert dep.parameters["data"] == str(tmp_path / "data") and dep.parameters["store"] == str(tmp_path / "store")
     steps = [next(iter(s)) for s in dep.pull_steps or []]
     assert any("set_working_directory" in s for s in steps), dep.pull_steps

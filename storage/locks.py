@@ -73,8 +73,16 @@ def artefact_lock(directory: str | os.PathLike[str], stale_after: float = 120.0,
                 f"(heartbeat {time.time() - float(info.get('heartbeat', 0)):.0f}s ago): another convlens run is "
                 f"writing this artefact; wait for it to finish, or remove {path} if that process is gone"
             ) from None
-        with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+        except OSError as exc:  # e.g. disk full: leave no half-written lock behind
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            from storage.atomic import raise_if_disk_full
+
+            raise_if_disk_full(exc, path)
+            raise
         break
     else:
         raise LockedError(f"could not acquire {path} after reclaiming a stale lock; retry")

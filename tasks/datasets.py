@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.atomic import atomic_write_bytes, sha256_stream
-from tasks.images import EXTENSION_FORMATS, UNSUPPORTED_IMAGE_EXTENSIONS, os_error_reason
+from tasks.images import EXTENSION_FORMATS, UNSUPPORTED_IMAGE_EXTENSIONS, RejectedImage, open_regular_file, os_error_reason
 
 __all__ = [
     "ImageRecord",
@@ -307,8 +307,10 @@ def _hash_one(rec: ImageRecord, cache: dict[str, tuple[int, int, str]]) -> tuple
         rec.image_id = hit[2]
         return rec, None, True
     try:
-        with open(rec.src, "rb") as fh:
+        with open_regular_file(rec.src) as fh:  # never blocks, even if a FIFO replaced the file since the stat
             rec.image_id = sha256_stream(fh)
+    except RejectedImage as exc:
+        return rec, Reject(rec.path, exc.reason, exc.detail), False
     except OSError as exc:
         return rec, Reject(rec.path, os_error_reason(exc), exc.strerror or str(exc)), False
     return rec, None, False

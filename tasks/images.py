@@ -28,6 +28,7 @@ __all__ = [
     "UNSUPPORTED_IMAGE_EXTENSIONS",
     "decode_image",
     "read_file_bytes",
+    "open_regular_file",
     "os_error_reason",
     "run_with_timeout",
     "DecodeTimeout",
@@ -147,8 +148,27 @@ def read_file_bytes(path: str | os.PathLike[str], limits: DecodeLimits = DecodeL
             return fs.cat_file(p)
         except (OSError, ValueError) as exc:
             raise RejectedImage("unreadable", str(exc)[:300]) from None
-    # O_NONBLOCK: opening a FIFO never waits for a writer; fstat on the open descriptor then refuses anything
-    # that is not a regular file, with no window between the check and the read.
+    # O_NONBLOCK open + fstat on the descriptor: a FIFO never blocks, and there is no window between the
+    # check and the read.
+    with open_regular_file(path) as fh:
+        try:
+            size = os.fstat(fh.fileno()).st_size
+            if size == 0:
+                raise RejectedImage("empty-file", "0 bytes")
+            if size > limits.max_bytes:
+                raise RejectedImage("too-large", f"{size} bytes > limit {limits.max_bytes}")
+            data = fh.read(limits.max_bytes + 1)
+        except OSError as exc:
+            raise RejectedImage(os_error_reason(exc), f"{exc.strerror or exc}") from None
+    if len(data) > limits.max_bytes:
+        raise RejectedImage("too-large", f"more than {limits.max_bytes} bytes (file grew while reading)")
+    return data
+
+
+def open_regular_file(path: str | os.PathLike[str]):
+    """Open a local file for binary reading without ever blocking: ``O_NONBLOCK`` open (a FIFO does not wait
+    for a writer), then ``fstat`` on the descriptor. Raises :class:`RejectedImage` (``not-a-file``, or the
+    reason of the ``OSError``) for anything that is not a regular file."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)
@@ -156,28 +176,14 @@ def read_file_bytes(path: str | os.PathLike[str], limits: DecodeLimits = DecodeL
         raise RejectedImage(os_error_reason(exc), f"{exc.strerror or exc}") from None
     try:
         st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise RejectedImage("not-a-file", "is a directory")
-        if not stat.S_ISREG(st.st_mode):
-            raise RejectedImage("not-a-file", "not a regular file (FIFO, socket or device)")
-        if st.st_size == 0:
-            raise RejectedImage("empty-file", "0 bytes")
-        if st.st_size > limits.max_bytes:
-            raise RejectedImage("too-large", f"{st.st_size} bytes > limit {limits.max_bytes}")
-        chunks, total = [], 0
-        while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > limits.max_bytes:
-                raise RejectedImage("too-large", f"more than {limits.max_bytes} bytes (file grew while reading)")
-            chunks.append(chunk)
-        return b"".join(chunks)
     except OSError as exc:
-        raise RejectedImage(os_error_reason(exc), f"{exc.strerror or exc}") from None
-    finally:
         os.close(fd)
+        raise RejectedImage(os_error_reason(exc), f"{exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise RejectedImage("not-a-file", "is a directory" if stat.S_ISDIR(st.st_mode)
+                            else "not a regular file (FIFO, socket or device)")
+    return os.fdopen(fd, "rb")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -62,36 +62,23 @@ def tree(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def emulate_permissions(monkeypatch):
-    """Root reads mode-000 files anyway; emulate the kernel's check for non-root at both open sites
-    (hashing and decoding) so the code path under test is the real one. Off when not root (chmod is real)."""
+    """Root reads mode-000 files anyway; emulate the kernel's check for non-root in ``os.open``, which both
+    open sites (hashing and decoding, via ``tasks.images.open_regular_file``) use, so the code path under test
+    is the real one. Off when not root (chmod 000 is real then)."""
     if os.geteuid() != 0:
         return False
-    import builtins
+    real_os_open = os.open
 
-    import tasks.datasets
-    import tasks.images
-
-    def denied(path) -> bool:
+    def fake_os_open(path, flags, *a, **k):
         try:
             st = os.stat(path)
         except (OSError, TypeError, ValueError):
-            return False
-        return stat.S_ISREG(st.st_mode) and not (stat.S_IMODE(st.st_mode) & 0o444)
-
-    real_open, real_os_open = builtins.open, os.open
-
-    def fake_open(file, *a, **k):
-        if isinstance(file, (str, bytes, os.PathLike)) and denied(file):
-            raise PermissionError(errno.EACCES, "Permission denied", str(file))
-        return real_open(file, *a, **k)
-
-    def fake_os_open(path, flags, *a, **k):
-        if denied(path):
+            st = None
+        if st is not None and stat.S_ISREG(st.st_mode) and not (stat.S_IMODE(st.st_mode) & 0o444):
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_os_open(path, flags, *a, **k)
 
-    monkeypatch.setattr(tasks.datasets, "open", fake_open, raising=False)
-    monkeypatch.setattr(tasks.images.os, "open", fake_os_open)
+    monkeypatch.setattr(os, "open", fake_os_open)
     return True
 
 
@@ -338,6 +325,48 @@ def test_disk_full_keeps_last_good_version_and_cleans_temp_files(tmp_path, store
     assert not (fdir / LOCK_NAME).exists()
     m2 = extract(data, store_dir, part_rows=2)  # space back: the run resumes and publishes
     assert m2["rows"] == 12 and m2["run"]["extracted"] < 12  # journalled parts from the failed run reused
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 4 MiB tmpfs mounted at ``tmp_path/small`` (skipped where mounting is not permitted)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_real_disk_full_on_tmpfs(tmp_path, small_tmpfs):
+    """The same guarantees with a real ENOSPC from the kernel: fill a small tmpfs, then rerun with new images."""
+    data = make_color_dataset(tmp_path / "d", per_class=2, splits=("",))
+    store = small_tmpfs / "store"
+    m1 = extract(data, store, part_rows=2)
+    make_color_dataset(tmp_path / "d", per_class=4, splits=("",), seed=1)
+    ballast = small_tmpfs / "ballast"
+    with open(ballast, "wb") as fh:  # take every free byte
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    with pytest.raises(DiskFullError, match="No space left on device") as err:
+        extract(data, store, part_rows=2)
+    assert "intact" in str(err.value)
+    fdir = adir(store, m1)
+    assert read_manifest(fdir, verify=True) == m1
+    assert len(load_features(fdir, m1)[0]) == m1["rows"]
+    assert not [p for p in store.rglob("*") if p.name.startswith(TMP_PREFIX)]
+    assert not (fdir / LOCK_NAME).exists()
+    ballast.unlink()
+    assert extract(data, store, part_rows=2)["rows"] == 12
 
 
 # --- 6. quality gate ----------------------------------------------------------------------------------------

@@ -250,7 +250,16 @@ def drift_section(cur: tuple[str, dict[str, Any], pd.DataFrame, np.ndarray],
         mc, mp = cfeat.mean(0).astype(np.float64), pfeat.mean(0).astype(np.float64)
         denom = np.linalg.norm(mc) * np.linalg.norm(mp)
         out["mean_cosine_distance"] = float(1.0 - mc @ mp / denom) if denom > 0 else float("nan")
-        out["domain_auc"] = _domain_auc(cfeat, pfeat, max_rows, seed)
+        # Same model: shared images have identical features, and identical rows on both sides make the
+        # cross-validated classifier anti-correlated (AUC far below 0.5); compare what arrived with what was
+        # there instead. Another model / too few new rows: the whole sets.
+        new_mask = np.fromiter((x in new_ids for x in cmeta["image_id"]), bool, len(cmeta))
+        if out["same_model"] and new_mask.sum() >= 3 and out["n_common"]:
+            out["domain_auc"] = _domain_auc(cfeat[new_mask], pfeat, max_rows, seed)
+            out["domain_auc_of"] = "new images vs the previous run"
+        else:
+            out["domain_auc"] = _domain_auc(cfeat, pfeat, max_rows, seed)
+            out["domain_auc_of"] = "this run vs the previous run"
     else:
         out["mean_cosine_distance"] = None
         out["domain_auc"] = None

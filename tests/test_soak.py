@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
-import pytest
 
 from conftest import make_color_dataset
 from storage.atomic import TMP_PREFIX

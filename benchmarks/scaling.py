@@ -8,10 +8,12 @@ Sections (each prints its measured figures and a ratio against a peer measured i
            add, search (nprobe 8/16/32), recall@10 vs exact flat search, bytes per vector; peer: exact Flat.
   tsne     openTSNE via tasks.projection.tsne_embed on PCA-50-like clustered data: fit on a sample, place the
            rest with ``transform``; peer: fitting all points.
+  publish  write + sha256-verified read of one 8192 x 1280 feature part (the serial publish re-reads parts);
+           peer: the same read unverified.
   shards   ``convlens extract`` flow, local runner vs a 2-process Dask LocalCluster (shards), same images;
            skipped unless ``--shards`` (it starts an ephemeral Prefect API and worker processes).
 
-Usage: python benchmarks/scaling.py [--only decode,ivfpq,tsne] [--shards] [--quick]
+Usage: python benchmarks/scaling.py [--only decode,ivfpq,publish,tsne] [--shards] [--quick]
 Nothing is downloaded: images and vectors are generated here. Absolute numbers depend on the machine (and on
 other load on it); ratios are within one run.
 """
@@ -182,6 +184,37 @@ def bench_tsne(n: int, sample: int) -> dict:
     return r
 
 
+def bench_publish(rows: int = 8192, d: int = 1280) -> dict:
+    """Write + verified read of one feature part (one default shard at D=1280): the per-part cost of the serial
+    publish, which today re-reads every listed part; peer: the same read without the sha256 check."""
+    import pyarrow as pa
+
+    from storage.features import feature_schema, read_part, write_part
+
+    rng = np.random.default_rng(0)
+    feats = np.maximum(rng.normal(0, 1, (rows, d)), 0).astype(np.float32)
+    tbl = pa.table({"image_id": [f"{i:064x}" for i in range(rows)], "path": [f"img/{i}.jpg" for i in range(rows)],
+                    "label": ["a"] * rows, "split": [None] * rows, "width": [500] * rows, "height": [375] * rows,
+                    "feature": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), d)})
+    tbl = tbl.cast(feature_schema(d, False)) if set(feature_schema(d, False).names) == set(tbl.column_names) else tbl
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        e = write_part(Path(tmp), tbl)
+        t_write = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        read_part(Path(tmp), e)
+        t_read = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        read_part(Path(tmp), e, verify=False)
+        t_noverify = time.perf_counter() - t0
+    raw = rows * d * 4 / 1e6
+    r = {"rows": rows, "dim": d, "part_mb": round(e["bytes"] / 1e6, 1), "raw_mb": round(raw, 1), "write_s": round(t_write, 2),
+         "verified_read_s": round(t_read, 2), "read_s_no_verify": round(t_noverify, 2),
+         "verified_read_mb_s": round(raw / t_read), "ratio_verify_vs_not": round(t_read / max(t_noverify, 1e-9), 2)}
+    print(f"publish: {r}")
+    return r
+
+
 def bench_shards(n: int) -> dict:
     """Extraction of ``n`` generated PNGs: local runner vs Dask LocalCluster (2 worker processes x 1 thread)."""
     from flows.extract_features import extract_features
@@ -209,7 +242,7 @@ def bench_shards(n: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="decode,ivfpq,tsne")
+    ap.add_argument("--only", default="decode,ivfpq,publish,tsne")
     ap.add_argument("--shards", action="store_true", help="also time local vs Dask extraction (slow to start)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
     a = ap.parse_args()
@@ -222,6 +255,8 @@ def main() -> None:
         out["ivfpq"] = bench_ivfpq(10_000 if q else 40_000, 50_000 if q else 200_000, 200 if q else 1000,
                                    nlist=256 if q else 1024)
         out["rss_mb_after_ivfpq"] = round(_rss_mb())
+    if "publish" in parts:
+        out["publish"] = bench_publish()
     if "tsne" in parts:
         out["tsne"] = bench_tsne(4000 if q else 20_000, 1000 if q else 5000)
     if a.shards:

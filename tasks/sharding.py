@@ -52,7 +52,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SHARD_MAX = 8192  # images per shard by default: minutes of work on one GPU, ~1 MB of records to ship
+SHARD_MAX = 8192  # images per shard by default: one ~42 MB part at D=1280, ~2 MB of records to ship
 TARGET_SHARDS = 16  # small datasets are cut into about this many shards (load balance over a few workers)
 
 RunShards = Callable[[list[Any]], Iterable[tuple[int, Any]]]
@@ -144,7 +144,9 @@ def _check_model(index: int, module: Any, fingerprint: str | None) -> None:
 
 
 def _in_daemon() -> bool:
-    # Dask worker processes are daemonic: they may not start DataLoader worker processes.
+    # Dask worker processes are daemonic by default and may not start DataLoader worker processes; decode then
+    # runs in the worker itself. For GPU workers start them with DASK_DISTRIBUTED__WORKER__DAEMON=False so each
+    # keeps its DataLoader decode processes (docs/scaling.md).
     return bool(multiprocessing.current_process().daemon)
 
 
@@ -183,6 +185,7 @@ def extract_shard(job: ExtractShard) -> dict[str, Any]:
     plan = job.plan
     cfg = plan.config
     if _in_daemon() and cfg.num_workers != 0:
+        log.info("shard %d: daemonic Dask worker, decoding in-process (num_workers=0)", job.index)
         cfg = replace(cfg, num_workers=0)
         plan = replace(plan, config=cfg)
     lm = load_shard_model(cfg.model, cfg.weights, cfg.seed, cfg.weights_prefix)

@@ -110,6 +110,32 @@ def test_sharded_rerun_is_incremental(local_and_dask, dataset, tmp_path):
     idx = [pos[p] for p in dm["path"]]
     assert np.array_equal(feats[idx], df) and list(meta["image_id"].iloc[idx]) == list(dm["image_id"])
     assert set(meta["path"]) - set(dm["path"]) == {f"new/{c}/{c}_new_0.png" for c in ("red", "green", "blue")}
+    same = extract_features(**_extract_kwargs(data, store), shard_size=8)
+    assert same["extracted"] == 0 and same["rows"] == 33  # nothing new: no shard, same rows republished
+
+
+def test_killed_sharded_run_publishes_nothing_and_resumes_from_finished_shards(dataset, tmp_path):
+    """A shard failure after one shard finished: no manifest, that shard's parts journalled; the rerun extracts
+    only the other shards' images and publishes the full store."""
+    from storage.features import read_journal
+    from storage.manifest import MANIFEST_NAME
+    from tasks.features import ExtractConfig
+    from tasks.sharding import extract_shard, run_sharded_extraction
+
+    cfg = ExtractConfig(progress=False, **_extract_kwargs(dataset, tmp_path / "store"))
+
+    def dies_after_first(jobs):
+        yield 0, extract_shard(jobs[0])
+        raise RuntimeError("worker lost")
+
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run_sharded_extraction(cfg, dies_after_first, shard_size=8)
+    adir = next((tmp_path / "store" / "features").iterdir())
+    assert not (adir / MANIFEST_NAME).exists() and not (adir / ".lock").exists()
+    journalled = read_journal(adir)["parts"]
+    assert sum(e["rows"] for e in journalled) == 8
+    m = run_sharded_extraction(cfg, shard_size=8)
+    assert m["run"]["extracted"] == 30 - 8 and m["rows"] == 30
 
 
 def test_cli_runner_arguments():

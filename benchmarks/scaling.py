@@ -126,7 +126,7 @@ def bench_ivfpq(n_train: int, n_add: int, n_query: int, d: int = 1280, nlist: in
     train_index(idx, train)  # index_factory's IVFPQ default: polysemous training on (a fixed ~minutes cost)
     t_train_poly = time.perf_counter() - t0
     idx = new_index(d, factory, "cosine")
-    faiss.extract_index_ivf(idx).do_polysemous_training = False
+    faiss.downcast_index(faiss.extract_index_ivf(idx)).do_polysemous_training = False
     t0 = time.perf_counter()
     train_index(idx, train)
     t_train = time.perf_counter() - t0

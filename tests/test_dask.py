@@ -7,7 +7,6 @@ serialisation boundary as a process cluster, started in a fraction of the time.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np

@@ -52,7 +52,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SHARD_MAX = 8192  # images per shard by default: one ~42 MB part at D=1280, ~2 MB of records to ship
+SHARD_MAX = 8192  # images per shard by default: one ~42 MB part at D=1280, ~1.7 MB of records to ship
 TARGET_SHARDS = 16  # small datasets are cut into about this many shards (load balance over a few workers)
 
 RunShards = Callable[[list[Any]], Iterable[tuple[int, Any]]]

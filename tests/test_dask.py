@@ -253,3 +253,20 @@ def test_cli_extract_runner_dask_on_an_existing_cluster(dataset, tmp_path, prefe
     _, lf = _features(tmp_path / "local", local)
     _, df = _features(tmp_path / "dask", dask)
     assert np.array_equal(lf, df)
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("CONVLENS_DASK_PROCESSES"),
+                    reason="slow: set CONVLENS_DASK_PROCESSES=1 to run on 2 worker processes")
+def test_dask_worker_processes_extract_the_local_store(local_and_dask, dataset, tmp_path):
+    """Real worker processes (daemonic: decode in-process, 1 OpenMP thread each): same rows, features equal to
+    float32 rounding (bit-identity needs the same intra-op thread count as the local run)."""
+    from flows.extract_features import extract_features
+    from flows.runners import make_task_runner
+
+    root, local, _ = local_and_dask
+    runner = make_task_runner("dask", workers=2, threads=1, processes=True)
+    res = extract_features.with_options(task_runner=runner)(**_extract_kwargs(dataset, tmp_path / "store"), shard_size=8)
+    lm, lf = _features(root / "local", local)
+    pm, pf = _features(tmp_path / "store", res)
+    assert list(lm["image_id"]) == list(pm["image_id"]) and res["rows"] == 30
+    np.testing.assert_allclose(pf, lf, rtol=1e-5, atol=1e-6)

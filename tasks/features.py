@@ -166,6 +166,17 @@ class _DecodeDataset(torch.utils.data.Dataset):
             return i, None, 0, 0, exc.reason, exc.detail
 
 
+def _worker_context() -> str | None:
+    """``fork`` (fast start) from a single-threaded process; ``forkserver`` once other threads run (a Prefect
+    flow or task run, a Dask worker): forking a process that has live event-loop / logging threads could leave
+    a decode worker dead at start ("DataLoader worker exited unexpectedly"), seen under Prefect's test server."""
+    import threading
+
+    if threading.active_count() > 1:
+        return "forkserver"
+    return None
+
+
 def _worker_init(_worker_id: int) -> None:
     # Decode workers resize with PIL; one torch thread each keeps them from fighting the model for cores.
     torch.set_num_threads(1)
@@ -371,11 +382,13 @@ def extract_records(plan: ExtractPlan, lm: LoadedModel, records: list[ImageRecor
     workers = cfg.num_workers if cfg.num_workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else max(1, min(4, (os.cpu_count() or 2) // 2)))
     if isinstance(plan.dataset_root, str):
         workers = 0  # fsspec filesystems (s3fs, memory) are not fork-safe: decode in-process
+    use_workers = workers if len(items) > cfg.batch_size else 0
     loader = torch.utils.data.DataLoader(
         _DecodeDataset(items, plan.preprocess, limits), batch_size=cfg.batch_size, shuffle=False,
-        num_workers=workers if len(items) > cfg.batch_size else 0, collate_fn=_collate,
+        num_workers=use_workers, collate_fn=_collate,
         pin_memory=device.type == "cuda", persistent_workers=False, worker_init_fn=_worker_init,
-        prefetch_factor=4 if workers and len(items) > cfg.batch_size else None,
+        prefetch_factor=4 if use_workers else None,
+        multiprocessing_context=_worker_context() if use_workers else None,
     )
     with_preds = _has_head(module)
     writer: PartWriter | None = None

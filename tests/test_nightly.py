@@ -240,9 +240,18 @@ def test_bad_input_fails_visibly_without_retries(tmp_path, api):
     state = nightly_audit(data=str(tmp_path / "missing"), store=str(tmp_path / "store"), model=MODEL,
                           weights="none", device="cpu", return_state=True)
     assert state.is_failed()
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    extract = [r for r in runs if r.name.startswith("extract")]
+    import time
+
+    # Task-run states reach the server through Prefect's event stream, asynchronously: poll until they land.
+    deadline, extract = time.monotonic() + 60, []
+    while time.monotonic() < deadline:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        extract = [r for r in runs if r.name.startswith("extract")]
+        if extract and extract[0].state is not None and extract[0].state.is_final():
+            break
+        time.sleep(0.5)
     assert extract and extract[0].state.is_failed() and extract[0].run_count == 1  # no retry for bad input
     assert not (tmp_path / "store" / "runs").exists() or not any((tmp_path / "store" / "runs").glob("*/manifest.json"))
 

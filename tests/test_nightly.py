@@ -149,6 +149,16 @@ def api(server):
 
     with temporary_settings({PREFECT_API_URL: server["url"]}):
         yield server["url"]
+        # Flush this server's queued events and logs while it is still up: left queued, a later
+        # prefect_test_harness teardown (which drains every worker) would wait on a server that is gone.
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        try:
+            APILogWorker.instance().drain()
+        except RuntimeError:
+            pass
+        EventsWorker.drain_all()
 
 
 # ------------------------------------------------------------------------------------------ the nightly flow

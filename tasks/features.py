@@ -172,7 +172,9 @@ def _worker_context() -> str | None:
     a decode worker dead at start ("DataLoader worker exited unexpectedly"), seen under Prefect's test server."""
     import threading
 
-    if threading.active_count() > 1:
+    ours = ("convlens-", "MainThread", "pin_memory", "TMonitor", "Thread-")  # our heartbeat, tqdm's monitor, ...
+    foreign = [t for t in threading.enumerate() if not t.name.startswith(ours)]
+    if foreign or threading.current_thread() is not threading.main_thread():
         return "forkserver"
     return None
 

@@ -8,7 +8,7 @@ Synthetic data: ``N`` rows of 64-d Gaussian-mixture features (10 classes), each 
 (a noisy class colour), written as a real features artefact; no t-SNE/index artefacts, so the report computes
 its PCA-2 and kNN itself (the worst case).
 
-    python benchmarks/report.py [--sizes 1000,10000,100000] [--workdir /tmp/convlens-bench-report]
+    python benchmarks/report.py [--sizes 1000,10000,100000] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -109,12 +109,14 @@ def paint_times(path: Path, ready_js: str) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1000,10000,100000")
-    ap.add_argument("--workdir", default="/tmp/convlens-bench-report")
+    ap.add_argument("--workdir", default=None, help="where the synthetic datasets go (default: a new temp folder)")
     ap.add_argument("--no-browser", action="store_true")
     args = ap.parse_args()
     from reports.render import write_report
 
-    work = Path(args.workdir)
+    import tempfile
+
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="convlens-bench-report-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"{'N':>7} {'render s':>9} {'MB':>6} {'thumbs':>7} {'FCP ms':>7} {'ready ms':>9} | "
           f"{'peer s':>7} {'peer MB':>8} {'peer ready':>10} | render x  size x  ready x")

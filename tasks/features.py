@@ -40,6 +40,7 @@ from tasks.images import DecodeLimits, RejectedImage, decode_image, read_file_by
 from tasks.models import LoadedModel, Preprocess, apply_preprocess_overrides, load_model
 
 __all__ = [
+    "unchanged_manifest",
     "resolve_precision",
     "ExtractConfig",
     "ExtractPlan",
@@ -619,5 +620,36 @@ def run_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> dict[st
             journal["parts"].append(entry)
             write_journal(plan.artefact_dir, journal)
 
+        same = unchanged_manifest(plan)
+        if same is not None:
+            # Nothing new, gone or relabelled: keep the published manifest (its ``created`` stamp keys every
+            # later stage's cache, so indexes, maps, audits and neurons are all reused on a no-op rerun).
+            log.info("%s: unchanged (%d rows); nothing extracted, manifest kept", plan.artefact_id, same["rows"])
+            return dict(same, run={"extracted": 0, "reused": len(plan.records), "decode_rejects": 0, "seconds": 0.0,
+                                   "images_per_s": 0.0, "hash": plan.hash_stats, "removed": 0, "added_paths": 0,
+                                   "unchanged": True})
         entries, rejects, stats = extract_records(plan, lm, on_part=on_part)
         return publish_features(plan, entries, rejects, stats, lm.categories)
+
+
+def unchanged_manifest(plan: ExtractPlan) -> dict[str, Any] | None:
+    """The published manifest when the listing matches it exactly (same paths, bytes, labels, splits and
+    listing rejects, nothing to extract, no pending journal); else None."""
+    from storage.features import read_meta
+
+    adir = plan.artefact_dir
+    if plan.todo or plan.extra_columns or not (adir / MANIFEST_NAME).is_file() or read_journal(adir).get("parts"):
+        return None
+    old = read_manifest(adir)
+    if int(old.get("rejects", -1)) != len(plan.rejects):
+        return None
+    meta = read_meta(adir, old, verify=False)
+    if len(meta) != len(plan.records):
+        return None
+
+    def norm(v: Any) -> Any:
+        return None if v is None or (isinstance(v, float) and v != v) else str(v)
+
+    stored = {(p, i, norm(lab), norm(sp)) for p, i, lab, sp in zip(meta["path"], meta["image_id"], meta["label"], meta["split"])}
+    listed = {(r.path, r.image_id, norm(r.label), norm(r.split)) for r in plan.records}
+    return old if stored == listed else None

@@ -280,3 +280,24 @@ def test_flow_runs_through_prefect_server(prefect_server, color_dataset, store_d
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs()
     assert any(r.name and r.state and r.state.is_completed() for r in runs)
+
+
+def test_unchanged_rerun_keeps_the_manifest_and_a_change_republishes(color_dataset, store_dir):
+    import shutil as _sh
+
+    from storage.manifest import MANIFEST_NAME
+    from tasks.features import ExtractConfig, run_extraction
+
+    cfg = ExtractConfig(data=str(color_dataset), store=str(store_dir), model="resnet18", weights="none", progress=False)
+    m1 = run_extraction(cfg)
+    mfile = store_dir / "features" / m1["artefact_id"] / MANIFEST_NAME
+    before = mfile.read_bytes()
+    m2 = run_extraction(cfg)
+    assert m2["run"]["extracted"] == 0 and m2["run"].get("unchanged") is True
+    assert m2["created"] == m1["created"] and mfile.read_bytes() == before  # later stages' cache keys hold
+    # a relabel (file moved to another class folder, same bytes) is a change: republished, nothing extracted
+    src = next((color_dataset / "train" / "red").glob("*.png"))
+    _sh.move(src, color_dataset / "train" / "blue" / src.name)
+    m3 = run_extraction(cfg)
+    assert m3["run"]["extracted"] == 0 and not m3["run"].get("unchanged")
+    assert mfile.read_bytes() != before and m3["labels"]["blue"] == m1["labels"]["blue"] + 1

@@ -434,7 +434,17 @@ def _views(s: Store, kind: str, fid: str, path_rows: dict[str, int], needed: set
     has ``view``: the builder's name without ``_view``, or ``card``."""
     out = []
     name = build.__name__.removesuffix("_view")
-    for aid, m, adir in stored.artefacts_for(s, kind, fid, **kw):
+    seen: set[str] = set()
+    for aid, m, adir in stored.artefacts_for(s, kind, fid, **kw):  # newest first
+        if kind == "neurons":
+            # A rerun of a technique after the features were republished makes a new artefact with the same
+            # technique, parameters and model: show only the newest one.
+            src = m.get("source") or {}
+            same = json.dumps([m.get("technique"), m.get("params"), src.get("model") if isinstance(src, dict) else src],
+                              sort_keys=True, default=str)
+            if same in seen:
+                continue
+            seen.add(same)
         v = build(aid, m, adir, path_rows, needed)
         if v is None:
             v = dict(stored.artefact_card(aid, m, adir, path_rows, needed), view="card")

@@ -352,3 +352,25 @@ def test_neuron_views_per_technique(tmp_path, technique):
         assert rows[0]["patches"][0]["title"].startswith("a.png")
     if technique == "filters":
         assert v["blocks"][0]["type"] == "pixelated" and v["blocks"][0]["width"] == 20 * 8
+
+
+def test_superseded_neuron_artefacts_show_once(tmp_path):
+    """A technique rerun after the features were republished (new source stamp, same technique, parameters and
+    model) is shown once, newest first; a different parameter set is its own view."""
+    from reports.render import _views
+    from storage.manifest import write_manifest
+    from storage.paths import Store
+
+    st = Store(tmp_path / "store")
+    model = {"arch": "tiny"}
+    for aid, created, params in (("filters-a", "2026-01-01T00:00:00+00:00", {"layers": ["conv1"]}),
+                                 ("filters-b", "2026-01-02T00:00:00+00:00", {"layers": ["conv1"]}),
+                                 ("filters-c", "2026-01-01T00:00:00+00:00", {"layers": ["conv2"]})):
+        d = st.artefact_dir("neurons", aid)
+        d.mkdir(parents=True)
+        write_manifest(d, {"kind": "neurons", "artefact_id": aid, "technique": "filters", "params": params,
+                           "source": {"model": model, "features_created": created}, "created": created, "files": []})
+    seen = []
+    views = _views(st, "neurons", "any", {}, set(), lambda aid, m, adir, pr, nd: seen.append(aid) or {"id": aid},
+                   include_unrelated=True)
+    assert [v["id"] for v in views] == ["filters-b", "filters-c"]

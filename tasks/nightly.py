@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from storage.errors import ConvlensError
-from storage.manifest import MANIFEST_NAME, read_manifest, write_manifest
+from storage.manifest import read_manifest, write_manifest
 from storage.paths import Store
 
 __all__ = [
@@ -207,46 +207,19 @@ def new_image_ids(store: str | os.PathLike[str], features_id: str, previous_snap
     return cur - prev, prev - cur
 
 
-def _unchanged(plan: Any) -> dict[str, Any] | None:
-    """The published manifest when the listing matches it exactly (same paths, bytes, labels, splits and
-    listing rejects, nothing to extract); else None. Lets an unchanged night keep the manifest (and its
-    ``created`` stamp, which keys every later stage) instead of republishing it."""
-    from storage.features import read_meta
-
-    adir = plan.artefact_dir
-    if plan.todo or plan.extra_columns or not (adir / MANIFEST_NAME).is_file():
-        return None
-    old = read_manifest(adir)
-    if int(old.get("rejects", -1)) != len(plan.rejects):
-        return None
-    meta = read_meta(adir, old, verify=False)
-    stored = {(p, i, lab, sp) for p, i, lab, sp in zip(meta["path"], meta["image_id"], meta["label"], meta["split"])}
-
-    def norm(v: Any) -> Any:
-        return None if v is None or (isinstance(v, float) and v != v) else str(v)
-
-    stored = {(p, i, norm(lab), norm(sp)) for p, i, lab, sp in stored}
-    listed = {(r.path, r.image_id, norm(r.label), norm(r.split)) for r in plan.records}
-    return old if stored == listed and len(meta) == len(plan.records) else None
-
-
 def stage_extract(cfg: NightlyConfig, attempt: int = 1) -> dict[str, Any]:
     """Extract features of the images not yet stored; returns ``{features_id, created, rows, extracted,
     reused, removed, added_paths, rejects, republished}``. Retry ``attempt`` k runs with batch size / 2^(k-1)."""
-    from tasks.features import ExtractConfig, plan_extraction, run_extraction
+    from tasks.features import ExtractConfig, run_extraction
 
     ecfg = ExtractConfig(data=cfg.data, store=cfg.store, model=cfg.model, weights=cfg.weights, layer=cfg.layer,
                          device=cfg.device, batch_size=_smaller(cfg.batch_size, attempt), num_workers=cfg.num_workers,
                          seed=cfg.seed, progress=False)
-    ecfg.validate()
-    plan, lm = plan_extraction(ecfg)
-    old = _unchanged(plan)
-    if old is not None:
-        log.info("features %s: unchanged (%d rows); nothing extracted", old["artefact_id"], old["rows"])
-        m, run, republished = old, {"extracted": 0, "reused": len(plan.records), "removed": 0, "added_paths": 0}, False
-    else:
-        m = run_extraction(ecfg, lm)
-        run, republished = m["run"], True
+    # run_extraction keeps the published manifest (and its ``created`` stamp, which keys every later stage)
+    # when the listing matches it exactly; ``run["unchanged"]`` says so.
+    m = run_extraction(ecfg)
+    run = m["run"]
+    republished = not run.get("unchanged", False)
     return {"features_id": m["artefact_id"], "created": m["created"], "rows": int(m["rows"]),
             "extracted": int(run.get("extracted", 0)), "reused": int(run.get("reused", 0)),
             "removed": int(run.get("removed", 0)), "added_paths": int(run.get("added_paths", 0)),

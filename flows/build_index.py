@@ -83,21 +83,21 @@ def _format_table(df) -> str:
 
 
 def _neighbors_cli(args: argparse.Namespace) -> int:
-    from flows.cli import emit
+    from flows.cli import emit, say
 
     if args.all:
         if args.id or args.path or args.image:
             raise ValueError("--all writes the kNN graph of every image; do not combine it with --id/--path/--image")
         r = knn_graph(args.store, args.k, args.space, args.index, args.artefact, args.gpu, args.nprobe, progress=not args.json)
         if r.get("stale"):
-            print(f"note: {r['stale']}", file=sys.stderr)
+            say(f"note: {r['stale']}", err=True)
         emit(r, args.json, f"kNN graph (k={r['k']}, {r['rows']} rows) written to index {r['index']} as {r['file']} "
                            f"in {r['seconds']}s on {r['device']}")
         return 0
     df = neighbors(args.store, image_id=args.id, path=args.path, image=args.image, k=args.k, space=args.space,
                    index_id=args.index, artefact=args.artefact, gpu=args.gpu, nprobe=args.nprobe, weights=args.weights)
     if df.attrs.get("stale"):
-        print(f"note: {df.attrs['stale']}", file=sys.stderr)
+        say(f"note: {df.attrs['stale']}", err=True)
     if args.json:
         out = {**{k: v for k, v in df.attrs.items()},
                "neighbors": json.loads(df.to_json(orient="records"))}

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-__all__ = ["main", "build_parser", "COMMAND_MODULES", "use_prefect", "run_stage", "add_store_argument", "emit"]
+__all__ = ["main", "build_parser", "COMMAND_MODULES", "use_prefect", "run_stage", "add_store_argument", "emit", "say"]
 
 COMMAND_MODULES = (
     "flows.extract_features",
@@ -54,12 +54,17 @@ def run_stage(args: argparse.Namespace, flow_fn: Callable[..., Any], plain_fn: C
     return plain_fn()
 
 
+def say(text: str, err: bool = False) -> None:
+    """The one place a command handler writes to the terminal (stdout, or stderr for notes)."""
+    print(text, file=sys.stderr if err else sys.stdout)
+
+
 def emit(obj: Any, as_json: bool, text: str | None = None) -> None:
     """Print ``obj`` as JSON for scripts, or ``text`` for people."""
     if as_json:
         print(json.dumps(obj, indent=2, sort_keys=True, default=str))
     elif text is not None:
-        print(text)
+        say(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return _main(argv)
+    except BrokenPipeError:  # output piped into e.g. `head`, which closed early: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -86,10 +86,12 @@ def _short(obj: Any, limit: int = 300) -> str:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    results = run_demo(store=args.store, data_dir=args.data_dir, device=args.device, report=args.out, say=print)
-    print(f"store: {Path(args.store).absolute()}")
+    from flows.cli import say
+
+    results = run_demo(store=args.store, data_dir=args.data_dir, device=args.device, report=args.out, say=say)
+    say(f"store: {Path(args.store).absolute()}")
     if results.get("report"):
-        print(f"report: {results['report']}")
+        say(f"report: {results['report']}")
     return 0
 
 

@@ -126,8 +126,10 @@ def _parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _serve_cli(args: argparse.Namespace) -> int:
+    from flows.cli import say
+
     params = _parameters(args)
-    print(f"serving {DEPLOYMENT_NAME!r} deployment nightly-audit/{args.name} (cron {args.cron!r} {args.timezone}) "
+    say(f"serving {DEPLOYMENT_NAME!r} deployment nightly-audit/{args.name} (cron {args.cron!r} {args.timezone}) "
           f"against {require_api()}; Ctrl-C to stop")
     serve_nightly(params, cron=args.cron or None, name=args.name, timezone=args.timezone,
                   pause_on_shutdown=not args.keep_schedule)

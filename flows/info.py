@@ -30,18 +30,18 @@ def store_info(store: str) -> list[dict[str, Any]]:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from flows.cli import emit
+    from flows.cli import emit, say
 
     items = store_info(args.store)
     if args.json:
         emit(items, True)
         return 0
     if not items:
-        print(f"store {args.store}: no published artefacts")
+        say(f"store {args.store}: no published artefacts")
         return 0
     for it in items:
         extra = "  ".join(f"{k}={v}" for k, v in it.items() if k not in ("kind", "artefact_id", "created"))
-        print(f"{it['kind']:<9} {it['artefact_id']}  created={it['created']}  {extra}")
+        say(f"{it['kind']:<9} {it['artefact_id']}  created={it['created']}  {extra}")
     return 0
 
 

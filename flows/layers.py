@@ -31,7 +31,9 @@ def format_layers(model: str, weights: str = "none", input_size: int | None = No
 
 
 def _cli(args: argparse.Namespace) -> int:
-    print(format_layers(args.model, args.weights, args.input_size, args.depth))
+    from flows.cli import say
+
+    say(format_layers(args.model, args.weights, args.input_size, args.depth))
     return 0
 
 

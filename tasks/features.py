@@ -40,6 +40,7 @@ from tasks.images import DecodeLimits, RejectedImage, decode_image, read_file_by
 from tasks.models import LoadedModel, Preprocess, apply_preprocess_overrides, load_model
 
 __all__ = [
+    "keep_if_unchanged",
     "unchanged_manifest",
     "resolve_precision",
     "ExtractConfig",
@@ -614,31 +615,39 @@ def run_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> dict[st
         log.info("%s: %d listed, %d already stored, %d to extract, %d rejected while listing",
                  plan.artefact_id, len(plan.records), len(plan.records) - len(plan.todo), len(plan.todo), len(plan.rejects))
         journal = read_journal(plan.artefact_dir)
+        kept = keep_if_unchanged(plan, journal)
+        if kept is not None:
+            return kept
         journal.setdefault("parts", [])
 
         def on_part(entry: dict[str, Any]) -> None:
             journal["parts"].append(entry)
             write_journal(plan.artefact_dir, journal)
 
-        same = unchanged_manifest(plan)
-        if same is not None:
-            # Nothing new, gone or relabelled: keep the published manifest (its ``created`` stamp keys every
-            # later stage's cache, so indexes, maps, audits and neurons are all reused on a no-op rerun).
-            log.info("%s: unchanged (%d rows); nothing extracted, manifest kept", plan.artefact_id, same["rows"])
-            return dict(same, run={"extracted": 0, "reused": len(plan.records), "decode_rejects": 0, "seconds": 0.0,
-                                   "images_per_s": 0.0, "hash": plan.hash_stats, "removed": 0, "added_paths": 0,
-                                   "unchanged": True})
         entries, rejects, stats = extract_records(plan, lm, on_part=on_part)
         return publish_features(plan, entries, rejects, stats, lm.categories)
 
 
+def keep_if_unchanged(plan: ExtractPlan, journal: dict[str, Any]) -> dict[str, Any] | None:
+    """Under the artefact lock: when nothing is new, gone or relabelled and no journal is pending, keep the
+    published manifest (its ``created`` stamp keys every later stage's cache, so indexes, maps, audits and
+    neurons are all reused on a no-op rerun) and return it with a zero-work ``run``; else None."""
+    same = None if journal.get("parts") else unchanged_manifest(plan)
+    if same is None:
+        return None
+    log.info("%s: unchanged (%d rows); nothing extracted, manifest kept", plan.artefact_id, same["rows"])
+    return dict(same, run={"extracted": 0, "reused": len(plan.records), "decode_rejects": 0, "seconds": 0.0,
+                           "images_per_s": 0.0, "hash": plan.hash_stats, "removed": 0, "added_paths": 0,
+                           "unchanged": True})
+
+
 def unchanged_manifest(plan: ExtractPlan) -> dict[str, Any] | None:
     """The published manifest when the listing matches it exactly (same paths, bytes, labels, splits and
-    listing rejects, nothing to extract, no pending journal); else None."""
+    listing rejects, nothing to extract); else None. The caller checks first that no journal is pending."""
     from storage.features import read_meta
 
     adir = plan.artefact_dir
-    if plan.todo or plan.extra_columns or not (adir / MANIFEST_NAME).is_file() or read_journal(adir).get("parts"):
+    if plan.todo or plan.extra_columns or not (adir / MANIFEST_NAME).is_file():
         return None
     old = read_manifest(adir)
     if int(old.get("rejects", -1)) != len(plan.rejects):

@@ -217,19 +217,22 @@ def run_sharded_extraction(cfg: Any, run_shards: RunShards | None = None, shard_
     """
     from storage.features import read_journal, write_journal
     from storage.locks import artefact_lock
-    from tasks.features import plan_extraction, publish_features
+    from tasks.features import keep_if_unchanged, plan_extraction, publish_features
 
     plan, lm = plan_extraction(cfg, lm)
     adir = plan.artefact_dir
     adir.mkdir(parents=True, exist_ok=True)
     run_shards = run_shards or run_serially(extract_shard)
     with artefact_lock(adir):
+        journal = read_journal(adir)
+        kept = keep_if_unchanged(plan, journal)
+        if kept is not None:
+            return kept
         bounds = shard_bounds(len(plan.todo), shard_size, cfg.batch_size)
         slim = replace(plan, records=[], todo=[], rejects=[], stored_ids=set(), donors=[])
         fp = model_fingerprint(lm.module) if bounds else None
         jobs = [ExtractShard(i, slim, plan.todo[s:e], fp) for i, (s, e) in enumerate(bounds)]
         log.info("%s: %d listed, %d to extract in %d shards", plan.artefact_id, len(plan.records), len(plan.todo), len(jobs))
-        journal = read_journal(adir)
         base = list(journal.get("parts", []))
         done: dict[int, dict[str, Any]] = {}
         t0 = time.perf_counter()

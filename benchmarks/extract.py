@@ -23,7 +23,7 @@ from PIL import Image
 
 
 def make_jpegs(root: Path, n: int) -> list[Path]:
-    from tasks.demo_data import build_demo_dataset
+    from tasks.core.demo_data import build_demo_dataset
 
     demo = root / "demo"
     build_demo_dataset(demo, per_class=10)
@@ -43,8 +43,8 @@ def make_jpegs(root: Path, n: int) -> list[Path]:
 
 
 def naive(paths: list[Path], model_name: str, device: str) -> float:
-    from tasks.hooks import capture, resolve_layer
-    from tasks.models import load_model
+    from tasks.core.hooks import capture, resolve_layer
+    from tasks.core.models import load_model
 
     lm = load_model(model_name, "imagenet" if model_name == "mobilenet_v2" else "none")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
@@ -68,7 +68,7 @@ def naive(paths: list[Path], model_name: str, device: str) -> float:
 
 def pipeline(paths: list[Path], model_name: str, device: str, batch_size: int, workers: int | None,
              precision: str = "auto") -> float:
-    from tasks.features import ExtractConfig, run_extraction
+    from tasks.extract.features import ExtractConfig, run_extraction
 
     store = Path(tempfile.mkdtemp(prefix="convlens-bench-store-"))
     try:

@@ -24,7 +24,7 @@ def main() -> None:
                     help="drop the OS page cache before the first run (Linux, root), so the first run reads the files "
                          "from disk as a first audit of an unread dataset does; metadata stays cached for both runs")
     a = ap.parse_args()
-    from tasks.datasets import hash_records, list_dataset
+    from tasks.core.datasets import hash_records, list_dataset
 
     root = Path(tempfile.mkdtemp(prefix="convlens-listing-"))
     try:

@@ -29,7 +29,7 @@ def main() -> None:
 
     from sklearn.neighbors import NearestNeighbors
 
-    from tasks.faiss_index import gpu_available, import_faiss, new_index, prepare_vectors, search_index, to_device
+    from tasks.core.faiss_index import gpu_available, import_faiss, new_index, prepare_vectors, search_index, to_device
 
     faiss = import_faiss()
     if a.threads:
@@ -57,7 +57,7 @@ def main() -> None:
     print(f"ratio sklearn / faiss cpu = {t_sk / t_faiss:.1f}x   (agreement recall@{a.k} = {recall:.4f})")
 
     if a.ivf:
-        from tasks.faiss_index import set_nprobe, train_index
+        from tasks.core.faiss_index import set_nprobe, train_index
 
         t = time.perf_counter()
         ivf = new_index(a.d, a.ivf, "cosine")

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     logging.basicConfig(level=logging.WARNING)
 
-    from tasks.nightly import NightlyConfig, run_nightly
+    from tasks.nightly.stages import NightlyConfig, run_nightly
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="convlens-nightly-bench-"))
     data, store = work / "data", work / "store"

@@ -34,7 +34,7 @@ def timed(fn, device):
 def main() -> None:
     from captum.attr import Occlusion
 
-    from tasks.occlusion import occlusion, plan_incremental
+    from tasks.attribution.occlusion import occlusion, plan_incremental
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="alexnet,resnet18")

@@ -31,7 +31,7 @@ def timed(fn):
 def main() -> None:
     from captum.attr import Deconvolution, GuidedBackprop, IntegratedGradients, NoiseTunnel, Saliency
 
-    from tasks import saliency as S
+    from tasks.attribution import saliency as S
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="alexnet,resnet18")

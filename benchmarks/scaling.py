@@ -2,11 +2,11 @@
 
 Sections (each prints its measured figures and a ratio against a peer measured in the same run):
   decode   JPEG decode + shorter-side resize 256 (antialiased) + centre crop 224 with the extraction path
-           (tasks.images.decode_image + tasks.features.preprocess_uint8), one thread; peer: PIL ``draft``
+           (tasks.core.images.decode_image + tasks.extract.features.preprocess_uint8), one thread; peer: PIL ``draft``
            (DCT-domain downscale while decoding) + the same resize/crop, which a GPU-less decode tier could use.
   ivfpq    FAISS IVF-PQ on synthetic clustered float32 vectors (D = 1280, MobileNetV2 penultimate): train,
            add, search (nprobe 8/16/32), recall@10 vs exact flat search, bytes per vector; peer: exact Flat.
-  tsne     openTSNE via tasks.projection.tsne_embed on PCA-50-like clustered data: fit on a sample, place the
+  tsne     openTSNE via tasks.maps.projection.tsne_embed on PCA-50-like clustered data: fit on a sample, place the
            rest with ``transform``; peer: fitting all points.
   publish  write + sha256-verified read of one 8192 x 1280 feature part (the serial publish re-reads parts);
            peer: the same read unverified.
@@ -73,9 +73,9 @@ def bench_decode(n: int) -> dict:
     import torch
     from PIL import Image
 
-    from tasks.features import preprocess_uint8
-    from tasks.images import decode_image
-    from tasks.models import Preprocess
+    from tasks.extract.features import preprocess_uint8
+    from tasks.core.images import decode_image
+    from tasks.core.models import Preprocess
 
     torch.set_num_threads(1)
     data = _jpegs(n)
@@ -107,7 +107,7 @@ def _clustered(n: int, d: int, seed: int, centers: np.ndarray) -> np.ndarray:
 def bench_ivfpq(n_train: int, n_add: int, n_query: int, d: int = 1280, nlist: int = 1024, m: int = 64,
                 polysemous_peer: bool = True) -> dict:
     """One FAISS thread (per-core figures): coarse k-means rate, IVF-PQ train / add / search, bytes, recall."""
-    from tasks.faiss_index import add_vectors, import_faiss, new_index, prepare_vectors, search_index, set_nprobe, train_index
+    from tasks.core.faiss_index import add_vectors, import_faiss, new_index, prepare_vectors, search_index, set_nprobe, train_index
 
     faiss = import_faiss()
     faiss.omp_set_num_threads(1)
@@ -167,7 +167,7 @@ def bench_ivfpq(n_train: int, n_add: int, n_query: int, d: int = 1280, nlist: in
 
 
 def bench_tsne(n: int, sample: int) -> dict:
-    from tasks.projection import tsne_embed
+    from tasks.maps.projection import tsne_embed
 
     rng = np.random.default_rng(0)
     centers = rng.normal(0, 4, (20, 50))

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sklearn.manifold import TSNE, trustworthiness
 
-    from tasks.projection import knn_label_agreement, tsne_embed
+    from tasks.maps.projection import knn_label_agreement, tsne_embed
 
     jobs = os.cpu_count() or 1
     x, lab = make_data(args.n, args.d)

@@ -8,7 +8,7 @@ what is not stored yet.
 
 Scale-out: under a Dask task runner (``--runner dask``, :mod:`flows.runners`) or with ``shard_size > 0`` the
 selection is split into shards computed by parallel ``attribution-shard`` tasks (maps and overlays written by
-each); the scores merge / publish runs once under the artefact lock (:func:`tasks.sharding.run_sharded_audit`).
+each); the scores merge / publish runs once under the artefact lock (:func:`tasks.core.sharding.run_sharded_audit`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.runners import shard_setting, submit_shards
-from tasks.attribution_audit import DEFAULT_METHODS, SELECT_POLICIES, AuditConfig, run_audit, summarise
-from tasks.sharding import AuditShard, audit_shard, run_sharded_audit
+from tasks.attribution.audit import DEFAULT_METHODS, SELECT_POLICIES, AuditConfig, run_audit, summarise
+from tasks.core.sharding import AuditShard, audit_shard, run_sharded_audit
 
 __all__ = ["attribution_audit", "audit_task", "audit_shard_task", "add_arguments", "config_from_args", "register"]
 

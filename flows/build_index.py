@@ -14,8 +14,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from tasks.index_build import IndexConfig, build_default_indexes, build_index
-from tasks.neighbors import knn_graph, neighbors
+from tasks.index.build import IndexConfig, build_default_indexes, build_index
+from tasks.index.neighbors import knn_graph, neighbors
 
 __all__ = ["build_index_flow", "build_index_task", "knn_graph_task", "summarise", "build_default_indexes",
            "neighbors", "register"]

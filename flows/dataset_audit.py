@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from tasks.dataset_audit import FINDING_TYPES, AuditParams, run_dataset_audit
+from tasks.index.dataset_audit import FINDING_TYPES, AuditParams, run_dataset_audit
 
 __all__ = ["dataset_audit_flow", "dataset_audit_task", "audit_dataset", "summarise", "register"]
 

@@ -30,8 +30,8 @@ def _stage(name: str, fn: Callable[[], Any], results: dict[str, Any], say: Calla
 def run_demo(store: str = "convlens-store", data_dir: str = "demo-data", device: str = "auto",
              report: str | None = None, say: Callable[[str], None] = log.info) -> dict[str, Any]:
     """Run the demo pipeline; returns ``{stage: {seconds, result}}`` plus ``report`` (path) when written."""
-    from tasks.demo_data import build_demo_dataset
-    from tasks.features import ExtractConfig, run_extraction
+    from tasks.core.demo_data import build_demo_dataset
+    from tasks.extract.features import ExtractConfig, run_extraction
 
     results: dict[str, Any] = {}
     counts = _stage("dataset", lambda: build_demo_dataset(data_dir), results, say)
@@ -53,10 +53,10 @@ def run_demo(store: str = "convlens-store", data_dir: str = "demo-data", device:
             return None
         return _stage(name, lambda: call(fn), results, say)
 
-    idx = optional("index", "tasks.index_build", "build_default_indexes", lambda f: f(store, fid))
+    idx = optional("index", "tasks.index.build", "build_default_indexes", lambda f: f(store, fid))
     if idx is not None:
         say(f"  indexes: {_short(idx)}")
-        nb = optional("neighbors", "tasks.neighbors", "neighbors", lambda f: [
+        nb = optional("neighbors", "tasks.index.neighbors", "neighbors", lambda f: [
             (p, f(store, path=p, k=5)) for p in ("photos/chelsea.png", "photos/coffee.png", "test/3/digit_3_0003.png")
             if (Path(data_dir) / p).is_file()])
         for p, df in nb or []:
@@ -67,7 +67,7 @@ def run_demo(store: str = "convlens-store", data_dir: str = "demo-data", device:
     maps = optional("maps", "flows.project", "make_default_maps", lambda f: f(store, fid))
     if maps is not None:
         say(f"  maps: {_short(maps)}")
-    att = optional("attribution", "tasks.attribution_audit", "run_default_audit", lambda f: f(store, n=4))
+    att = optional("attribution", "tasks.attribution.audit", "run_default_audit", lambda f: f(store, n=4))
     if att is not None:
         say(f"  attribution audit: {_short(att)}")
     neu = optional("neurons", "tasks.neurons.defaults", "run_default_neurons", lambda f: f(store, fid, device=device))

@@ -6,7 +6,7 @@ manifest. Incremental: a rerun extracts only images whose content hash is not st
 
 Scale-out: with a Dask task runner (``--runner dask``, :mod:`flows.runners`) or ``shard_size > 0`` the new
 images are split into shards extracted by parallel ``extract-shard`` tasks, each writing its own parts; the
-manifest merge / publish runs once, under the artefact lock (:func:`tasks.sharding.run_sharded_extraction`).
+manifest merge / publish runs once, under the artefact lock (:func:`tasks.core.sharding.run_sharded_extraction`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 from prefect import flow, task, get_run_logger
 from prefect.cache_policies import NO_CACHE
 
-from tasks.features import ExtractConfig, run_extraction
+from tasks.extract.features import ExtractConfig, run_extraction
 from flows.runners import shard_setting, submit_shards
-from tasks.sharding import ExtractShard, extract_shard, run_sharded_extraction
+from tasks.core.sharding import ExtractShard, extract_shard, run_sharded_extraction
 
 __all__ = ["extract_features", "extract_task", "extract_shard_task", "add_arguments", "config_from_args", "summarise"]
 

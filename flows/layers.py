@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from tasks.hooks import LAYER_ALIASES, layer_table, resolve_layer
-from tasks.models import load_model
+from tasks.core.hooks import LAYER_ALIASES, layer_table, resolve_layer
+from tasks.core.models import load_model
 
 __all__ = ["register", "format_layers"]
 

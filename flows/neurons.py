@@ -62,7 +62,7 @@ def neurons_task(technique: str, store: str, params: dict[str, Any]) -> dict[str
 @task(name="max-act-shard", retries=0, cache_policy=NO_CACHE)
 def max_act_shard_task(job: Any) -> dict[str, Any]:
     """Running top-k of one shard of the max-activation pass (small arrays, no images)."""
-    from tasks.sharding import max_activation_shard
+    from tasks.core.sharding import max_activation_shard
 
     return max_activation_shard(job)
 
@@ -79,7 +79,7 @@ def neurons(technique: str, store: str = "convlens-store", params: dict[str, Any
 
     shard, size = shard_setting(shard_size)
     if technique == "max-act" and shard:
-        from tasks.sharding import sharded_max_activation_scan
+        from tasks.core.sharding import sharded_max_activation_scan
 
         params = dict(params or {})
         scan = sharded_max_activation_scan(store, params.get("features_id"), submit_shards(max_act_shard_task), size)

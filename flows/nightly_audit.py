@@ -4,7 +4,7 @@ Parameters mirror ``convlens nightly DATA --store DIR --model M --weights W [--s
 Every stage is incremental: unchanged inputs are reused, new images are the only per-image work, and each
 stage's counts are returned and published as a Prefect markdown artefact with a link to the report. The
 report's drift section compares today's features with the previous successful run's snapshot (run records:
-see :mod:`tasks.nightly`). A failing stage fails the flow run; only transient errors (I/O, CUDA out of
+see :mod:`tasks.nightly.stages`). A failing stage fails the flow run; only transient errors (I/O, CUDA out of
 memory, retried with half the batch) are retried, never bad input (``ConvlensError`` / ``ValueError``).
 
 Scheduling (``convlens serve`` / ``convlens deploy``) lives in :mod:`flows.deployments`.
@@ -20,7 +20,7 @@ from typing import Any, Callable
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.nightly import (
+from tasks.nightly.stages import (
     NightlyConfig,
     is_transient,
     run_nightly,
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 
 def retry_transient(task_: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry I/O errors and CUDA OOM only (see :func:`tasks.nightly.is_transient`)."""
+    """Prefect ``retry_condition_fn``: retry I/O errors and CUDA OOM only (see :func:`tasks.nightly.stages.is_transient`)."""
     exc = state.data if isinstance(state.data, BaseException) else None
     retry = is_transient(exc)
     if not retry:

@@ -13,8 +13,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from tasks.grid import make_grid
-from tasks.projection import MapConfig, build_map
+from tasks.maps.grid import make_grid
+from tasks.maps.projection import MapConfig, build_map
 
 __all__ = [
     "project_task",
@@ -134,7 +134,7 @@ def _project_cli(args: argparse.Namespace) -> int:
 
 def _grid_cli(args: argparse.Namespace) -> int:
     from flows.cli import emit, run_stage
-    from tasks.grid import parse_size
+    from tasks.maps.grid import parse_size
 
     parse_size(args.size)  # fail fast on a bad --size
     result = run_stage(args, grid_flow,

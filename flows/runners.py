@@ -4,7 +4,7 @@
 :class:`prefect_dask.DaskTaskRunner`: either the scheduler at ``--dask-address`` (an existing cluster, e.g.
 ``tcp://scheduler:8786``) or a ``distributed.LocalCluster`` of ``--dask-workers`` worker processes started for
 the run and closed after it. The extraction, attribution-audit and max-activation flows then split their
-image list into shards (:mod:`tasks.sharding`) that run as parallel tasks, each writing its own parts; the
+image list into shards (:mod:`tasks.core.sharding`) that run as parallel tasks, each writing its own parts; the
 manifest merge / publish stays a single serial step under the artefact lock.
 
 The runner is chosen at call time with ``flow.with_options(task_runner=...)`` (:func:`with_runner`). A
@@ -89,13 +89,13 @@ def flow_is_distributed() -> bool:
 
 
 def submit_shards(shard_task: Any):
-    """A ``run_shards`` for :mod:`tasks.sharding`: submit one ``shard_task`` per job on the flow's task runner and
+    """A ``run_shards`` for :mod:`tasks.core.sharding`: submit one ``shard_task`` per job on the flow's task runner and
     yield ``(index, result)`` as they finish (the first failure raises). Outside a flow run (``flow.fn(...)``)
     the shards run one after another in this process."""
     from prefect.context import FlowRunContext
     from prefect.futures import as_completed
 
-    from tasks.sharding import run_serially
+    from tasks.core.sharding import run_serially
 
     if FlowRunContext.get() is None:
         return run_serially(shard_task.fn)

@@ -113,7 +113,7 @@ def _rejects(fdir: Path, fman: dict[str, Any]) -> pd.DataFrame:
 
 def _knn_rows(x: np.ndarray, queries: np.ndarray, k: int, metric: str) -> np.ndarray:
     """Top-``k`` neighbours (row indices, self excluded) of ``x[queries]`` among all rows of ``x``. Exact FAISS."""
-    from tasks.faiss_index import import_faiss, knn_search
+    from tasks.core.faiss_index import import_faiss, knn_search
 
     n = len(x)
     k = min(k, n - 1)

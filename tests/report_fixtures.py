@@ -55,7 +55,7 @@ def make_hostile_dataset(root: Path, per_class: int = 4) -> Path:
 
 
 def extract(data: Path | str, store: Path | str) -> dict:
-    from tasks.features import ExtractConfig, run_extraction
+    from tasks.extract.features import ExtractConfig, run_extraction
 
     return run_extraction(ExtractConfig(data=str(data), store=str(store), model="resnet18", weights="none",
                                         progress=False, num_workers=0, max_reject_rate=0.5))
@@ -156,7 +156,7 @@ def add_fake_artefacts(store: Path, fid: str) -> dict[str, str]:
     write_manifest(adir, {"kind": "audits", "audit": "dataset", "artefact_id": adir.name,
                           "source": {"artefact_id": fid}, "files": [file_entry(adir, "findings.parquet", role="findings")]})
     ids["audit"] = adir.name
-    # attribution audit in the real layout (tasks/attribution_audit.py): scores + one overlay PNG per row
+    # attribution audit in the real layout (tasks/attribution/audit.py): scores + one overlay PNG per row
     # (original | blend). Best insertion - deletion per image: row 1 -0.1 (worst), row 2 0.4, row 0 0.7;
     # mean gap: occlusion 0.167, gradcam 0.267 (the method to believe).
     adir = s.artefact_dir("audits", "attribution-test-000000000003", create=True)

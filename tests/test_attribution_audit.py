@@ -14,7 +14,7 @@ from storage.errors import StoreError
 from storage.features import write_part
 from storage.manifest import read_manifest, write_manifest
 from storage.paths import Store
-from tasks.attribution_audit import AuditConfig, load_map, read_scores, run_audit, run_default_audit, select_images
+from tasks.attribution.audit import AuditConfig, load_map, read_scores, run_audit, run_default_audit, select_images
 
 from conftest import make_color_dataset
 
@@ -23,7 +23,7 @@ FAST = dict(window=112, stride=112, faith_steps=2, batch_size=16, ig_steps=4, th
 
 @pytest.fixture(scope="module")
 def feature_store(tmp_path_factory):
-    from tasks.features import ExtractConfig, run_extraction
+    from tasks.extract.features import ExtractConfig, run_extraction
 
     root = tmp_path_factory.mktemp("audit")
     data = make_color_dataset(root / "data", per_class=2, size=(40, 36), splits=("",))
@@ -131,7 +131,7 @@ def test_flow_through_prefect(feature_store, prefect_server):
 
 
 def test_label_index_maps_names_and_only_bare_integers_without_names():
-    from tasks.attribution_audit import label_index
+    from tasks.attribution.audit import label_index
 
     cats = ["tench", "goldfish", "great white shark", "tiger shark"]
     assert label_index("goldfish", cats, 4) == 1

@@ -8,8 +8,8 @@ import torch
 import torchvision
 from torch import nn
 
-from tasks.cam import default_cam_layer, grad_cam
-from tasks.hooks import get_module
+from tasks.attribution.cam import default_cam_layer, grad_cam
+from tasks.core.hooks import get_module
 
 
 def reference(model, x, t, layer):

@@ -56,7 +56,7 @@ def local_and_dask(dataset, tmp_path_factory, prefect_server):
 
 
 def test_shard_bounds_align_to_batches():
-    from tasks.sharding import shard_bounds
+    from tasks.core.sharding import shard_bounds
 
     assert shard_bounds(30, 8, align=4) == [(0, 8), (8, 16), (16, 24), (24, 30)]
     assert shard_bounds(30, 6, align=4) == [(0, 8), (8, 16), (16, 24), (24, 30)]  # rounded up to the batch
@@ -118,8 +118,8 @@ def test_killed_sharded_run_publishes_nothing_and_resumes_from_finished_shards(d
     only the other shards' images and publishes the full store."""
     from storage.features import read_journal
     from storage.manifest import MANIFEST_NAME
-    from tasks.features import ExtractConfig
-    from tasks.sharding import extract_shard, run_sharded_extraction
+    from tasks.extract.features import ExtractConfig
+    from tasks.core.sharding import extract_shard, run_sharded_extraction
 
     cfg = ExtractConfig(progress=False, **_extract_kwargs(dataset, tmp_path / "store"))
 
@@ -202,7 +202,7 @@ def test_topk_merge_of_shards_equals_streaming_with_ties():
 def test_dask_attribution_audit_equals_local(local_and_dask):
     """Scores (targets, predictions, deletion/insertion AUC) and the stored maps from 2 shards == one process."""
     from flows.audit import attribution_audit
-    from tasks.attribution_audit import load_map, read_scores
+    from tasks.attribution.audit import load_map, read_scores
 
     root, _, _ = local_and_dask
     kw = dict(methods=["occlusion", "saliency", "guided", "gradcam"], select="random", n=12, window=112, stride=112,

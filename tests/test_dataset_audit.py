@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from index_fixtures import build_planted_dataset, write_feature_artefact
-from tasks.dataset_audit import AuditParams, read_findings, run_dataset_audit
+from tasks.index.dataset_audit import AuditParams, read_findings, run_dataset_audit
 
 
 def test_synthetic_findings_ranked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -68,7 +68,7 @@ def test_synthetic_findings_ranked(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_flow_on_real_images_finds_planted_cases(tmp_path: Path, prefect_server) -> None:
     """Through Prefect: exact duplicate, resized copy, cross-split copy and a label flip on decoded images."""
     from flows.dataset_audit import dataset_audit_flow
-    from tasks.features import ExtractConfig, run_extraction
+    from tasks.extract.features import ExtractConfig, run_extraction
 
     data = build_planted_dataset(tmp_path / "data")
     store = tmp_path / "store"

@@ -19,8 +19,8 @@ from storage.errors import QualityGateError
 from storage.features import load_features, part_entries, read_meta
 from storage.manifest import read_manifest
 from storage.paths import Store
-from tasks.features import ExtractConfig, run_extraction
-from tasks.models import ModelError, load_model
+from tasks.extract.features import ExtractConfig, run_extraction
+from tasks.core.models import ModelError, load_model
 
 MODEL = "mobilenet_v3_small"  # cheapest torchvision classifier; random weights, seeded
 
@@ -181,7 +181,7 @@ def test_reject_rate_threshold_keeps_previous_manifest(tmp_path, store_dir):
 
 
 def test_layer_aliases_on_zoo_models():
-    from tasks.hooks import capture, resolve_layer
+    from tasks.core.hooks import capture, resolve_layer
 
     cases = {
         ("alexnet", "fc7"): ("classifier.5", 4096), ("alexnet", "fc6"): ("classifier.2", 4096),
@@ -190,7 +190,7 @@ def test_layer_aliases_on_zoo_models():
         ("alexnet", None): ("classifier.5", 4096), ("resnet18", None): ("fc", 512),
         ("resnet18", "layer3"): ("layer3", 256),
     }
-    from tasks.features import pool_features
+    from tasks.extract.features import pool_features
 
     x = torch.rand(2, 3, 64, 64)
     for (arch, alias), (name, dim) in cases.items():
@@ -286,7 +286,7 @@ def test_unchanged_rerun_keeps_the_manifest_and_a_change_republishes(color_datas
     import shutil as _sh
 
     from storage.manifest import MANIFEST_NAME
-    from tasks.features import ExtractConfig, run_extraction
+    from tasks.extract.features import ExtractConfig, run_extraction
 
     cfg = ExtractConfig(data=str(color_dataset), store=str(store_dir), model="resnet18", weights="none", progress=False)
     m1 = run_extraction(cfg)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from tasks import saliency as S
-from tasks.cam import grad_cam
-from tasks.faithfulness import auc, deletion_insertion
-from tasks.occlusion import occlusion
+from tasks.attribution import saliency as S
+from tasks.attribution.cam import grad_cam
+from tasks.attribution.faithfulness import auc, deletion_insertion
+from tasks.attribution.occlusion import occlusion
 
 warnings.filterwarnings("ignore", module="captum")
 

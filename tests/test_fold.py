@@ -7,9 +7,9 @@ import torch
 import torchvision
 from torch import nn
 
-from tasks.features import CPU_MICRO_BATCH, _forward_batch, prepare_module
-from tasks.hooks import LayerRef, capture
-from tasks.models import fold_conv_bn
+from tasks.extract.features import CPU_MICRO_BATCH, _forward_batch, prepare_module
+from tasks.core.hooks import LayerRef, capture
+from tasks.core.models import fold_conv_bn
 
 
 def _model() -> nn.Module:
@@ -71,7 +71,7 @@ def test_micro_batched_forward_equals_one_pass():
 
 def test_bf16_precision_is_a_separate_artefact_and_recorded(tmp_path):
     from conftest import make_color_dataset
-    from tasks.features import ExtractConfig, run_extraction
+    from tasks.extract.features import ExtractConfig, run_extraction
     from storage.features import load_features
     from storage.paths import Store
 

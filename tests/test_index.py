@@ -12,8 +12,8 @@ from index_fixtures import clustered, write_feature_artefact
 from storage.errors import ChecksumError
 from storage.index_store import file_with_role
 from storage.paths import Store
-from tasks.index_build import IndexConfig, build_index
-from tasks.neighbors import knn_graph, neighbors, open_index, query_vectors
+from tasks.index.build import IndexConfig, build_index
+from tasks.index.neighbors import knn_graph, neighbors, open_index, query_vectors
 from storage.index_store import read_knn_graph
 
 

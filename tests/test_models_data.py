@@ -13,8 +13,8 @@ import torch
 from conftest import make_color_dataset
 from storage.features import load_features, read_meta
 from storage.paths import Store
-from tasks.features import ExtractConfig, run_extraction
-from tasks.models import ModelError, load_model
+from tasks.extract.features import ExtractConfig, run_extraction
+from tasks.core.models import ModelError, load_model
 from tiny_models import TinyNet
 
 
@@ -91,7 +91,7 @@ def test_timm_models_and_cls_alias(small_data, store_dir):
     assert m["dim"] == 512 and m["preprocessing"]["crop"] == 64 and m["model"]["source"] == "timm"
     lm = load_model("timm:vit_tiny_patch16_224", "none")
     assert lm.preprocess.interpolation == "bicubic" and lm.preprocess.mean == (0.5, 0.5, 0.5)
-    from tasks.hooks import capture, resolve_layer
+    from tasks.core.hooks import capture, resolve_layer
 
     for alias, name in (("cls", "norm"), ("penultimate", "head")):
         ref = resolve_layer(lm.module, alias)

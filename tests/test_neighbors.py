@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from index_fixtures import build_planted_dataset
-from tasks.index_build import build_default_indexes
-from tasks.neighbors import neighbors
+from tasks.index.build import build_default_indexes
+from tasks.index.neighbors import neighbors
 
 
 @pytest.fixture(scope="module")
 def planted_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    from tasks.features import ExtractConfig, run_extraction
+    from tasks.extract.features import ExtractConfig, run_extraction
 
     base = tmp_path_factory.mktemp("nb")
     data = build_planted_dataset(base / "data")

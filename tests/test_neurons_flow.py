@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from storage.paths import Store
-from tasks.features import ExtractConfig, run_extraction
+from tasks.extract.features import ExtractConfig, run_extraction
 from tasks.neurons.common import Source, read_table
 from tests.neurons_helpers import PRE64, make_square_dataset, tiny_lm
 

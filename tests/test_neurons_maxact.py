@@ -10,7 +10,7 @@ import torch
 from storage.errors import ChecksumError
 from storage.manifest import read_manifest
 from storage.paths import Store
-from tasks.features import ExtractConfig, run_extraction
+from tasks.extract.features import ExtractConfig, run_extraction
 from tasks.neurons.common import Source, read_table
 from tests.neurons_helpers import PRE64, make_square_dataset, tiny_lm
 

@@ -55,7 +55,7 @@ def sha(p: Path) -> str:
 def test_transient_errors_only_are_retried():
     from flows.nightly_audit import retry_transient
     from storage.errors import ConvlensError, QualityGateError
-    from tasks.nightly import _smaller, is_transient
+    from tasks.nightly.stages import _smaller, is_transient
 
     class OutOfMemoryError(RuntimeError):  # what torch.cuda raises, by name
         pass
@@ -77,7 +77,7 @@ def test_transient_errors_only_are_retried():
 
 
 def test_config_validation_says_what_to_do():
-    from tasks.nightly import NightlyConfig
+    from tasks.nightly.stages import NightlyConfig
 
     with pytest.raises(ValueError, match="--n must be >= 0"):
         NightlyConfig(data="x", n=-1).validate()
@@ -196,7 +196,7 @@ def test_nightly_incremental_runs_and_exact_drift(tmp_path, api):
     att = s2["stages"]["attribution"]
     assert att["selected"] == 5 and att["computed"] > 0 and att["reused"] == 0
     # exactly the new images were audited: the attribution artefact holds run 1's 8 + these 5
-    from tasks.attribution_audit import read_scores
+    from tasks.attribution.audit import read_scores
 
     scores, _ = read_scores(store, att["artefact_id"])
     assert set(scores["image_id"]) >= {sha(p) for p in new}
@@ -268,7 +268,7 @@ def test_bad_input_fails_visibly_without_retries(tmp_path, api):
 
 def test_transient_error_is_retried_with_smaller_batch(tmp_path, api, monkeypatch):
     import flows.nightly_audit as na
-    from tasks import nightly
+    from tasks.nightly import stages as nightly
 
     make_dataset(tmp_path / "data", 8)
     calls: list[int] = []

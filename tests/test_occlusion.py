@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tasks.occlusion import occlusion, plan_incremental, window_starts
+from tasks.attribution.occlusion import occlusion, plan_incremental, window_starts
 
 warnings.filterwarnings("ignore", module="captum")
 

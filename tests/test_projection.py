@@ -13,7 +13,7 @@ from maps_fixtures import clusters, write_features
 from storage.errors import ChecksumError
 from storage.manifest import read_manifest
 from storage.paths import Store
-from tasks.projection import (
+from tasks.maps.projection import (
     MapConfig,
     PCAAccumulator,
     build_map,

@@ -31,9 +31,9 @@ from storage.index_store import load_index_bytes
 from storage.locks import LOCK_NAME, artefact_lock
 from storage.manifest import read_manifest, safe_member, write_manifest
 from storage.paths import Store
-from tasks.features import ExtractConfig, embed_images, run_extraction
-from tasks.images import DecodeLimits, RejectedImage, decode_image, read_file_bytes
-from tasks.models import ModelError, load_model
+from tasks.extract.features import ExtractConfig, embed_images, run_extraction
+from tasks.core.images import DecodeLimits, RejectedImage, decode_image, read_file_bytes
+from tasks.core.models import ModelError, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tiny_models:build"
@@ -63,7 +63,7 @@ def tree(root: Path) -> dict[str, bytes]:
 @pytest.fixture
 def emulate_permissions(monkeypatch):
     """Root reads mode-000 files anyway; emulate the kernel's check for non-root in ``os.open``, which both
-    open sites (hashing and decoding, via ``tasks.images.open_regular_file``) use, so the code path under test
+    open sites (hashing and decoding, via ``tasks.core.images.open_regular_file``) use, so the code path under test
     is the real one. Off when not root (chmod 000 is real then)."""
     if os.geteuid() != 0:
         return False
@@ -132,7 +132,7 @@ def test_hostile_corpus_rejects_with_reasons_or_normalises(tmp_path, store_dir, 
 
 
 def _layer(lm):
-    from tasks.hooks import resolve_layer
+    from tasks.core.hooks import resolve_layer
 
     return resolve_layer(lm.module, None)
 
@@ -147,9 +147,9 @@ def test_fifo_never_blocks_and_decode_timeout(tmp_path, monkeypatch):
     assert not t.is_alive(), "reading a FIFO blocked"
     assert box["r"] == "not-a-file"
 
-    import tasks.images
+    import tasks.core.images
 
-    real = tasks.images._decode
+    real = tasks.core.images._decode
 
     def slow(*a, **k):  # a decoder that would hang far longer than any test
         import time
@@ -157,7 +157,7 @@ def test_fifo_never_blocks_and_decode_timeout(tmp_path, monkeypatch):
         time.sleep(600)
         return real(*a, **k)
 
-    monkeypatch.setattr(tasks.images, "_decode", slow)
+    monkeypatch.setattr(tasks.core.images, "_decode", slow)
     png = io.BytesIO()
     from PIL import Image
 
@@ -191,7 +191,7 @@ def _flip(path: Path, offset: int | None = None) -> None:
 
 def test_flipped_byte_detected_on_read_and_by_verify(tmp_path, store_dir, capsys):
     from flows.cli import main
-    from tasks.index_build import IndexConfig, build_index
+    from tasks.index.build import IndexConfig, build_index
 
     data = make_color_dataset(tmp_path / "d", per_class=2, splits=("",))
     m = extract(data, store_dir, part_rows=3)
@@ -396,9 +396,9 @@ def test_quality_gate_blocks_publish(tmp_path, store_dir, fault):
 # --- 7. determinism -----------------------------------------------------------------------------------------
 
 def test_same_inputs_give_identical_features_maps_and_neighbours(tmp_path):
-    from tasks.index_build import IndexConfig, build_index
-    from tasks.neighbors import knn_graph
-    from tasks.projection import MapConfig, build_map, read_coords
+    from tasks.index.build import IndexConfig, build_index
+    from tasks.index.neighbors import knn_graph
+    from tasks.maps.projection import MapConfig, build_map, read_coords
 
     data = make_color_dataset(tmp_path / "d", per_class=4, splits=("",))
     out = []

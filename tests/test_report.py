@@ -187,8 +187,8 @@ def test_feature_neighbours_come_from_a_stored_knn_graph(hs, tmp_path):
     from reports.render import ReportOptions, _knn_rows, build_report
     from storage.features import load_features
     from storage.paths import Store
-    from tasks.index_build import build_default_indexes
-    from tasks.neighbors import ensure_knn_graph
+    from tasks.index.build import build_default_indexes
+    from tasks.index.neighbors import ensure_knn_graph
 
     store = tmp_path / "idx"
     shutil.copytree(hs["store"], store)

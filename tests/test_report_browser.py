@@ -105,7 +105,7 @@ def _isolated_row(page) -> int:
 def test_hover_and_click_show_neighbours(page_state):
     from storage.features import load_features
     from storage.paths import Store
-    from tasks.faiss_index import knn_search
+    from tasks.core.faiss_index import knn_search
 
     page = page_state["page"]
     row = _isolated_row(page)

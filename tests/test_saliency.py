@@ -10,8 +10,8 @@ import torch
 import torchvision
 from torch import nn
 
-from tasks import saliency as S
-from tasks.masks import saliency_to_mask
+from tasks.attribution import saliency as S
+from tasks.attribution.masks import saliency_to_mask
 
 warnings.filterwarnings("ignore", module="captum")
 warnings.filterwarnings("ignore", message=".*backward hook.*")

@@ -202,7 +202,7 @@ def logical_index(store: Path) -> dict[str, Any]:
 
 def logical_audit(store: Path) -> dict[str, Any]:
     """Maps and overlays by sha256; the scores table less its per-run columns (``runtime_s``, ``created``)."""
-    from tasks.attribution_audit import read_scores
+    from tasks.attribution.audit import read_scores
 
     aid, m = Store(store).resolve("audits")
     read_manifest(Store(store).artefact_dir("audits", aid), verify=True)

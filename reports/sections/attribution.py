@@ -1,7 +1,7 @@
 """Attribution gallery: one row per audited (image, target), one overlay per method with its deletion /
 insertion AUC, worst-explained rows first, plus a per-method summary ("which method to believe").
 
-Reads an attribution artefact (``tasks/attribution_audit.py``, docs/attribution.md): ``scores`` Parquet parts
+Reads an attribution artefact (``tasks/attribution/audit.py``, docs/attribution.md): ``scores`` Parquet parts
 (``image_id, path, label, method, target, target_kind, target_name, prob, deletion_auc, insertion_auc,
 overlay, ...``) and the ``overlay`` PNGs they name (original | 50/50 JET blend, side by side). Every file is
 sha256-checked first. Returns None for an artefact without that layout (the caller falls back to a generic card).

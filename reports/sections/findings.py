@@ -1,7 +1,7 @@
 """Dataset-audit findings grouped by kind: near-duplicate clusters, train/test leaks (pairs), likely label
 errors and outliers (single images), each with counts and thumbnails; no hash columns.
 
-Reads a dataset-audit artefact's ``findings`` table (``tasks/dataset_audit.py``: ``finding, rank, score, cluster,
+Reads a dataset-audit artefact's ``findings`` table (``tasks/index/dataset_audit.py``: ``finding, rank, score, cluster,
 image_id, path, label, split, other_image_id, other_path, other_label, other_split, suggested_label, detail``);
 tolerates a ``flag`` / ``kind`` column instead of ``finding`` and missing optional columns. Thumbnails are
 feature rows (``<img data-thumb>``, filled lazily by the page); rows shown are added to ``needed``.

@@ -31,8 +31,8 @@ from storage.features import read_meta, remove_garbage
 from storage.locks import artefact_lock
 from storage.manifest import CODE_VERSION, MANIFEST_NAME, file_entry, read_manifest, write_manifest
 from storage.paths import Store, artefact_id
-from tasks.hooks import LayerRef, capture, get_module, resolve_layer
-from tasks.models import LoadedModel, Preprocess, load_model
+from tasks.core.hooks import LayerRef, capture, get_module, resolve_layer
+from tasks.core.models import LoadedModel, Preprocess, load_model
 
 __all__ = [
     "NEURONS_VERSION",
@@ -246,7 +246,7 @@ def select_rows(meta: pd.DataFrame, n: int | None = None, paths: Sequence[str] |
 def preprocess_pil(img, pre: Preprocess, size: int | None = None) -> torch.Tensor:
     """PIL RGB -> ``(3, S, S) float32 in [0, 1]``: the model's resize + centre crop, or a plain square
     resize + crop to ``size`` pixels when given."""
-    from tasks.features import preprocess_uint8
+    from tasks.extract.features import preprocess_uint8
 
     if size is not None:
         pre = Preprocess(resize=size, crop=size, mean=pre.mean, std=pre.std, interpolation=pre.interpolation)
@@ -254,11 +254,11 @@ def preprocess_pil(img, pre: Preprocess, size: int | None = None) -> torch.Tenso
 
 
 def load_images(paths: Sequence[str | Path], pre: Preprocess, size: int | None = None) -> torch.Tensor:
-    """Decode image files (safely, via :func:`tasks.images.decode_image`) to ``(N,3,S,S) float32 in [0,1]``.
+    """Decode image files (safely, via :func:`tasks.core.images.decode_image`) to ``(N,3,S,S) float32 in [0,1]``.
 
     Raises ``ValueError`` naming a file that cannot be decoded.
     """
-    from tasks.images import RejectedImage, decode_image, read_file_bytes
+    from tasks.core.images import RejectedImage, decode_image, read_file_bytes
 
     out = []
     for p in paths:

@@ -2,7 +2,7 @@
 first-layer filters and the max-activating patches of chosen channels of a layer, side by side.
 
 Each checkpoint is a state-dict file for ``arch`` (loaded with ``weights_only=True`` by
-:func:`tasks.models.load_model`). The image set is a feature artefact's images (``limit`` first by path), one
+:func:`tasks.core.models.load_model`). The image set is a feature artefact's images (``limit`` first by path), one
 streamed max-activation pass per checkpoint (memory O(k x channels + batch)).
 """
 
@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from storage.atomic import sha256_file
-from tasks.models import load_model
+from tasks.core.models import load_model
 from tasks.neurons.common import (
     Normalised, Source, default_conv_layer, label_strip, open_source, pick_device, preprocess_pil, publish, stack_panels,
     write_png, write_table,

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
-from tasks.hooks import capture, resolve_layer
+from tasks.core.hooks import capture, resolve_layer
 from tasks.neurons.common import (
     Normalised, Source, line_chart, load_images, open_source, pick_device, publish, select_rows, stack_panels, write_png,
     write_table,

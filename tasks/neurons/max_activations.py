@@ -1,7 +1,7 @@
 """Max-activating images and patches per channel over a whole dataset (Zeiler & Fergus, CS231n).
 
 One streamed pass over a feature artefact's images (``dataset_root / path``, decoded with
-:func:`tasks.images.decode_image`, preprocessed with the artefact's own resize + centre crop): the forward pass
+:func:`tasks.core.images.decode_image`, preprocessed with the artefact's own resize + centre crop): the forward pass
 stops at the layer, each channel's spatial maximum and its location are taken per image, and a running top-k
 per channel is merged batch by batch. Memory: O(k x channels) for the running top-k plus O(batch x layer
 activation) for the batch in flight — never O(dataset).
@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from tasks.models import Preprocess
+from tasks.core.models import Preprocess
 from tasks.neurons.common import (
     Normalised, Source, forward_to, label_strip, open_source, pick_device, preprocess_pil, publish, tile_grid, to_uint8,
     write_png, write_table,
@@ -93,8 +93,8 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        from tasks.features import preprocess_uint8
-        from tasks.images import RejectedImage, decode_image, read_file_bytes
+        from tasks.extract.features import preprocess_uint8
+        from tasks.core.images import RejectedImage, decode_image, read_file_bytes
 
         try:
             return i, preprocess_uint8(decode_image(read_file_bytes(self.files[i]), str(self.files[i])), self.pre)
@@ -238,7 +238,7 @@ def run_max_activations(store: str | Path, layer: str | None = None, features_id
     crop, so border units that mostly see padding do not dominate (0 = every unit).
     Files: ``max_activations.parquet`` (:func:`hits_table`), ``patches-<n>.png`` (``per_png`` channels each).
     ``scan``: replaces the one-process :func:`max_activation_pass` with the same signature and result (the
-    sharded pass of :mod:`tasks.sharding`, called under the artefact lock).
+    sharded pass of :mod:`tasks.core.sharding`, called under the artefact lock).
     """
     from tasks.neurons.common import default_conv_layer
 
@@ -284,6 +284,6 @@ def run_max_activations(store: str | Path, layer: str | None = None, features_id
 
 
 def _decode(path: Path):
-    from tasks.images import decode_image, read_file_bytes
+    from tasks.core.images import decode_image, read_file_bytes
 
     return decode_image(read_file_bytes(path), str(path))

@@ -22,7 +22,7 @@ from tasks.neurons.common import (
     Normalised, Source, conv_layers, label_strip, load_images, open_source, pick_device, publish, tile_grid,
     to_uint8, total_variation, write_png, write_table,
 )
-from tasks.hooks import LayerRef, capture, resolve_layer
+from tasks.core.hooks import LayerRef, capture, resolve_layer
 
 __all__ = ["StyleConfig", "gram", "style_losses", "style_transfer", "default_style_layers", "run_style"]
 

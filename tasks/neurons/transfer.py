@@ -20,7 +20,7 @@ import pandas as pd
 
 from storage.features import load_features
 from storage.paths import Store
-from tasks.faiss_index import knn_search
+from tasks.core.faiss_index import knn_search
 from tasks.neurons.common import bar_chart, publish, write_png, write_table
 
 __all__ = ["knn_neighbours", "knn_accuracy", "linear_probe_accuracy", "neighbour_overlap", "compare_spaces",

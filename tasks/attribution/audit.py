@@ -36,7 +36,7 @@ from storage.features import read_meta, read_part, remove_garbage, write_part
 from storage.locks import artefact_lock
 from storage.manifest import CODE_VERSION, MANIFEST_NAME, file_entry, read_manifest, write_manifest
 from storage.paths import Store, artefact_id
-from tasks.attribution import METHODS, method_spec, params_hash, reduce_map
+from tasks.attribution.common import METHODS, method_spec, params_hash, reduce_map
 
 __all__ = [
     "AuditConfig",
@@ -306,8 +306,8 @@ class _MapWriter:
 
 
 def _decode_batch(fdir_root: Path, rows: pd.DataFrame, pre) -> tuple[list[int], torch.Tensor | None, list[str]]:
-    from tasks.features import preprocess_uint8
-    from tasks.images import RejectedImage, decode_image
+    from tasks.extract.features import preprocess_uint8
+    from tasks.core.images import RejectedImage, decode_image
 
     ok, imgs, bad = [], [], []
     for i, r in enumerate(rows.itertuples()):
@@ -325,9 +325,9 @@ def _decode_batch(fdir_root: Path, rows: pd.DataFrame, pre) -> tuple[list[int], 
 def _compute(name: str, model, x: torch.Tensor, t: torch.Tensor, cfg: AuditConfig, cam_layer: str,
              occ_plan_cache: dict) -> torch.Tensor:
     """One method on a batch -> 2-D maps ``(n, H, W)`` float32 (higher = more important)."""
-    from tasks import saliency
-    from tasks.cam import grad_cam
-    from tasks.occlusion import occlusion, plan_incremental
+    from tasks.attribution import saliency
+    from tasks.attribution.cam import grad_cam
+    from tasks.attribution.occlusion import occlusion, plan_incremental
 
     spec = method_spec(name)
     if spec.name == "occlusion":
@@ -361,7 +361,7 @@ class AuditPlan:
     spec: dict[str, Any]  # model spec of the feature artefact
     weights: str
     preprocessing: dict[str, Any] | None
-    preprocess: Any  # tasks.models.Preprocess
+    preprocess: Any  # tasks.core.models.Preprocess
     categories: list[str] | None
     num_classes: int
     artefact_id: str
@@ -378,8 +378,8 @@ def plan_audit(cfg: AuditConfig) -> tuple[AuditPlan, Any]:
     Raises ``ValueError`` / :class:`ConvlensError` for bad options, a missing feature artefact or missing
     dataset-audit findings.
     """
-    from tasks.cam import default_cam_layer
-    from tasks.models import ModelError, load_model
+    from tasks.attribution.cam import default_cam_layer
+    from tasks.core.models import ModelError, load_model
 
     cfg.validate()
     store = Store(cfg.store)
@@ -430,8 +430,8 @@ def compute_audit(plan: AuditPlan, model: torch.nn.Module, rows_sel: pd.DataFram
     "overlays": overlay entries, "failures": [...], "computed": int, "reused": int}``.
     Memory: O(image_batch x method working set) + one map part buffer.
     """
-    from tasks.faithfulness import deletion_insertion
-    from tasks.features import normalise, pick_device
+    from tasks.attribution.faithfulness import deletion_insertion
+    from tasks.extract.features import normalise, pick_device
 
     cfg, adir, cats, phash, methods = plan.config, plan.artefact_dir, plan.categories, plan.phash, plan.methods
     device = pick_device(cfg.device)
@@ -525,7 +525,7 @@ def stored_scores(plan: AuditPlan) -> tuple[dict[str, Any] | None, pd.DataFrame,
 def publish_audit(plan: AuditPlan, old: dict[str, Any] | None, scores: pd.DataFrame, results: list[dict[str, Any]],
                   seconds: float) -> dict[str, Any]:
     """Merge the computed results (in selection order) with the stored rows and publish; call under the lock."""
-    from tasks.features import pick_device
+    from tasks.extract.features import pick_device
 
     cfg, adir, methods = plan.config, plan.artefact_dir, plan.methods
     new_rows = [r for res in results for r in res["rows"]]
@@ -570,7 +570,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     Raises ``ValueError`` / :class:`ConvlensError` for bad options, a missing feature artefact or missing
     dataset-audit findings.
     """
-    from tasks.features import pick_device
+    from tasks.extract.features import pick_device
 
     t_start = time.perf_counter()
     plan, lm = plan_audit(cfg)

@@ -34,10 +34,10 @@ from storage.locks import artefact_lock
 from storage.manifest import MANIFEST_NAME, read_manifest, write_manifest, file_entry
 from storage.atomic import atomic_write_json, sha256_bytes
 from storage.paths import Store, artefact_id
-from tasks.datasets import ImageRecord, Reject, hash_records, list_dataset
-from tasks.hooks import LayerRef, capture, resolve_layer
-from tasks.images import DecodeLimits, RejectedImage, decode_image, read_file_bytes
-from tasks.models import LoadedModel, Preprocess, apply_preprocess_overrides, load_model
+from tasks.core.datasets import ImageRecord, Reject, hash_records, list_dataset
+from tasks.core.hooks import LayerRef, capture, resolve_layer
+from tasks.core.images import DecodeLimits, RejectedImage, decode_image, read_file_bytes
+from tasks.core.models import LoadedModel, Preprocess, apply_preprocess_overrides, load_model
 
 __all__ = [
     "keep_if_unchanged",
@@ -295,7 +295,7 @@ CPU_MICRO_BATCH = 8
 def prepare_module(module: nn.Module, device: torch.device, ref: LayerRef | None = None) -> nn.Module:
     """An inference copy of ``module`` on ``device``: eval mode, Conv+BN folded (except at the hooked layer
     ``ref``), channels_last (faster for convs on both CUDA and oneDNN CPU). ``module`` itself is unchanged."""
-    from tasks.models import fold_conv_bn
+    from tasks.core.models import fold_conv_bn
 
     module = fold_conv_bn(module.eval(), keep=[ref.name] if ref is not None and ref.name else [])
     module = module.to(device)

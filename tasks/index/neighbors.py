@@ -27,9 +27,9 @@ from storage.index_store import KnnGraphWriter, load_index_bytes, publish_index_
 from storage.locks import artefact_lock
 from storage.manifest import read_manifest
 from storage.paths import Store
-from tasks.faiss_index import deserialize_index, prepare_vectors, search_index, set_nprobe, to_device
-from tasks.images import DecodeLimits, RejectedImage, decode_image, read_file_bytes
-from tasks.pixels import load_pixel_vector, pixel_vector
+from tasks.core.faiss_index import deserialize_index, prepare_vectors, search_index, set_nprobe, to_device
+from tasks.core.images import DecodeLimits, RejectedImage, decode_image, read_file_bytes
+from tasks.core.pixels import load_pixel_vector, pixel_vector
 
 __all__ = [
     "OpenIndex",
@@ -201,9 +201,9 @@ def embed_image_file(oi: OpenIndex, file: str | Path, weights: str | None = None
         return pixel_vector(img, int(oi.manifest.get("pixel_size") or 32)).reshape(1, -1)
     if oi.fmanifest is None:
         raise StoreError(f"feature artefact {oi.features_id} is gone; cannot rebuild its model to embed {file}")
-    from tasks.features import embed_images
-    from tasks.hooks import LayerRef
-    from tasks.models import Preprocess, load_model
+    from tasks.extract.features import embed_images
+    from tasks.core.hooks import LayerRef
+    from tasks.core.models import Preprocess, load_model
 
     spec = oi.fmanifest["model"]
     w = spec.get("weights", "none")
@@ -299,7 +299,7 @@ def _iter_index_vectors(oi: OpenIndex, block: int) -> Iterator[tuple[np.ndarray,
             if ok.any():
                 yield rows[ok].astype(np.int64).to_numpy(), feats[ok]
         return
-    from tasks.pixels import pixel_vectors
+    from tasks.core.pixels import pixel_vectors
 
     root = oi.manifest["source"]["dataset_root"]
     size = int(oi.manifest.get("pixel_size") or 32)

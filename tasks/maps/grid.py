@@ -163,7 +163,7 @@ def load_thumbnail(path: str | os.PathLike[str], size: int):
     """A ``size x size`` RGB thumbnail (centre crop) of the image file, or ``None`` (logged) if unusable."""
     from PIL import Image, ImageOps  # noqa: PLC0415
 
-    from tasks.images import RejectedImage, decode_image, read_file_bytes  # noqa: PLC0415
+    from tasks.core.images import RejectedImage, decode_image, read_file_bytes  # noqa: PLC0415
 
     try:
         img = decode_image(read_file_bytes(path), str(path))
@@ -297,7 +297,7 @@ def make_grid(store: str | os.PathLike[str], map_id: str | None = None, size: st
     from storage.locks import artefact_lock  # noqa: PLC0415
     from storage.manifest import file_entry, read_manifest, safe_member, utc_now, verify_files, write_manifest  # noqa: PLC0415
     from storage.paths import Store  # noqa: PLC0415
-    from tasks.projection import read_coords, resolve_map  # noqa: PLC0415
+    from tasks.maps.projection import read_coords, resolve_map  # noqa: PLC0415
 
     aid, manifest = resolve_map(store, map_id, method=None if map_id else "tsne")
     adir = Store(store).artefact_dir("maps", aid)

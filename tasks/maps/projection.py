@@ -233,7 +233,7 @@ def _faiss_neighbors_class():
     """``PrecomputedNeighbors`` that can also be queried (exact FAISS L2), so openTSNE's ``transform`` works."""
     from openTSNE.nearest_neighbors import PrecomputedNeighbors  # noqa: PLC0415
 
-    from tasks.faiss_index import import_faiss  # noqa: PLC0415
+    from tasks.core.faiss_index import import_faiss  # noqa: PLC0415
 
     class FaissNeighbors(PrecomputedNeighbors):
         def __init__(self, neighbors: np.ndarray, distances: np.ndarray, reference: np.ndarray) -> None:
@@ -298,7 +298,7 @@ def tsne_embed(x: np.ndarray, dim: int = 2, perplexity: float = 30.0, seed: int 
     from openTSNE.affinity import PerplexityBasedNN  # noqa: PLC0415
     from openTSNE.initialization import rescale  # noqa: PLC0415
 
-    from tasks.faiss_index import knn_search  # noqa: PLC0415
+    from tasks.core.faiss_index import knn_search  # noqa: PLC0415
 
     x = np.ascontiguousarray(x, np.float32)
     if x.ndim != 2:
@@ -385,7 +385,7 @@ def tsne_embed(x: np.ndarray, dim: int = 2, perplexity: float = 30.0, seed: int 
 
 def _knn_of_queries(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """Indices (q, k) of the k nearest rows of ``base`` to ``base[queries]`` (self excluded), exact L2."""
-    from tasks.faiss_index import import_faiss  # noqa: PLC0415
+    from tasks.core.faiss_index import import_faiss  # noqa: PLC0415
 
     faiss = import_faiss()
     base = np.ascontiguousarray(base, np.float32)
@@ -586,7 +586,7 @@ def _transform_pass(fdir: Path, fman: dict[str, Any], n: int, pca: PCAResult | N
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    from tasks.faiss_index import import_faiss  # noqa: PLC0415
+    from tasks.core.faiss_index import import_faiss  # noqa: PLC0415
 
     faiss = import_faiss()
     k = int(min(quality_k, n - 1))
@@ -678,7 +678,7 @@ def build_map(cfg: MapConfig, progress: bool = False) -> dict[str, Any]:
         atomic_write_bytes(adir / COORDS_NAME, _coords_parquet(meta, coords))
         files = [file_entry(adir, COORDS_NAME, role="coords", rows=n)]
         if cfg.scatter:
-            from tasks.grid import render_scatter  # noqa: PLC0415
+            from tasks.maps.grid import render_scatter  # noqa: PLC0415
 
             title = f"{cfg.method.upper()} of {fman.get('model', {}).get('arch', '?')} {fman.get('layer', {}).get('name', '')}"
             png = render_scatter(coords[:, :2], labels, title=f"{title} ({n} images)")

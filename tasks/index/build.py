@@ -1,7 +1,7 @@
 """Build (or incrementally update) a FAISS index artefact over a stored feature table or over pixel space.
 
 ``space="feature"`` indexes the feature artefact's vectors; ``space="pixel"`` indexes downsampled raw pixels
-(:mod:`tasks.pixels`, 32x32x3 by default) of the same images, for the CS231n pixel-vs-feature comparison.
+(:mod:`tasks.core.pixels`, 32x32x3 by default) of the same images, for the CS231n pixel-vs-feature comparison.
 
 Identity: the artefact id hashes (feature artefact id, space, factory, metric, pixel size, code version). The
 manifest records the feature manifest's ``created`` it was built from; when the feature table has been republished
@@ -32,11 +32,11 @@ from storage.index_store import (
 from storage.locks import artefact_lock
 from storage.manifest import CODE_VERSION, MANIFEST_NAME, read_manifest
 from storage.paths import Store, artefact_id
-from tasks.faiss_index import (
+from tasks.core.faiss_index import (
     add_vectors, deserialize_index, index_kind, needs_training, new_index, prepare_vectors, serialize_index,
     supports_incremental_add, to_device, train_index,
 )
-from tasks.pixels import PIXEL_SIZE, pixel_vectors
+from tasks.core.pixels import PIXEL_SIZE, pixel_vectors
 
 __all__ = ["IndexConfig", "build_index", "build_default_indexes", "default_metric", "SPACES"]
 
@@ -229,7 +229,7 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
 
 
 def _nlist(index) -> int | None:
-    from tasks.faiss_index import import_faiss
+    from tasks.core.faiss_index import import_faiss
 
     faiss = import_faiss()
     try:

@@ -104,14 +104,14 @@ class MethodSpec:
 
     def function(self) -> Callable[..., torch.Tensor]:
         if self.name == "occlusion":
-            from tasks.occlusion import occlusion
+            from tasks.attribution.occlusion import occlusion
 
             return occlusion
         if self.name == "gradcam":
-            from tasks.cam import grad_cam
+            from tasks.attribution.cam import grad_cam
 
             return grad_cam
-        from tasks import saliency
+        from tasks.attribution import saliency
 
         return {"saliency": saliency.vanilla_gradient, "guided": saliency.guided_backprop,
                 "deconvnet": saliency.deconvnet, "smoothgrad": saliency.smoothgrad,

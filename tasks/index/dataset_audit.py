@@ -228,8 +228,8 @@ def run_dataset_audit(store: str, artefact: str | None = None, index_id: str | N
     from storage.locks import artefact_lock
     from storage.manifest import CODE_VERSION, MANIFEST_NAME, read_manifest, write_manifest
     from storage.paths import Store, artefact_id
-    from tasks.index_build import IndexConfig, build_index
-    from tasks.neighbors import ensure_knn_graph, stale_message
+    from tasks.index.build import IndexConfig, build_index
+    from tasks.index.neighbors import ensure_knn_graph, stale_message
 
     params = params or AuditParams()
     params.validate()

@@ -21,8 +21,8 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from tasks.attribution import check_inputs, target_scores
-from tasks.hooks import override_outputs
+from tasks.attribution.common import check_inputs, target_scores
+from tasks.core.hooks import override_outputs
 
 __all__ = ["RULES", "relu_rule", "input_gradients"]
 

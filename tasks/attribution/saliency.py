@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.attribution import check_inputs
-from tasks.backprop import input_gradients
+from tasks.attribution.common import check_inputs
+from tasks.attribution.backprop import input_gradients
 
 __all__ = [
     "vanilla_gradient",

@@ -4,7 +4,7 @@ Same map as pytorch-grad-cam's ``GradCAM`` (channel weights = spatial mean of th
 min-max to [0, 1], bilinear resize to the input size as ``cv2.resize(INTER_LINEAR)`` does, min-max again).
 Difference by design: the activation and gradient are those of the layer's *own* output even when the next
 module is an in-place ReLU (pytorch-grad-cam's hook then reads the post-ReLU activation but the pre-ReLU
-gradient; here the hook hands a copy downstream, see :func:`tasks.hooks.capture_for_grad`).
+gradient; here the hook hands a copy downstream, see :func:`tasks.core.hooks.capture_for_grad`).
 
 Memory: O(batch_size x one forward/backward); no activation is kept after a batch (no growth across images).
 """
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.attribution import check_inputs, normalise_maps, target_scores
-from tasks.hooks import capture_for_grad, get_module
+from tasks.attribution.common import check_inputs, normalise_maps, target_scores
+from tasks.core.hooks import capture_for_grad, get_module
 
 __all__ = ["grad_cam", "default_cam_layer"]
 

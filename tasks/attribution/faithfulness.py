@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.attribution import check_inputs
+from tasks.attribution.common import check_inputs
 
 __all__ = ["FaithfulnessResult", "deletion_insertion", "auc", "blur"]
 

@@ -1,6 +1,6 @@
 """Pixel-space vectors: the CS231n baseline that nearest neighbours in FC7 space are compared against.
 
-An image is decoded (RGB, EXIF orientation applied, alpha on white: :func:`tasks.images.decode_image`),
+An image is decoded (RGB, EXIF orientation applied, alpha on white: :func:`tasks.core.images.decode_image`),
 resized to ``size x size`` (aspect ratio ignored, antialiased bilinear, like CIFAR thumbnails) and flattened to
 ``(size * size * 3,) float32`` in ``[0, 1]`` (HWC order). Pixel-space neighbours then find images of similar
 colour layout, not similar content.
@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from tasks.images import DecodeLimits, RejectedImage, decode_image, read_file_bytes
+from tasks.core.images import DecodeLimits, RejectedImage, decode_image, read_file_bytes
 
 __all__ = ["PIXEL_SIZE", "pixel_vector", "pixel_vectors", "load_pixel_vector"]
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.attribution import check_inputs, target_scores
+from tasks.attribution.common import check_inputs, target_scores
 
 __all__ = ["occlusion", "window_starts", "IncrementalPlan", "plan_incremental"]
 

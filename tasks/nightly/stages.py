@@ -210,7 +210,7 @@ def new_image_ids(store: str | os.PathLike[str], features_id: str, previous_snap
 def stage_extract(cfg: NightlyConfig, attempt: int = 1) -> dict[str, Any]:
     """Extract features of the images not yet stored; returns ``{features_id, created, rows, extracted,
     reused, removed, added_paths, rejects, republished}``. Retry ``attempt`` k runs with batch size / 2^(k-1)."""
-    from tasks.features import ExtractConfig, run_extraction
+    from tasks.extract.features import ExtractConfig, run_extraction
 
     ecfg = ExtractConfig(data=cfg.data, store=cfg.store, model=cfg.model, weights=cfg.weights, layer=cfg.layer,
                          device=cfg.device, batch_size=_smaller(cfg.batch_size, attempt), num_workers=cfg.num_workers,
@@ -228,7 +228,7 @@ def stage_extract(cfg: NightlyConfig, attempt: int = 1) -> dict[str, Any]:
 
 def stage_index(store: str, features_id: str) -> dict[str, Any]:
     """Feature- and pixel-space FAISS indexes (reused / incremental add / rebuilt after deletions)."""
-    from tasks.index_build import build_default_indexes
+    from tasks.index.build import build_default_indexes
 
     out = build_default_indexes(store, features_id)
     return {space: {"mode": v["mode"], "rows": v["rows"], "artefact_id": v["artefact_id"]} for space, v in out.items()}
@@ -283,7 +283,7 @@ def stage_attribution(cfg: NightlyConfig, features_id: str, new_ids: set[str], w
     are no new images. Stored maps are keyed by image content hash, so a re-selected image is never recomputed.
     """
     from storage.features import read_meta
-    from tasks.attribution_audit import AuditConfig, run_audit, select_images, summarise
+    from tasks.attribution.audit import AuditConfig, run_audit, select_images, summarise
 
     if cfg.n == 0 or not new_ids:
         return {"selected": 0, "image_ids": [], "computed": 0, "reused": 0, "artefact_id": None}

@@ -60,7 +60,7 @@ def resolve_layer(model: nn.Module, layer: str | None) -> LayerRef:
 
     Raises ``ValueError`` listing valid choices for an unknown name.
     """
-    from tasks.models import ModelError
+    from tasks.core.models import ModelError
 
     if isinstance(model, torch.jit.ScriptModule):
         # Hooks cannot be registered inside TorchScript: the scripted model's output is the feature.

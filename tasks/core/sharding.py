@@ -97,10 +97,10 @@ _MODELS_MAX = 2
 
 
 def load_shard_model(model: str, weights: str, seed: int = 0, weights_prefix: str | None = None) -> Any:
-    """A private copy of :func:`tasks.models.load_model`'s result, built once per process (thread-safe)."""
+    """A private copy of :func:`tasks.core.models.load_model`'s result, built once per process (thread-safe)."""
     import copy
 
-    from tasks.models import load_model
+    from tasks.core.models import load_model
 
     key = (model, weights, seed, weights_prefix, _stat(model), _stat(weights))  # a rewritten file is a new key
     with _LOAD_LOCK:
@@ -165,7 +165,7 @@ class _Job:
 
 class ExtractShard(_Job):
     """One extraction shard: a slim plan (no dataset-wide record lists) and this shard's image records
-    (``tasks.datasets.ImageRecord``, hashed)."""
+    (``tasks.core.datasets.ImageRecord``, hashed)."""
 
     __slots__ = ("index", "plan", "records", "fingerprint")
 
@@ -179,8 +179,8 @@ def extract_shard(job: ExtractShard) -> dict[str, Any]:
     Loads the model named by the plan's config (checked against the planner's weights fingerprint). Returns
     ``{"index", "entries", "rejects", "stats"}``: part entries, decode rejects, counters. Memory: one batch.
     """
-    from tasks.features import extract_records
-    from tasks.models import apply_preprocess_overrides
+    from tasks.extract.features import extract_records
+    from tasks.core.models import apply_preprocess_overrides
 
     plan = job.plan
     cfg = plan.config
@@ -217,7 +217,7 @@ def run_sharded_extraction(cfg: Any, run_shards: RunShards | None = None, shard_
     """
     from storage.features import read_journal, write_journal
     from storage.locks import artefact_lock
-    from tasks.features import keep_if_unchanged, plan_extraction, publish_features
+    from tasks.extract.features import keep_if_unchanged, plan_extraction, publish_features
 
     plan, lm = plan_extraction(cfg, lm)
     adir = plan.artefact_dir
@@ -359,9 +359,9 @@ class AuditShard(_Job):
 
 
 def audit_shard(job: AuditShard) -> dict[str, Any]:
-    """Maps, overlays and score rows of one selection slice (:func:`tasks.attribution_audit.compute_audit`)."""
-    from tasks.attribution_audit import audit_model, compute_audit
-    from tasks.features import pick_device
+    """Maps, overlays and score rows of one selection slice (:func:`tasks.attribution.audit.compute_audit`)."""
+    from tasks.attribution.audit import audit_model, compute_audit
+    from tasks.extract.features import pick_device
 
     plan = job.plan
     lm = load_shard_model(plan.spec["arch"], plan.weights, int(plan.spec.get("seed") or 0))
@@ -373,10 +373,10 @@ def audit_shard(job: AuditShard) -> dict[str, Any]:
 
 
 def run_sharded_audit(cfg: Any, run_shards: RunShards | None = None, shard_size: int | None = None) -> dict[str, Any]:
-    """:func:`tasks.attribution_audit.run_audit` with the selection split into shards (aligned to the image batch)
+    """:func:`tasks.attribution.audit.run_audit` with the selection split into shards (aligned to the image batch)
     computed through ``run_shards`` (default in-process); one publish under the artefact lock. Returns the manifest."""
     from storage.locks import artefact_lock
-    from tasks.attribution_audit import plan_audit, publish_audit, stored_scores
+    from tasks.attribution.audit import plan_audit, publish_audit, stored_scores
 
     t0 = time.perf_counter()
     plan, lm = plan_audit(cfg)

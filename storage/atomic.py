@@ -3,6 +3,11 @@
 Every published file goes through :func:`atomic_write_bytes` / :func:`atomic_write_json`: a temp file in
 the same directory, ``fsync``, ``os.replace``, then an ``fsync`` of the directory, so a crash leaves either
 the old file or the new one, never a torn one.
+
+Temp files are created by :func:`create_temp_file` with mode ``0o666`` filtered by the process umask (and any
+default ACL of the directory), like any ``open()``: published files are ``0644`` under umask ``022`` and
+``0664`` under ``002``, so a store shared by a group stays readable (``tempfile.mkstemp`` would make them
+``0600``).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import errno
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -23,6 +28,7 @@ __all__ = [
     "sha256_file",
     "sha256_stream",
     "TMP_PREFIX",
+    "create_temp_file",
     "raise_if_disk_full",
 ]
 
@@ -78,13 +84,30 @@ def raise_if_disk_full(exc: BaseException, path: str | os.PathLike[str]) -> None
         ) from exc
 
 
+def create_temp_file(directory: str | os.PathLike[str], prefix: str = TMP_PREFIX, suffix: str = "") -> tuple[int, str]:
+    """Create a new, empty temp file in ``directory``; return ``(fd, path)`` like ``tempfile.mkstemp``.
+
+    The mode is ``0o666`` less the umask (the kernel applies it, and a default ACL where there is one), not
+    mkstemp's ``0o600``: the file keeps these permissions when it is renamed into place. The descriptor is
+    write-only and not inherited by subprocesses.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    for _attempt in range(100):
+        path = os.path.join(os.fspath(directory), f"{prefix}{secrets.token_hex(8)}{suffix}")
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"no unused temp file name in {directory} after 100 tries")
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp + fsync + replace). The temp file is removed on error;
     running out of space raises :class:`~storage.errors.DiskFullError`."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+        fd, tmp = create_temp_file(path.parent)
     except OSError as exc:
         raise_if_disk_full(exc, path)
         raise

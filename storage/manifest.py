@@ -18,6 +18,7 @@ from typing import Any
 
 from storage.atomic import atomic_write_json, sha256_file
 from storage.errors import ChecksumError, StoreError
+from storage.locks import check_if_held
 
 __all__ = [
     "MANIFEST_NAME",
@@ -91,7 +92,12 @@ def file_entry(artefact_dir: str | os.PathLike[str], name: str, **extra: Any) ->
 
 
 def write_manifest(artefact_dir: str | os.PathLike[str], manifest: dict[str, Any]) -> dict[str, Any]:
-    """Publish ``manifest`` atomically. Adds schema version, code and library versions, created time."""
+    """Publish ``manifest`` atomically. Adds schema version, code and library versions, created time.
+
+    Where this process holds the artefact's writer lock (:func:`storage.locks.artefact_lock`), it is checked
+    to still be this writer's right before the manifest is written; :class:`~storage.errors.LockedError`
+    otherwise, and nothing is published.
+    """
     out = dict(manifest)
     out.setdefault("schema_version", SCHEMA_VERSION)
     out.setdefault("code_version", CODE_VERSION)
@@ -101,6 +107,7 @@ def write_manifest(artefact_dir: str | os.PathLike[str], manifest: dict[str, Any
         safe_member(artefact_dir, entry["name"])
     out.pop("manifest_sha256", None)
     out["manifest_sha256"] = manifest_digest(out)
+    check_if_held(artefact_dir)
     atomic_write_json(Path(artefact_dir) / MANIFEST_NAME, out)
     return out
 

@@ -2,6 +2,10 @@
 
 Kinds: ``features``, ``indexes``, ``maps``, ``audits``, ``neurons``, ``reports``, ``runs``. Artefact ids are
 ``<readable-slug>-<hash12>`` where the hash covers everything that defines the artefact's content.
+
+An artefact directory must be a real directory: a symlinked one (which readers would follow to files no
+writer of this store locked or published) is refused by :meth:`Store.artefact_dir` and
+:meth:`Store.iter_artefacts` with a :class:`~storage.errors.StoreError` (and reported by ``convlens verify``).
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from storage.errors import StoreError
+from storage.errors import StoreError, UsageError
 from storage.manifest import MANIFEST_NAME, read_manifest
 
-__all__ = ["Store", "KINDS", "artefact_id", "slugify"]
+__all__ = ["Store", "KINDS", "artefact_id", "refuse_symlinked_artefact", "slugify",
+           "symlinked_artefact_problem"]
 
 KINDS = ("features", "indexes", "maps", "audits", "neurons", "reports", "runs", "cache")
 
@@ -34,6 +39,29 @@ def artefact_id(readable: str, key: dict[str, Any]) -> str:
     return f"{slugify(readable)}-{digest}"
 
 
+def symlinked_artefact_problem(path: str | os.PathLike[str]) -> str | None:
+    """What is wrong when the artefact directory ``path`` is a symlink (dangling or not); None when it is not."""
+    path = Path(path)
+    if not path.is_symlink():
+        return None
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    return (
+        f"artefact directory {path} is a symlink (to {target!r}); convlens refuses to read or write through it, "
+        "because its files are not under this store's locks and checks — replace the link with a real "
+        f"directory (copy the artefact into {path.parent}) or remove it"
+    )
+
+
+def refuse_symlinked_artefact(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`StoreError` when the artefact directory ``path`` is a symlink (dangling or not)."""
+    problem = symlinked_artefact_problem(path)
+    if problem is not None:
+        raise StoreError(problem)
+
+
 @dataclass(frozen=True)
 class Store:
     """A store root. Cheap to construct; creates nothing until a writer asks for a directory."""
@@ -45,23 +73,28 @@ class Store:
 
     def kind_dir(self, kind: str) -> Path:
         if kind not in KINDS:
-            raise ValueError(f"unknown artefact kind {kind!r}; expected one of {', '.join(KINDS)}")
+            raise UsageError(f"unknown artefact kind {kind!r}; expected one of {', '.join(KINDS)}")
         return self.root / kind
 
     def artefact_dir(self, kind: str, aid: str, create: bool = False) -> Path:
         if not aid or "/" in aid or "\\" in aid or aid in (".", ".."):
             raise StoreError(f"invalid artefact id {aid!r}")
         path = self.kind_dir(kind) / aid
+        refuse_symlinked_artefact(path)
         if create:
             path.mkdir(parents=True, exist_ok=True)
         return path
 
     def iter_artefacts(self, kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Yield ``(artefact_id, manifest)`` for every published artefact of ``kind`` (unpublished dirs skipped)."""
+        """Yield ``(artefact_id, manifest)`` for every published artefact of ``kind`` (unpublished dirs skipped).
+
+        Raises :class:`StoreError` on a symlinked artefact directory.
+        """
         base = self.kind_dir(kind)
         if not base.is_dir():
             return
         for child in sorted(base.iterdir()):
+            refuse_symlinked_artefact(child)
             if child.is_dir() and (child / MANIFEST_NAME).is_file():
                 yield child.name, read_manifest(child)
 

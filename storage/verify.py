@@ -4,8 +4,9 @@ A store is ``<store>/<kind>/<artefact_id>/manifest.json`` plus the data files ea
 :mod:`storage.paths`). :func:`verify_store` reads every manifest (refusing a torn, edited or hostile one),
 streams every listed file through sha256 and reports each problem with the file it concerns. It never writes.
 
-Problems (the store is not trustworthy): unreadable / self-inconsistent manifest, a listed name that escapes
-the artefact directory or is a symlink, a listed file missing, of the wrong size or with the wrong sha256.
+Problems (the store is not trustworthy): a symlinked artefact directory (refused, not followed: readers
+refuse it too), unreadable / self-inconsistent manifest, a listed name that escapes the artefact directory or
+is a symlink, a listed file missing, of the wrong size or with the wrong sha256.
 Notes (informational): files not listed by any manifest (leftovers of an interrupted run), a ``journal.json``
 (a run was interrupted or is in progress), a ``.lock`` (with its holder), a directory never published, files
 outside any manifest (e.g. ``reports/*.html``, which carry no checksum).
@@ -22,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from storage.atomic import TMP_PREFIX, sha256_file
-from storage.errors import StoreError
+from storage.errors import StoreError, UsageError
 from storage.locks import LOCK_NAME, read_lock
 from storage.manifest import MANIFEST_NAME, read_manifest, safe_member
-from storage.paths import KINDS, Store
+from storage.paths import KINDS, Store, symlinked_artefact_problem
 
 __all__ = ["ArtefactReport", "verify_artefact", "verify_store"]
 
@@ -38,7 +39,7 @@ class ArtefactReport:
 
     kind: str
     artefact_id: str
-    status: str  # ok | corrupt | unpublished
+    status: str  # ok | corrupt | unpublished | refused (a symlinked artefact directory)
     files_checked: int = 0
     bytes_checked: int = 0
     problems: list[str] = field(default_factory=list)
@@ -55,9 +56,13 @@ def verify_artefact(kind: str, adir: Path) -> ArtefactReport:
     rep = ArtefactReport(kind, adir.name, "ok")
     lock = adir / LOCK_NAME
     if lock.exists():
-        info = read_lock(lock) or {}
-        age = time.time() - float(info.get("heartbeat", 0) or 0)
-        rep.notes.append(f"locked by PID {info.get('pid')} on {info.get('host')} (heartbeat {age:.0f}s ago)")
+        info = read_lock(lock)
+        if info is None:
+            rep.notes.append(f"{LOCK_NAME} without an owner record: a writer is taking the lock right now, or one "
+                             "stopped while taking it (the next writer takes it over)")
+        else:
+            age = time.time() - float(info.get("heartbeat", 0) or 0)  # informational: the writer's wall clock
+            rep.notes.append(f"locked by PID {info.get('pid')} on {info.get('host')} (heartbeat {age:.0f}s ago)")
     if (adir / _JOURNAL).exists():
         rep.notes.append("journal.json present: a run was interrupted or is in progress (the next run resumes it)")
     if not (adir / MANIFEST_NAME).is_file():
@@ -110,7 +115,7 @@ def verify_store(root: str | os.PathLike[str]) -> dict[str, Any]:
     """
     store = Store(root)
     if not store.root.is_dir():
-        raise ValueError(f"store {store.root} does not exist or is not a directory; pass --store DIR")
+        raise UsageError(f"store {store.root} does not exist or is not a directory; pass --store DIR")
     reports: list[ArtefactReport] = []
     unmanifested: list[str] = []
     for kind in KINDS:
@@ -120,7 +125,10 @@ def verify_store(root: str | os.PathLike[str]) -> dict[str, Any]:
         if not base.is_dir():
             continue
         for child in sorted(base.iterdir()):
-            if child.is_dir() and not child.is_symlink():
+            refused = symlinked_artefact_problem(child)  # readers refuse it (storage.paths); so does verify
+            if refused is not None:
+                reports.append(ArtefactReport(kind, child.name, "refused", problems=[refused]))
+            elif child.is_dir():
                 reports.append(verify_artefact(kind, child))
             else:
                 unmanifested.append(f"{kind}/{child.name}")

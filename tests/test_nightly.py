@@ -196,7 +196,7 @@ def test_nightly_incremental_runs_and_exact_drift(tmp_path, api):
     att = s2["stages"]["attribution"]
     assert att["selected"] == 5 and att["computed"] > 0 and att["reused"] == 0
     # exactly the new images were audited: the attribution artefact holds run 1's 8 + these 5
-    from tasks.attribution.audit import read_scores
+    from storage.audits import read_scores
 
     scores, _ = read_scores(store, att["artefact_id"])
     assert set(scores["image_id"]) >= {sha(p) for p in new}
@@ -382,6 +382,19 @@ def test_docker_files_are_consistent_with_the_repo_and_cli():
     assert svc["worker"]["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert any(v.startswith("convlens-store:/store") for v in svc["worker"]["volumes"])
     assert set(compose["volumes"]) == {"prefect-db", "convlens-store"}
+    # security: the API is published on loopback only, needs auth, and no secret has a default
+    assert svc["prefect-server"]["ports"] == ["127.0.0.1:4200:4200"]
+    assert [p for s in svc.values() for p in s.get("ports", []) if not str(p).startswith("127.0.0.1:")] == []
+    required = "${PREFECT_AUTH_STRING:?"
+    assert svc["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"].startswith(required)
+    assert svc["worker"]["environment"]["PREFECT_API_AUTH_STRING"].startswith(required)
+    assert svc["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    assert "prefect:${POSTGRES_PASSWORD:?" in svc["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    text = (ROOT / "docker" / "compose.yaml").read_text()
+    assert re.findall(r"\$\{(?:POSTGRES_PASSWORD|PREFECT_AUTH_STRING)(?!:\?)", text) == []  # every use is required
+    example = dict(line.split("=", 1) for line in (ROOT / "docker" / ".env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    assert example == {"POSTGRES_PASSWORD": "", "PREFECT_AUTH_STRING": ""}  # documented, no default secret
     cmd = svc["worker"]["command"][0].replace("$$", "$")
     deploy, worker = cmd.split("&&")
     argv = shlex.split(deploy)

@@ -27,7 +27,7 @@ def make_artefact(work: Path, n: int, dim: int = 64, seed: int = 0) -> tuple[Pat
     from PIL import Image
 
     from storage.atomic import sha256_bytes
-    from storage.features import PartWriter, write_part, rejects_schema
+    from storage.features import PartWriter, rejects_schema, write_part
     from storage.manifest import write_manifest
     from storage.paths import Store, artefact_id
 
@@ -112,9 +112,9 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where the synthetic datasets go (default: a new temp folder)")
     ap.add_argument("--no-browser", action="store_true")
     args = ap.parse_args()
-    from reports.render import write_report
-
     import tempfile
+
+    from reports.render import write_report
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="convlens-bench-report-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Sections (each prints its measured figures and a ratio against a peer measured in the same run):
   decode   JPEG decode + shorter-side resize 256 (antialiased) + centre crop 224 with the extraction path
-           (tasks.core.images.decode_image + tasks.extract.features.preprocess_uint8), one thread; peer: PIL ``draft``
+           (tasks.core.images.decode_image + tasks.core.forward.preprocess_uint8), one thread; peer: PIL ``draft``
            (DCT-domain downscale while decoding) + the same resize/crop, which a GPU-less decode tier could use.
   ivfpq    FAISS IVF-PQ on synthetic clustered float32 vectors (D = 1280, MobileNetV2 penultimate): train,
            add, search (nprobe 8/16/32), recall@10 vs exact flat search, bytes per vector; peer: exact Flat.
@@ -73,7 +73,7 @@ def bench_decode(n: int) -> dict:
     import torch
     from PIL import Image
 
-    from tasks.extract.features import preprocess_uint8
+    from tasks.core.forward import preprocess_uint8
     from tasks.core.images import decode_image
     from tasks.core.models import Preprocess
 
@@ -146,7 +146,8 @@ def bench_ivfpq(n_train: int, n_add: int, n_query: int, d: int = 1280, nlist: in
     t_flat = time.perf_counter() - t0
     res = {"factory": factory, "dim": d, "faiss_threads": 1, "train_vectors": n_train, "indexed": n_add,
            "queries": n_query, "coarse_kmeans10_s": round(t_km, 2), "coarse_kmeans_gflops": round(gflops, 1),
-           "train_s_default_polysemous": round(t_train_poly, 2), "train_s": round(t_train, 2), "add_vec_s": round(n_add / t_add), "fixed_bytes": fixed,
+           "train_s_default_polysemous": round(t_train_poly, 2), "train_s": round(t_train, 2), "add_vec_s": round(n_add / t_add),
+           "fixed_bytes": fixed,
            "bytes_per_vector": round((nbytes - fixed) / n_add, 1), "flat_query_ms": round(1000 * t_flat / n_query, 3),
            "search": []}
     for nprobe in (8, 16, 32, 64):
@@ -224,6 +225,7 @@ def bench_shards(n: int) -> dict:
     """Extraction of ``n`` generated PNGs: local runner vs Dask LocalCluster (2 worker processes x 1 thread)."""
     from flows.extract_features import extract_features
     from flows.runners import make_task_runner
+    from tasks.extract.features import ExtractConfig
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import make_color_dataset  # noqa: PLC0415
@@ -234,10 +236,10 @@ def bench_shards(n: int) -> dict:
         # decode in-process in both runs: Dask worker processes are daemonic (no DataLoader workers)
         kw = dict(data=str(data), model="mobilenet_v3_small", weights="none", batch_size=32, num_workers=0)
         t0 = time.perf_counter()
-        local = extract_features(store=str(Path(tmp) / "a"), **kw)
+        local = extract_features(ExtractConfig(store=str(Path(tmp) / "a"), **kw))
         t_local = time.perf_counter() - t0
         t0 = time.perf_counter()
-        dask = extract_features.with_options(task_runner=make_task_runner("dask", workers=2))(store=str(Path(tmp) / "b"), **kw)
+        dask = extract_features.with_options(task_runner=make_task_runner("dask", workers=2))(ExtractConfig(store=str(Path(tmp) / "b"), **kw))
         t_dask = time.perf_counter() - t0
     r = {"images": local["rows"], "local_s": round(t_local, 1), "dask_2proc_s": round(t_dask, 1),
          "local_img_s": local["images_per_s"], "dask_img_s_parallel_section": dask["images_per_s"],

@@ -8,12 +8,13 @@ what is not stored yet.
 
 Scale-out: under a Dask task runner (``--runner dask``, :mod:`flows.runners`) or with ``shard_size > 0`` the
 selection is split into shards computed by parallel ``attribution-shard`` tasks (maps and overlays written by
-each); the scores merge / publish runs once under the artefact lock (:func:`tasks.core.sharding.run_sharded_audit`).
+each); the scores merge / publish runs once under the artefact lock (:func:`tasks.attribution.sharding.run_sharded_audit`).
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -21,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.runners import shard_setting, submit_shards
 from tasks.attribution.audit import DEFAULT_METHODS, SELECT_POLICIES, AuditConfig, run_audit, summarise
-from tasks.core.sharding import AuditShard, audit_shard, run_sharded_audit
+from tasks.attribution.sharding import AuditShard, audit_shard, run_sharded_audit
 
 __all__ = ["attribution_audit", "audit_task", "audit_shard_task", "add_arguments", "config_from_args", "register"]
 
@@ -39,20 +40,12 @@ def audit_shard_task(job: AuditShard) -> dict[str, Any]:
 
 
 @flow(name="attribution-audit", log_prints=False)
-def attribution_audit(store: str = "convlens-store", artefact: str | None = None,
-                      methods: list[str] | None = None, select: str = "random", n: int = 16, seed: int = 0,
-                      device: str = "auto", batch_size: int = 64, window: int = 16, stride: int = 8,
-                      baseline: float = 0.0, layer: str | None = None, ig_steps: int = 50,
-                      faith_steps: int = 16, weights: str | None = None,
-                      shard_size: int | None = None) -> dict[str, Any]:
-    """Audit N selected images of a feature artefact with the given methods; returns a summary.
+def attribution_audit(cfg: AuditConfig, shard_size: int | None = None) -> dict[str, Any]:
+    """Audit ``cfg.n`` selected images of a feature artefact with ``cfg.methods``; returns a summary.
 
     ``shard_size``: ``None`` shards automatically under a Dask task runner only, ``0`` never, ``N`` images per
     shard (rounded up to the image batch) on any task runner."""
-    cfg = AuditConfig(store=store, artefact=artefact, methods=tuple(methods or DEFAULT_METHODS), select=select, n=n,
-                      seed=seed, device=device, batch_size=batch_size, window=window, stride=stride,
-                      baseline=baseline, layer=layer, ig_steps=ig_steps, faith_steps=faith_steps, weights=weights,
-                      progress=False)
+    cfg = replace(cfg, progress=False)
     shard, size = shard_setting(shard_size)
     if shard:
         summary = summarise(run_sharded_audit(cfg, submit_shards(audit_shard_task), size))
@@ -96,13 +89,8 @@ def _cli(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     cfg.validate()
-    result = run_stage(
-        args, attribution_audit, lambda: summarise(run_audit(cfg)),
-        store=cfg.store, artefact=cfg.artefact, methods=list(cfg.methods), select=cfg.select, n=cfg.n,
-        seed=cfg.seed, device=cfg.device, batch_size=cfg.batch_size, window=cfg.window, stride=cfg.stride,
-        baseline=cfg.baseline, layer=cfg.layer, ig_steps=cfg.ig_steps, faith_steps=cfg.faith_steps,
-        weights=cfg.weights, shard_size=getattr(args, "shard_size", None),
-    )
+    result = run_stage(args, attribution_audit, lambda: summarise(run_audit(cfg)),
+                       cfg=cfg, shard_size=getattr(args, "shard_size", None))
     emit(result, args.json, (
         f"attribution audit {result['artefact_id']}: {result['computed']} maps computed, {result['reused']} reused "
         f"({result['images']} images, {result['rows']} rows stored; methods {', '.join(result['methods'])}) "

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from storage.errors import UsageError
 from tasks.index.build import IndexConfig, build_default_indexes, build_index
 from tasks.index.neighbors import knn_graph, neighbors
 
@@ -33,16 +35,12 @@ def knn_graph_task(store: str, k: int, space: str, index_id: str, gpu: str) -> d
 
 
 @flow(name="build-index", log_prints=False)
-def build_index_flow(store: str = "convlens-store", artefact: str | None = None, space: str = "feature",
-                     factory: str = "Flat", metric: str | None = None, gpu: str = "auto", train_rows: int = 100_000,
-                     nprobe: int | None = None, rebuild: bool = False, knn_k: int | None = None) -> dict[str, Any]:
-    """Index the features (or pixels) of ARTEFACT in STORE; with ``knn_k`` also write the kNN graph."""
-    cfg = IndexConfig(store=store, artefact=artefact, space=space, factory=factory, metric=metric, gpu=gpu,
-                      train_rows=train_rows, nprobe=nprobe, rebuild=rebuild)
-    summary = build_index_task(cfg)
+def build_index_flow(cfg: IndexConfig, knn_k: int | None = None) -> dict[str, Any]:
+    """Index the features (or pixels) of ``cfg.artefact`` in ``cfg.store``; with ``knn_k`` also write the kNN graph."""
+    summary = build_index_task(replace(cfg, progress=False))
     get_run_logger().info("index %(artefact_id)s: %(mode)s, %(rows)d rows", summary)
     if knn_k:
-        summary["knn_graph"] = knn_graph_task(store, knn_k, space, summary["artefact_id"], gpu)
+        summary["knn_graph"] = knn_graph_task(cfg.store, knn_k, cfg.space, summary["artefact_id"], cfg.gpu)
     return summary
 
 
@@ -58,14 +56,13 @@ def summarise(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def _index_cli(args: argparse.Namespace) -> int:
-    from flows.cli import emit, run_stage
+    from flows.cli import emit
+    from flows.runners import run_stage
 
     cfg = IndexConfig(store=args.store, artefact=args.artefact, space=args.space, factory=args.factory,
                       metric=args.metric, gpu=args.gpu, train_rows=args.train_rows, nprobe=args.nprobe,
                       rebuild=args.rebuild, progress=not args.json)
-    r = run_stage(args, build_index_flow, lambda: summarise(build_index(cfg)), store=cfg.store, artefact=cfg.artefact,
-                  space=cfg.space, factory=cfg.factory, metric=cfg.metric, gpu=cfg.gpu, train_rows=cfg.train_rows,
-                  nprobe=cfg.nprobe, rebuild=cfg.rebuild)
+    r = run_stage(args, build_index_flow, lambda: summarise(build_index(cfg)), cfg=cfg)
     text = (f"index {r['artefact_id']}: {r['space']} space, {r['factory']} / {r['metric']}, {r['rows']} rows (D={r['dim']}), "
             f"{r['mode']}" + (f" (+{r['added']} rows)" if r["mode"] == "incremental" else "")
             + f" in {r['seconds']}s on {r['device']}" + (f"; {r['skipped']} unreadable images skipped" if r["skipped"] else ""))
@@ -87,7 +84,7 @@ def _neighbors_cli(args: argparse.Namespace) -> int:
 
     if args.all:
         if args.id or args.path or args.image:
-            raise ValueError("--all writes the kNN graph of every image; do not combine it with --id/--path/--image")
+            raise UsageError("--all writes the kNN graph of every image; do not combine it with --id/--path/--image")
         r = knn_graph(args.store, args.k, args.space, args.index, args.artefact, args.gpu, args.nprobe, progress=not args.json)
         if r.get("stale"):
             say(f"note: {r['stale']}", err=True)

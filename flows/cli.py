@@ -14,9 +14,9 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-__all__ = ["main", "build_parser", "COMMAND_MODULES", "use_prefect", "run_stage", "add_store_argument", "emit", "say"]
+__all__ = ["main", "build_parser", "COMMAND_MODULES", "add_store_argument", "emit", "say"]
 
 COMMAND_MODULES = (
     "flows.extract_features",
@@ -38,20 +38,6 @@ COMMAND_MODULES = (
 def add_store_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=os.environ.get("CONVLENS_STORE", "convlens-store"),
                    help="store directory (default ./convlens-store or $CONVLENS_STORE)")
-
-
-def use_prefect(args: argparse.Namespace) -> bool:
-    flag = getattr(args, "prefect", None)
-    if flag is not None:
-        return flag
-    return bool(os.environ.get("PREFECT_API_URL"))
-
-
-def run_stage(args: argparse.Namespace, flow_fn: Callable[..., Any], plain_fn: Callable[[], Any], **flow_kwargs: Any) -> Any:
-    """Run ``flow_fn(**flow_kwargs)`` under Prefect when configured, else ``plain_fn()`` in-process."""
-    if use_prefect(args):
-        return flow_fn(**flow_kwargs)
-    return plain_fn()
 
 
 def say(text: str, err: bool = False) -> None:
@@ -131,7 +117,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
     try:
         result = args.func(args)
-    except (ConvlensError, ValueError, FileNotFoundError) as exc:
+    except ConvlensError as exc:  # a mistake the user can fix (UsageError, StoreError, ...): one line, exit 2
         print(f"convlens {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:

@@ -14,9 +14,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from tasks.index.dataset_audit import FINDING_TYPES, AuditParams, run_dataset_audit
+from storage.audits import FINDING_TYPES
+from tasks.index.dataset_audit import AuditParams, run_dataset_audit, summarise
 
-__all__ = ["dataset_audit_flow", "dataset_audit_task", "audit_dataset", "summarise", "register"]
+__all__ = ["dataset_audit_flow", "dataset_audit_task", "register"]
 
 
 @task(name="dataset-audit", retries=0)
@@ -34,19 +35,6 @@ def dataset_audit_flow(store: str = "convlens-store", artefact: str | None = Non
     summary = dataset_audit_task(store, artefact, index_id, params, gpu)
     get_run_logger().info("dataset audit %s: %s", summary["artefact_id"], summary["counts"])
     return summary
-
-
-def audit_dataset(store: str, artefact: str | None = None, **params: Any) -> dict[str, Any]:
-    """Plain entry point (demo, scripts): run the audit in-process with default thresholds; returns the summary."""
-    gpu = params.pop("gpu", "auto")
-    index_id = params.pop("index_id", None)
-    return summarise(run_dataset_audit(store, artefact, index_id, AuditParams(**params), gpu))
-
-
-def summarise(m: dict[str, Any]) -> dict[str, Any]:
-    return {"artefact_id": m["artefact_id"], "index": m["source"]["index"], "features": m["source"]["features"],
-            "images": m["images"], "rows": m["rows"], "counts": m["counts"], "params": m["params"],
-            "findings_file": m["files"][0]["name"], "summary": m["summary"], "reused": bool(m.get("reused"))}
 
 
 def _text(r: dict[str, Any]) -> str:
@@ -69,7 +57,8 @@ def _text(r: dict[str, Any]) -> str:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from flows.cli import emit, run_stage
+    from flows.cli import emit
+    from flows.runners import run_stage
 
     params = AuditParams(k=args.k, dup_threshold=args.dup_threshold, outlier_z=args.outlier_z,
                          min_label_votes=args.min_label_votes)

@@ -43,40 +43,32 @@ def run_demo(store: str = "convlens-store", data_dir: str = "demo-data", device:
         f"{run['extracted']} extracted this run, {manifest['rejects']} rejects")
     results["features_id"] = fid
 
-    def optional(name: str, module: str, attr: str, call: Callable[[Callable[..., Any]], Any]) -> Any:
-        import importlib
+    from reports.render import write_report
+    from tasks.attribution.audit import run_default_audit
+    from tasks.index.build import build_default_indexes
+    from tasks.index.dataset_audit import audit_dataset
+    from tasks.index.neighbors import neighbors
+    from tasks.maps.defaults import make_default_maps
+    from tasks.neurons.defaults import run_default_neurons
 
-        try:
-            fn = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
-            say(f"[{name}] skipped: {module}.{attr} is not available ({exc})")
-            return None
-        return _stage(name, lambda: call(fn), results, say)
-
-    idx = optional("index", "tasks.index.build", "build_default_indexes", lambda f: f(store, fid))
-    if idx is not None:
-        say(f"  indexes: {_short(idx)}")
-        nb = optional("neighbors", "tasks.index.neighbors", "neighbors", lambda f: [
-            (p, f(store, path=p, k=5)) for p in ("photos/chelsea.png", "photos/coffee.png", "test/3/digit_3_0003.png")
-            if (Path(data_dir) / p).is_file()])
-        for p, df in nb or []:
-            say(f"  nearest to {p} (feature space): " + ", ".join(str(x) for x in list(df["path"])[:5]))
-    audit_ds = optional("dataset-audit", "flows.dataset_audit", "audit_dataset", lambda f: f(store))
-    if audit_ds is not None:
-        say(f"  dataset audit: {_short(audit_ds)}")
-    maps = optional("maps", "flows.project", "make_default_maps", lambda f: f(store, fid))
-    if maps is not None:
-        say(f"  maps: {_short(maps)}")
-    att = optional("attribution", "tasks.attribution.audit", "run_default_audit", lambda f: f(store, n=4))
-    if att is not None:
-        say(f"  attribution audit: {_short(att)}")
-    neu = optional("neurons", "tasks.neurons.defaults", "run_default_neurons", lambda f: f(store, fid, device=device))
-    if neu is not None:
-        say(f"  neurons: {_short(neu)}")
+    idx = _stage("index", lambda: build_default_indexes(store, fid), results, say)
+    say(f"  indexes: {_short(idx)}")
+    nb = _stage("neighbors", lambda: [
+        (p, neighbors(store, path=p, k=5)) for p in ("photos/chelsea.png", "photos/coffee.png", "test/3/digit_3_0003.png")
+        if (Path(data_dir) / p).is_file()], results, say)
+    for p, df in nb:
+        say(f"  nearest to {p} (feature space): " + ", ".join(str(x) for x in list(df["path"])[:5]))
+    audit_ds = _stage("dataset-audit", lambda: audit_dataset(store), results, say)
+    say(f"  dataset audit: {_short(audit_ds)}")
+    maps = _stage("maps", lambda: make_default_maps(store, fid), results, say)
+    say(f"  maps: {_short(maps)}")
+    att = _stage("attribution", lambda: run_default_audit(store, n=4), results, say)
+    say(f"  attribution audit: {_short(att)}")
+    neu = _stage("neurons", lambda: run_default_neurons(store, fid, device=device), results, say)
+    say(f"  neurons: {_short(neu)}")
     out = report or str(Path(store) / "reports" / "demo-report.html")
-    rep = optional("report", "reports.render", "write_report", lambda f: f(store, out, fid))
-    if rep is not None:
-        results["report"] = str(Path(rep).absolute())
+    rep = _stage("report", lambda: write_report(store, out, fid), results, say)
+    results["report"] = str(Path(rep).absolute())
     return results
 
 

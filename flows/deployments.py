@@ -22,6 +22,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from storage.errors import UsageError
+
 __all__ = ["DEFAULT_CRON", "DEPLOYMENT_NAME", "ENTRYPOINT", "project_dir", "require_api", "serve_nightly",
            "deploy_nightly", "ensure_process_pool", "register"]
 
@@ -43,7 +45,7 @@ def require_api() -> str:
 
     url = PREFECT_API_URL.value()
     if not url:
-        raise ValueError("scheduling needs a Prefect server: start one with `prefect server start` and set "
+        raise UsageError("scheduling needs a Prefect server: start one with `prefect server start` and set "
                          "PREFECT_API_URL=http://127.0.0.1:4200/api (or `prefect config set PREFECT_API_URL=...`)")
     return str(url)
 
@@ -57,7 +59,7 @@ def _schedule(cron: str | None, timezone: str) -> Any:
     try:
         CronSchedule(cron=cron, timezone=timezone)  # validates expression and time zone
     except ValueError as exc:
-        raise ValueError(f"--cron {cron!r} / --timezone {timezone!r} is not a valid schedule ({exc}); e.g. "
+        raise UsageError(f"--cron {cron!r} / --timezone {timezone!r} is not a valid schedule ({exc}); e.g. "
                          "\"0 2 * * *\" is 02:00 every day") from None
     return Cron(cron, timezone=timezone)
 
@@ -102,7 +104,7 @@ def deploy_nightly(parameters: dict[str, Any], pool: str, cron: str | None = DEF
         ensure_process_pool(pool)
     src = source or str(project_dir())
     if "://" not in src and not (Path(src) / ENTRYPOINT.split(":")[0]).is_file():
-        raise ValueError(f"--source {src} does not contain {ENTRYPOINT.split(':')[0]}; pass the convlens project "
+        raise UsageError(f"--source {src} does not contain {ENTRYPOINT.split(':')[0]}; pass the convlens project "
                          "directory as the worker sees it")
     schedule = _schedule(cron, timezone)
     remote = prefect_flow.from_source(source=src, entrypoint=ENTRYPOINT)

@@ -6,20 +6,21 @@ manifest. Incremental: a rerun extracts only images whose content hash is not st
 
 Scale-out: with a Dask task runner (``--runner dask``, :mod:`flows.runners`) or ``shard_size > 0`` the new
 images are split into shards extracted by parallel ``extract-shard`` tasks, each writing its own parts; the
-manifest merge / publish runs once, under the artefact lock (:func:`tasks.core.sharding.run_sharded_extraction`).
+manifest merge / publish runs once, under the artefact lock (:func:`tasks.extract.sharding.run_sharded_extraction`).
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from typing import Any
 
-from prefect import flow, task, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.extract.features import ExtractConfig, run_extraction
 from flows.runners import shard_setting, submit_shards
-from tasks.core.sharding import ExtractShard, extract_shard, run_sharded_extraction
+from tasks.extract.features import ExtractConfig, run_extraction
+from tasks.extract.sharding import ExtractShard, extract_shard, run_sharded_extraction
 
 __all__ = ["extract_features", "extract_task", "extract_shard_task", "add_arguments", "config_from_args", "summarise"]
 
@@ -37,25 +38,13 @@ def extract_shard_task(job: ExtractShard) -> dict[str, Any]:
 
 
 @flow(name="extract-features", log_prints=False)
-def extract_features(data: str, store: str = "convlens-store", model: str = "mobilenet_v2", weights: str = "imagenet",
-                     layer: str | None = None, pool: str = "avg", batch_size: int = 64, device: str = "auto",
-                     num_workers: int | None = None, max_reject_rate: float = 0.2, seed: int = 0,
-                     root: str | None = None, allow_outside_root: bool = False, strict_extension: bool = True,
-                     weights_prefix: str | None = None, resize: int | None = None, crop: int | None = None,
-                     mean: list[float] | None = None, std: list[float] | None = None,
-                     interpolation: str | None = None, precision: str = "auto", part_rows: int | None = None,
-                     shard_size: int | None = None) -> dict[str, Any]:
-    """Extract features of DATA into STORE; returns a small summary (artefact id, rows, rejects, timings).
+def extract_features(cfg: ExtractConfig, shard_size: int | None = None) -> dict[str, Any]:
+    """Extract features of ``cfg.data`` into ``cfg.store``; returns a small summary (artefact id, rows, rejects,
+    timings).
 
     ``shard_size``: ``None`` shards automatically under a Dask task runner only, ``0`` never shards, ``N`` splits
     the new images into shards of N (rounded up to a multiple of ``batch_size``) on any task runner."""
-    cfg = ExtractConfig(data=data, store=store, model=model, weights=weights, layer=layer, pool=pool,
-                        batch_size=batch_size, device=device, num_workers=num_workers,
-                        max_reject_rate=max_reject_rate, seed=seed, root=root,
-                        allow_outside_root=allow_outside_root, strict_extension=strict_extension,
-                        weights_prefix=weights_prefix, resize=resize, crop=crop,
-                        mean=tuple(mean) if mean else None, std=tuple(std) if std else None,
-                        interpolation=interpolation, part_rows=part_rows, precision=precision, progress=False)
+    cfg = replace(cfg, progress=False)
     shard, size = shard_setting(shard_size)
     if shard:
         manifest = run_sharded_extraction(cfg, submit_shards(extract_shard_task), size)
@@ -126,16 +115,8 @@ def _cli(args: argparse.Namespace) -> int:
     from flows.runners import run_stage
 
     cfg = config_from_args(args)
-    result = run_stage(
-        args, extract_features, lambda: summarise(run_extraction(cfg)),
-        data=cfg.data, store=cfg.store, model=cfg.model, weights=cfg.weights, layer=cfg.layer, pool=cfg.pool,
-        batch_size=cfg.batch_size, device=cfg.device, num_workers=cfg.num_workers,
-        max_reject_rate=cfg.max_reject_rate, seed=cfg.seed, root=cfg.root, allow_outside_root=cfg.allow_outside_root,
-        strict_extension=cfg.strict_extension, weights_prefix=cfg.weights_prefix, resize=cfg.resize, crop=cfg.crop,
-        mean=list(cfg.mean) if cfg.mean else None, std=list(cfg.std) if cfg.std else None, interpolation=cfg.interpolation,
-        part_rows=cfg.part_rows,
-        precision=cfg.precision, shard_size=getattr(args, "shard_size", None),
-    )
+    result = run_stage(args, extract_features, lambda: summarise(run_extraction(cfg)),
+                       cfg=cfg, shard_size=getattr(args, "shard_size", None))
     emit(result, args.json, (
         f"features {result['artefact_id']}: {result['rows']} rows (D={result['dim']}, layer {result['layer']}), "
         f"{result['extracted']} extracted this run at {result['images_per_s']} img/s, {result['rejects']} rejects\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from storage.errors import UsageError
 from storage.paths import KINDS, Store
 
 __all__ = ["store_info", "register"]
@@ -14,7 +15,7 @@ def store_info(store: str) -> list[dict[str, Any]]:
     """One small record per published artefact (kind, id, created, and the kind's key facts)."""
     s = Store(store)
     if not s.root.is_dir():
-        raise ValueError(f"store {store!r} does not exist; create one with `convlens extract DATA --store {store}`")
+        raise UsageError(f"store {store!r} does not exist; create one with `convlens extract DATA --store {store}`")
     out = []
     for kind in KINDS:
         for aid, m in s.iter_artefacts(kind):

@@ -9,42 +9,15 @@ configured (``--prefect``). The work lives in :mod:`tasks.neurons`; this file on
 from __future__ import annotations
 
 import argparse
-import importlib
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-__all__ = ["neurons", "neurons_task", "max_act_shard_task", "run_technique", "summarise", "register", "COMMANDS"]
+from storage.errors import UsageError
+from tasks.neurons import run_technique
 
-# CLI name -> (module, function, config class name or None)
-COMMANDS: dict[str, tuple[str, str, str | None]] = {
-    "filters": ("filters", "run_filters", None),
-    "activations": ("activations", "run_activations", None),
-    "max-act": ("max_activations", "run_max_activations", None),
-    "class-viz": ("class_viz", "run_class_viz", "ClassVizConfig"),
-    "invert": ("inversion", "run_inversion", "InversionConfig"),
-    "dream": ("deepdream", "run_deepdream", "DreamConfig"),
-    "style": ("style", "run_style", "StyleConfig"),
-    "adversarial": ("adversarial", "run_adversarial", "AdvConfig"),
-    "evolution": ("evolution", "run_evolution", None),
-    "invariance": ("invariance", "run_invariance", None),
-    "compare": ("transfer", "run_compare", None),
-    "defaults": ("defaults", "run_default_neurons", None),
-}
-
-
-def run_technique(technique: str, store: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Call ``tasks.neurons.<module>.run_*`` with ``params`` (a ``cfg`` dict becomes the technique's config)."""
-    if technique not in COMMANDS:
-        raise ValueError(f"unknown technique {technique!r}; expected one of {', '.join(COMMANDS)}")
-    mod_name, fn_name, cfg_name = COMMANDS[technique]
-    mod = importlib.import_module(f"tasks.neurons.{mod_name}")
-    kwargs = dict(params)
-    if cfg_name and isinstance(kwargs.get("cfg"), dict):
-        kwargs["cfg"] = getattr(mod, cfg_name)(**kwargs["cfg"])
-    return getattr(mod, fn_name)(store, **kwargs)
-
+__all__ = ["neurons", "neurons_task", "max_act_shard_task", "summarise", "register"]
 
 def summarise(technique: str, result: dict[str, Any]) -> dict[str, Any]:
     """Small record for logs / CLI output (drops file lists and library versions)."""
@@ -62,7 +35,7 @@ def neurons_task(technique: str, store: str, params: dict[str, Any]) -> dict[str
 @task(name="max-act-shard", retries=0, cache_policy=NO_CACHE)
 def max_act_shard_task(job: Any) -> dict[str, Any]:
     """Running top-k of one shard of the max-activation pass (small arrays, no images)."""
-    from tasks.core.sharding import max_activation_shard
+    from tasks.neurons.sharding import max_activation_shard
 
     return max_activation_shard(job)
 
@@ -79,7 +52,7 @@ def neurons(technique: str, store: str = "convlens-store", params: dict[str, Any
 
     shard, size = shard_setting(shard_size)
     if technique == "max-act" and shard:
-        from tasks.core.sharding import sharded_max_activation_scan
+        from tasks.neurons.sharding import sharded_max_activation_scan
 
         params = dict(params or {})
         scan = sharded_max_activation_scan(store, params.get("features_id"), submit_shards(max_act_shard_task), size)
@@ -153,7 +126,7 @@ def _params(cmd: str, a: argparse.Namespace) -> dict[str, Any]:
         return {"features_a": a.a, "features_b": a.b, "k": a.k, **force}
     if cmd == "defaults":
         return {"features_id": a.features, **dev}
-    raise ValueError(cmd)
+    raise UsageError(cmd)
 
 
 def _cli(args: argparse.Namespace) -> int:

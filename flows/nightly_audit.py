@@ -194,7 +194,8 @@ def flow_parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from flows.cli import emit, use_prefect
+    from flows.cli import emit
+    from flows.runners import use_prefect
 
     params = flow_parameters(args)
     if use_prefect(args):

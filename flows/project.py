@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from tasks.maps.defaults import summarise
 from tasks.maps.grid import make_grid
 from tasks.maps.projection import MapConfig, build_map
 
@@ -22,27 +23,8 @@ __all__ = [
     "project_flow",
     "grid_flow",
     "maps_flow",
-    "summarise",
-    "make_default_maps",
     "register",
 ]
-
-
-def summarise(manifest: dict[str, Any]) -> dict[str, Any]:
-    """Small record of a published map (what the CLI prints and flows return)."""
-    q = manifest.get("quality") or {}
-    pca = manifest.get("pca") or {}
-    return {
-        "map_id": manifest["artefact_id"], "method": manifest["method"], "dim": manifest["dim"],
-        "rows": manifest["rows"], "source": manifest["source"], "reused": bool(manifest.get("reused")),
-        "explained_variance_ratio": pca.get("explained_variance_ratio") if manifest["method"] == "pca"
-        else pca.get("explained_variance_ratio_total"),
-        "effective_perplexity": (manifest.get("tsne") or {}).get("effective_perplexity"),
-        "trustworthiness": q.get("trustworthiness"),
-        "knn_label_agreement_map": q.get("knn_label_agreement_map"),
-        "knn_label_agreement_full": q.get("knn_label_agreement_full"),
-        "seconds": (manifest.get("seconds") or {}).get("total"),
-    }
 
 
 @task(name="project-map", retries=0)
@@ -59,12 +41,8 @@ def grid_task(store: str, map_id: str | None, size: str | None, thumb: int, assi
 
 
 @flow(name="project", log_prints=False)
-def project_flow(store: str = "convlens-store", features_id: str | None = None, method: str = "tsne", dim: int = 2,
-                 pca_first: int = 50, perplexity: float = 30.0, seed: int = 0, pca_solver: str = "auto",
-                 max_fit: int = 200_000, n_jobs: int = 1, force: bool = False) -> dict[str, Any]:
-    """One PCA or t-SNE map of a feature artefact (default: the newest)."""
-    cfg = MapConfig(store=store, features_id=features_id, method=method, dim=dim, pca_first=pca_first,
-                    perplexity=perplexity, seed=seed, pca_solver=pca_solver, max_fit=max_fit, n_jobs=n_jobs, force=force)
+def project_flow(cfg: MapConfig) -> dict[str, Any]:
+    """One PCA or t-SNE map of a feature artefact (``cfg.features_id``, default: the newest)."""
     summary = project_task(cfg)
     get_run_logger().info("map %(map_id)s (%(method)s, %(rows)d rows), trustworthiness %(trustworthiness)s", summary)
     return summary
@@ -89,19 +67,6 @@ def maps_flow(store: str = "convlens-store", features_id: str | None = None, see
     return {"pca": pca, "tsne": tsne, "grid": grid}
 
 
-def make_default_maps(store: str, features_id: str | None = None, seed: int = 0) -> dict[str, Any]:
-    """Plain (no Prefect) default maps for the demo: PCA map, t-SNE map and its image grid.
-
-    Returns ``{"pca": summary, "tsne": summary, "grid": grid summary}``; the PNGs are at
-    ``result["grid"]["grid_png"]`` and ``result["grid"]["scatter_png"]`` (t-SNE scatter) and in the PCA map's
-    directory (``scatter.png``). Reuses maps already published with the same parameters.
-    """
-    pca = summarise(build_map(MapConfig(store=store, features_id=features_id, method="pca", seed=seed)))
-    tsne = summarise(build_map(MapConfig(store=store, features_id=features_id, method="tsne", seed=seed)))
-    grid = make_grid(store, tsne["map_id"])
-    return {"pca": pca, "tsne": tsne, "grid": grid}
-
-
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
@@ -110,16 +75,14 @@ def _fmt(v: Any) -> str:
 
 
 def _project_cli(args: argparse.Namespace) -> int:
-    from flows.cli import emit, run_stage
+    from flows.cli import emit
+    from flows.runners import run_stage
 
     cfg = MapConfig(store=args.store, features_id=args.artefact, method=args.method, dim=args.dim,
                     pca_first=args.pca_first, perplexity=args.perplexity, seed=args.seed, pca_solver=args.pca_solver,
                     max_fit=args.max_fit, n_jobs=args.n_jobs, force=args.force)
     cfg.validate()
-    result = run_stage(args, project_flow, lambda: summarise(build_map(cfg, progress=True)),
-                       store=cfg.store, features_id=cfg.features_id, method=cfg.method, dim=cfg.dim,
-                       pca_first=cfg.pca_first, perplexity=cfg.perplexity, seed=cfg.seed, pca_solver=cfg.pca_solver,
-                       max_fit=cfg.max_fit, n_jobs=cfg.n_jobs, force=cfg.force)
+    result = run_stage(args, project_flow, lambda: summarise(build_map(cfg, progress=True)), cfg=cfg)
     evr = result["explained_variance_ratio"]
     evr_txt = ", ".join(f"{v:.3f}" for v in evr) if isinstance(evr, list) else _fmt(evr)
     emit(result, args.json, (
@@ -133,7 +96,8 @@ def _project_cli(args: argparse.Namespace) -> int:
 
 
 def _grid_cli(args: argparse.Namespace) -> int:
-    from flows.cli import emit, run_stage
+    from flows.cli import emit
+    from flows.runners import run_stage
     from tasks.maps.grid import parse_size
 
     parse_size(args.size)  # fail fast on a bad --size

@@ -35,7 +35,8 @@ def report_flow(store: str = "convlens-store", out: str | None = None, features_
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from flows.cli import emit, run_stage
+    from flows.cli import emit
+    from flows.runners import run_stage
 
     opts = {"thumb_budget_bytes": int(args.thumb_budget_mb * 1e6), "thumb_px": args.thumb_px, "k": args.k}
     path = run_stage(

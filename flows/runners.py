@@ -21,7 +21,9 @@ import logging
 import os
 from typing import Any, Callable
 
-__all__ = ["RUNNERS", "add_runner_arguments", "make_task_runner", "with_runner", "run_stage", "flow_is_distributed",
+from storage.errors import UsageError
+
+__all__ = ["RUNNERS", "add_runner_arguments", "make_task_runner", "with_runner", "use_prefect", "run_stage", "flow_is_distributed",
            "shard_setting", "submit_shards"]
 
 log = logging.getLogger(__name__)
@@ -51,19 +53,19 @@ def make_task_runner(runner: str = "local", address: str | None = None, workers:
     Raises ``ValueError`` for an unknown runner or bad sizes.
     """
     if runner not in RUNNERS:
-        raise ValueError(f"unknown --runner {runner!r}; use one of {', '.join(RUNNERS)}")
+        raise UsageError(f"unknown --runner {runner!r}; use one of {', '.join(RUNNERS)}")
     if runner == "local":
         if address or workers:
-            raise ValueError("--dask-address / --dask-workers need --runner dask")
+            raise UsageError("--dask-address / --dask-workers need --runner dask")
         return None
     if workers is not None and workers < 1:
-        raise ValueError(f"--dask-workers must be >= 1, got {workers}")
+        raise UsageError(f"--dask-workers must be >= 1, got {workers}")
     if threads < 1:
-        raise ValueError(f"--dask-threads must be >= 1, got {threads}")
+        raise UsageError(f"--dask-threads must be >= 1, got {threads}")
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError as exc:  # pragma: no cover - prefect-dask is a declared dependency
-        raise ValueError("--runner dask needs the prefect-dask package (pip install prefect-dask)") from exc
+        raise UsageError("--runner dask needs the prefect-dask package (pip install prefect-dask)") from exc
     if address:
         if workers is not None:
             log.warning("--dask-workers is ignored with --dask-address (the cluster has its own workers)")
@@ -114,14 +116,23 @@ def shard_setting(shard_size: int | None) -> tuple[bool, int | None]:
     return shard_size > 0, shard_size or None
 
 
-def run_stage(args: argparse.Namespace, flow_fn: Any, plain_fn: Callable[[], Any], **flow_kwargs: Any) -> Any:
-    """Like :func:`flows.cli.run_stage`, but a ``--runner`` other than ``local`` always runs the Prefect flow
-    (with that task runner), since a Dask task runner needs a flow run."""
-    from flows import cli
+def use_prefect(args: argparse.Namespace) -> bool:
+    """``--prefect`` / ``--no-prefect`` when given, else whether a Prefect API is configured (``PREFECT_API_URL``)."""
+    flag = getattr(args, "prefect", None)
+    if flag is not None:
+        return flag
+    return bool(os.environ.get("PREFECT_API_URL"))
 
+
+def run_stage(args: argparse.Namespace, flow_fn: Any, plain_fn: Callable[[], Any], **flow_kwargs: Any) -> Any:
+    """The one way a command runs its stage: ``flow_fn(**flow_kwargs)`` under Prefect when configured (see
+    :func:`use_prefect`) or when ``--runner`` asks for a distributed task runner (which needs a flow run; an
+    ephemeral Prefect API is started when none is configured), else ``plain_fn()`` in this process."""
     runner = getattr(args, "runner", "local") or "local"
     task_runner = make_task_runner(runner, getattr(args, "dask_address", None), getattr(args, "dask_workers", None),
                                    getattr(args, "dask_threads", 1) or 1)
-    if task_runner is None:
-        return cli.run_stage(args, flow_fn, plain_fn, **flow_kwargs)
-    return with_runner(flow_fn, task_runner)(**flow_kwargs)
+    if task_runner is not None:
+        return with_runner(flow_fn, task_runner)(**flow_kwargs)
+    if use_prefect(args):
+        return flow_fn(**flow_kwargs)
+    return plain_fn()

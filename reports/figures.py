@@ -91,25 +91,27 @@ def safe_json(obj: Any) -> str:
     return text
 
 
-def thumbnail(path: str | Path, size: int = 64, pixel_size: int = 16, quality: int = 70
+def thumbnail(root: str | Path | None, rel: str, size: int = 64, pixel_size: int = 16, quality: int = 70
               ) -> tuple[str | None, np.ndarray | None]:
-    """Decode an image file once and return ``(jpeg data URI of max side size px, pixels (pixel_size**2*3,) uint8)``.
+    """Decode a stored image once (``root`` + ``rel`` through :func:`tasks.core.images.open_stored_image`: local
+    or fsspec URL, EXIF-rotated, alpha on white, FIFO / size / time guarded) and return ``(jpeg data URI of max
+    side size px, pixels (pixel_size**2*3,) uint8)``.
 
     The pixel vector is the image squashed to ``pixel_size x pixel_size`` RGB (for pixel-space neighbours).
     Returns ``(None, None)`` when the file is missing or unreadable (the report shows text instead).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from tasks.core.images import RejectedImage, open_stored_image
 
     try:
-        with Image.open(path) as im:
-            im.draft("RGB", (size * 2, size * 2))
-            im = im.convert("RGB")
-            pix = np.asarray(im.resize((pixel_size, pixel_size), Image.BILINEAR), dtype=np.uint8).reshape(-1)
-            im.thumbnail((size, size), Image.BILINEAR)
-            return image_data_uri(im, quality), pix
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-        log.debug("no thumbnail for %s: %s", path, exc)
+        im = open_stored_image(root, rel, draft=(size * 2, size * 2))
+    except RejectedImage as exc:
+        log.debug("no thumbnail for %s: %s", rel, exc)
         return None, None
+    pix = np.asarray(im.resize((pixel_size, pixel_size), Image.BILINEAR), dtype=np.uint8).reshape(-1)
+    im.thumbnail((size, size), Image.BILINEAR)
+    return image_data_uri(im, quality), pix
 
 
 def image_data_uri(im: Any, quality: int = 70, fmt: str = "JPEG") -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,13 +30,14 @@ from reports.sections import core, stored
 from reports.sections.attribution import attribution_view, fmt_auc
 from reports.sections.findings import findings_view
 from reports.sections.neurons import neuron_view
+from storage.artefacts import artefacts_of, features_source
 from storage.atomic import atomic_write_bytes
-from storage.errors import StoreError
+from storage.errors import StoreError, UsageError
 from storage.features import load_features, part_entries, read_part
 from storage.manifest import CODE_VERSION, read_manifest, safe_member, utc_now, verify_files
 from storage.paths import Store
 
-__all__ = ["ReportOptions", "image_file", "build_report", "render_html", "write_report", "resolve_compare", "default_report_path"]
+__all__ = ["ReportOptions", "build_report", "render_html", "write_report", "resolve_compare", "default_report_path"]
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def resolve_compare(store: Store, compare: str) -> tuple[str, dict[str, Any], Pa
         if (p / "manifest.json").is_file():
             m = read_manifest(p)
             if m.get("kind", "features") != "features":
-                raise ValueError(f"--compare {compare}: {p} is a {m.get('kind')} artefact, not a features artefact")
+                raise UsageError(f"--compare {compare}: {p} is a {m.get('kind')} artefact, not a features artefact")
             return p.name, m, p
         other = Store(p)
         aid, m = other.resolve("features", None)
@@ -92,7 +92,7 @@ def resolve_compare(store: Store, compare: str) -> tuple[str, dict[str, Any], Pa
     try:
         aid, m = store.resolve("features", compare)
     except StoreError as exc:
-        raise ValueError(f"--compare {compare!r} is neither a features artefact id in {store.root} nor a folder: {exc}") from None
+        raise UsageError(f"--compare {compare!r} is neither a features artefact id in {store.root} nor a folder: {exc}") from None
     return aid, m, store.artefact_dir("features", aid)
 
 
@@ -153,7 +153,7 @@ def _stored_knn(store: Store, fid: str, path_rows: dict[str, int], queries: np.n
         return None
     n = len(path_rows)
     kk = min(k, n - 1)
-    for aid, m, adir in stored.related_artefacts(store, "indexes", fid):
+    for aid, m, adir in artefacts_of(store, "index", fid):
         if m.get("space", "feature") != "feature":
             continue
         if not any(e.get("role") == "knn" and int(e.get("k", 0)) >= kk for e in m.get("files", [])):
@@ -189,19 +189,10 @@ def _takes_k(fn: Callable[..., Any]) -> bool:
         return False
 
 
-def image_file(root: Path, rel: str) -> Path | bytes:
-    """The file of a stored (display) path. Non-UTF-8 names are stored with ``\\xNN`` escapes; map them back."""
-    path = root / rel
-    if "\\x" not in rel or path.exists():
-        return path
-    raw = re.sub(rb"\\x([0-9a-fA-F]{2})", lambda m: bytes([int(m.group(1), 16)]), rel.encode("utf-8"))
-    candidate = os.path.join(os.fsencode(root), raw)
-    return candidate if os.path.exists(candidate) else path
-
-
-def _decode_all(paths: list[Path | bytes], order: np.ndarray, opts: ReportOptions, must: set[int]
+def _decode_all(root: str | None, paths: list[str], order: np.ndarray, opts: ReportOptions, must: set[int]
                 ) -> tuple[dict[int, str], np.ndarray, np.ndarray]:
-    """Decode every image once (thread pool): pixel vectors for all rows, thumbnails within the byte budget.
+    """Decode every image (``root`` + ``paths[i]``) once in a thread pool: pixel vectors for all rows, thumbnails
+    within the byte budget.
 
     ``order`` is the priority order of rows; rows in ``must`` always get a thumbnail. Returns
     ``(thumbs {row: data uri}, pixels (N, P) uint8, has_pixels (N,) bool)``.
@@ -214,7 +205,7 @@ def _decode_all(paths: list[Path | bytes], order: np.ndarray, opts: ReportOption
     used = 0
 
     def work(i: int) -> tuple[int, str | None, np.ndarray | None]:
-        uri, pix = thumbnail(paths[i], opts.thumb_px, opts.pixel_px, opts.thumb_quality)
+        uri, pix = thumbnail(root, paths[i], opts.thumb_px, opts.pixel_px, opts.thumb_quality)
         return i, uri, pix
 
     with ThreadPoolExecutor(max_workers=max(1, opts.workers)) as pool:
@@ -257,18 +248,14 @@ def _colorings(meta: pd.DataFrame, names: list[str | None], acc: dict[str, Any],
 def _audit_flags(cards: list[dict[str, Any]], store: Store, fid: str, path_rows: dict[str, int]) -> dict[int, list[str]]:
     """Per-row audit flags from dataset-audit tables that have a ``path``/``row`` column and a flag column."""
     flags: dict[int, list[str]] = {}
-    for aid, m, adir in stored.related_artefacts(store, "audits", fid):
-        if not _is_dataset_audit(m):
-            continue
+    for aid, m, adir in artefacts_of(store, "dataset-audit", fid):
         for entry in m.get("files", []):
-            if not entry["name"].endswith(".parquet"):
+            if entry.get("role") != "findings":
                 continue
             try:
                 df = stored.read_verified_table(adir, entry)
             except StoreError:
                 continue
-            flag_col = next((c for c in ("flag", "kind", "issue", "finding", "category", "check") if c in df.columns), None)
-            name = str(entry.get("role") or Path(entry["name"]).stem.split("-")[0])
             for rec in df.head(200_000).itertuples(index=False):
                 d = rec._asdict()
                 row = d.get("row")
@@ -277,19 +264,10 @@ def _audit_flags(cards: list[dict[str, Any]], store: Store, fid: str, path_rows:
                 if row is None or not (0 <= int(row) < len(path_rows)):
                     continue
                 flags.setdefault(int(row), [])
-                f = str(d.get(flag_col)) if flag_col else name
+                f = str(d.get("finding"))
                 if f not in flags[int(row)]:
                     flags[int(row)].append(f)
     return flags
-
-
-def _is_dataset_audit(m: dict[str, Any]) -> bool:
-    text = " ".join(str(m.get(k, "")) for k in ("audit", "technique", "method", "type", "kind", "artefact_id")).lower()
-    return any(w in text for w in ("dataset", "duplicate", "leak", "label", "outlier"))
-
-
-def _is_attribution(m: dict[str, Any]) -> bool:
-    return not _is_dataset_audit(m)
 
 
 def build_report(store: str | Path, features_id: str | None = None, compare: str | None = None,
@@ -308,7 +286,7 @@ def build_report(store: str | Path, features_id: str | None = None, compare: str
     n = len(meta)
     categories = _categories(fdir, fman)
     rejects = _rejects(fdir, fman)
-    root = Path(fman.get("dataset_root", "."))
+    root = fman.get("dataset_root")
     paths_text = [str(p) for p in meta["path"]]
     path_rows = {p: i for i, p in enumerate(paths_text)}
     needed: set[int] = set()
@@ -325,8 +303,8 @@ def build_report(store: str | Path, features_id: str | None = None, compare: str
     # other stages' artefacts
     t1 = time.perf_counter()
     maps = stored.maps_data(s, fid, n)
-    audit_cards = _views(s, "audits", fid, path_rows, needed, findings_view, select=_is_dataset_audit)
-    attr_cards = _views(s, "audits", fid, path_rows, needed, attribution_view, select=_is_attribution)
+    audit_cards = _views(s, "dataset-audit", fid, path_rows, needed, findings_view)
+    attr_cards = _views(s, "attribution", fid, path_rows, needed, attribution_view)
     _sort_attribution([c for c in attr_cards if c["view"] == "card"])
     arch = (fman.get("model") or {}).get("arch")
     neuron_cards = _views(s, "neurons", fid, path_rows, needed, neuron_view, include_unrelated=True, limit=40,
@@ -366,7 +344,7 @@ def build_report(store: str | Path, features_id: str | None = None, compare: str
     order = np.r_[np.array(sorted(needed), np.int64), rng.permutation(n)]
     _, first = np.unique(order, return_index=True)
     order = order[np.sort(first)]
-    thumbs, pixels, has_pix = _decode_all([image_file(root, p) for p in paths_text], order, opts, needed)
+    thumbs, pixels, has_pix = _decode_all(root, paths_text, order, opts, needed)
     timings["thumbnails"] = time.perf_counter() - t4
 
     # neighbours: feature space (stored kNN graph or exact FAISS) and pixel space (exact L2 on pixel vectors)
@@ -421,10 +399,10 @@ def build_report(store: str | Path, features_id: str | None = None, compare: str
 
 
 def _same_model(m: dict[str, Any], fid: str, arch: str | None) -> bool:
-    if stored.refers_to(m, fid):
+    if features_source(m) == fid:
         return True
-    src = json.dumps(m.get("source", {}), default=str)
-    return bool(arch) and arch in src
+    src = m.get("source") or {}
+    return bool(arch) and isinstance(src, dict) and (src.get("model") or {}).get("arch") == arch
 
 
 def _views(s: Store, kind: str, fid: str, path_rows: dict[str, int], needed: set[int], build: Callable[..., Any],

@@ -4,9 +4,9 @@ A store is a directory. Each artefact directory holds data files and a ``manifes
 (temp file + fsync + ``os.replace``); readers trust only what the manifest lists.
 """
 
-from storage.atomic import atomic_write_bytes, atomic_write_json, sha256_file, sha256_bytes
+from storage.atomic import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
 from storage.errors import ChecksumError, ConvlensError, LockedError, StoreError
-from storage.manifest import read_manifest, write_manifest, MANIFEST_NAME, SCHEMA_VERSION
+from storage.manifest import MANIFEST_NAME, SCHEMA_VERSION, read_manifest, write_manifest
 from storage.paths import Store
 
 __all__ = [

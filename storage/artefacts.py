@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from storage.errors import StoreError
+from storage.errors import StoreError, UsageError
 from storage.paths import Store
 
 __all__ = ["DIRECTORY_OF", "artefacts_of", "newest_of", "features_source"]
@@ -60,7 +60,7 @@ def features_source(manifest: dict[str, Any]) -> str | None:
 
 def _check_kind(kind: str) -> str:
     if kind not in DIRECTORY_OF:
-        raise ValueError(f"unknown manifest kind {kind!r}; expected one of {', '.join(DIRECTORY_OF)}")
+        raise UsageError(f"unknown manifest kind {kind!r}; expected one of {', '.join(DIRECTORY_OF)}")
     return DIRECTORY_OF[kind]
 
 

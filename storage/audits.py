@@ -26,9 +26,9 @@ SCORES_COLUMNS = ("image_id", "path", "label", "method", "params_hash", "target"
                   "overlay", "selected_by", "created")
 
 
-def read_findings(store: str, audit_id: str | None = None) -> pd.DataFrame:
+def read_findings(store: str | Path | Store, audit_id: str | None = None, features_id: str | None = None) -> pd.DataFrame:
     """The verified findings table of a dataset-audit artefact (newest when ``audit_id`` is None)."""
-    _, m, adir = newest_of(store, "dataset-audit", audit_id)
+    _, m, adir = newest_of(store, "dataset-audit", audit_id, features_id)
     entry = next((e for e in m["files"] if e.get("role") == "findings"), None)
     if entry is None:
         raise StoreError(f"dataset audit {adir.name} lists no findings table; rerun `convlens audit-dataset`")

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-__all__ = ["ConvlensError", "StoreError", "ChecksumError", "LockedError", "DiskFullError", "QualityGateError"]
+__all__ = ["ConvlensError", "UsageError", "StoreError", "ChecksumError", "LockedError", "DiskFullError", "QualityGateError"]
 
 
 class ConvlensError(Exception):
-    """Base class: a problem the user can fix; the CLI prints it without a traceback."""
+    """Base class: a problem the user can fix; the CLI prints it as one line (exit 2), without a traceback. Any other
+    exception is a bug and shows its traceback."""
+
+
+class UsageError(ConvlensError, ValueError):
+    """A bad argument or option: the message says what was wrong and what to do. The CLI prints it as one line
+    and exits 2. (A ``ValueError`` too, so callers of the Python API can catch it as one.)"""
 
 
 class StoreError(ConvlensError):

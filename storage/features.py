@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -26,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.atomic import TMP_PREFIX, atomic_write_json, fsync_dir, sha256_bytes, sha256_file
-from storage.errors import ChecksumError, StoreError
+from storage.errors import ChecksumError, StoreError, UsageError
 from storage.locks import LOCK_NAME
 from storage.manifest import MANIFEST_NAME, read_manifest, safe_member
 
@@ -121,7 +120,7 @@ class PartWriter:
             probs: np.ndarray | None = None) -> None:
         """Add rows: ``meta`` dicts with META_COLUMNS (+ extras), ``feats`` (n, D) float32."""
         if feats.shape != (len(meta), self.dim):
-            raise ValueError(f"features of shape {feats.shape} do not match {len(meta)} rows x D={self.dim}")
+            raise UsageError(f"features of shape {feats.shape} do not match {len(meta)} rows x D={self.dim}")
         self._meta.extend(meta)
         self._feats.append(feats.astype(np.float32, copy=False))
         if self.with_preds:

@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.atomic import TMP_PREFIX, atomic_write_bytes, fsync_dir, sha256_bytes, sha256_file
-from storage.errors import ChecksumError, StoreError
-from storage.manifest import read_manifest, safe_member, verify_files, write_manifest
+from storage.errors import ChecksumError, StoreError, UsageError
 from storage.features import remove_garbage
+from storage.manifest import safe_member, write_manifest
 
 __all__ = [
     "IDMAP_COLUMNS",
@@ -42,7 +42,6 @@ __all__ = [
     "read_knn_graph",
     "file_with_role",
     "publish_index_manifest",
-    "verify_index_artefact",
 ]
 
 IDMAP_COLUMNS = ("row", "image_id", "path", "label", "split")
@@ -79,7 +78,7 @@ def write_idmap(adir: Path, idmap: pd.DataFrame) -> dict[str, Any]:
     """Write the id map (columns :data:`IDMAP_COLUMNS`) as ``idmap-<sha16>.parquet``; return its entry."""
     missing = [c for c in IDMAP_COLUMNS if c not in idmap.columns]
     if missing:
-        raise ValueError(f"id map lacks columns {missing}")
+        raise UsageError(f"id map lacks columns {missing}")
     df = idmap[list(IDMAP_COLUMNS)].copy()
     for c in ("image_id", "path", "label", "split"):
         df[c] = df[c].astype(object).where(df[c].notna(), None)
@@ -195,13 +194,4 @@ def publish_index_manifest(adir: Path, manifest: dict[str, Any], keep: tuple[str
     out = write_manifest(adir, manifest)
     remove_garbage(Path(adir), out, keep=keep)
     return out
-
-
-def verify_index_artefact(adir: Path) -> dict[str, Any]:
-    """Read the manifest and verify every listed file (for ``convlens verify``)."""
-    m = read_manifest(adir)
-    verify_files(adir, m)
-    return m
-
-
 

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from conftest import make_color_dataset
 from PIL import Image
 
+from conftest import make_color_dataset
 from storage.features import PartWriter
 from storage.manifest import write_manifest
 from storage.paths import Store

@@ -150,11 +150,11 @@ def add_fake_artefacts(store: Path, fid: str) -> dict[str, str]:
     # dataset audit: a duplicate pair and an outlier (+ hash ids, which the report must not show as text)
     adir = s.artefact_dir("audits", "dataset-audit-test-000000000002", create=True)
     paths = list(meta["path"][:3])
-    pd.DataFrame({"flag": ["near-duplicate", "near-duplicate", "outlier"], "path": paths, "score": [0.99, 0.99, 3.2],
+    pd.DataFrame({"finding": ["near-duplicate", "near-duplicate", "outlier"], "path": paths, "score": [0.99, 0.99, 3.2],
                   "image_id": list(meta["image_id"][:3]),
                   "other_path": [paths[1], paths[0], None]}).to_parquet(adir / "findings.parquet")
-    write_manifest(adir, {"kind": "audits", "audit": "dataset", "artefact_id": adir.name,
-                          "source": {"artefact_id": fid}, "files": [file_entry(adir, "findings.parquet", role="findings")]})
+    write_manifest(adir, {"kind": "dataset-audit", "artefact_id": adir.name,
+                          "source": {"features": fid}, "files": [file_entry(adir, "findings.parquet", role="findings")]})
     ids["audit"] = adir.name
     # attribution audit in the real layout (tasks/attribution/audit.py): scores + one overlay PNG per row
     # (original | blend). Best insertion - deletion per image: row 1 -0.1 (worst), row 2 0.4, row 0 0.7;
@@ -171,8 +171,8 @@ def add_fake_artefacts(store: Path, fid: str) -> dict[str, str]:
                      "method": method, "target": 7, "target_kind": "pred", "target_name": f"class-{i}", "pred": 7,
                      "prob": 0.5, "deletion_auc": dele, "insertion_auc": ins, "overlay": name})
     pd.DataFrame(rows).to_parquet(adir / "scores.parquet")
-    write_manifest(adir, {"kind": "attribution", "technique": "attribution", "artefact_id": adir.name,
-                          "source": {"artefact_id": fid}, "images": 3,
+    write_manifest(adir, {"kind": "attribution", "artefact_id": adir.name,
+                          "features": {"id": fid}, "images": 3,
                           "faithfulness": {"deletion_baseline": 0.0, "insertion_start": "blur", "score": "prob", "steps": 8},
                           "files": [file_entry(adir, "scores.parquet", role="scores")] + entries})
     ids["attribution"] = adir.name
@@ -181,7 +181,7 @@ def add_fake_artefacts(store: Path, fid: str) -> dict[str, str]:
     (adir / "class-3.png").write_bytes(_png((90, 120, 200), size=(32, 32)))
     pd.DataFrame({"class_index": [3] * 5, "class_name": ["tabby<cat>"] * 5, "step": range(5),
                   "score": [0.0, 1.0, 2.5, 3.0, 4.0], "prob": [0.1] * 5, "l2": [0.0] * 5}).to_parquet(adir / "class_viz.parquet")
-    write_manifest(adir, {"kind": "neurons", "technique": "class_viz", "artefact_id": adir.name, "source": {"features": fid},
+    write_manifest(adir, {"kind": "neurons", "technique": "class_viz", "artefact_id": adir.name, "source": {"features_id": fid},
                           "classes": [{"class_index": 3, "class_name": "tabby<cat>", "score_start": 0.0, "score_end": 4.0,
                                        "prob_end": 0.1}],
                           "files": [file_entry(adir, "class-3.png", role="image", class_index=3, class_name="tabby<cat>"),
@@ -191,6 +191,6 @@ def add_fake_artefacts(store: Path, fid: str) -> dict[str, str]:
     adir = s.artefact_dir("neurons", "filters-test-000000000004", create=True)
     (adir / "filters.png").write_bytes(_grid_png())
     write_manifest(adir, {"kind": "neurons", "technique": "filters", "artefact_id": adir.name,
-                          "source": {"features": fid}, "files": [file_entry(adir, "filters.png", role="image")]})
+                          "source": {"features_id": fid}, "files": [file_entry(adir, "filters.png", role="image")]})
     ids["neurons"] = adir.name
     return ids

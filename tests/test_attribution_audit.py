@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
+from conftest import make_color_dataset
+from storage.audits import load_map, read_scores
 from storage.errors import StoreError
 from storage.features import write_part
 from storage.manifest import read_manifest, write_manifest
 from storage.paths import Store
-from tasks.attribution.audit import AuditConfig, load_map, read_scores, run_audit, run_default_audit, select_images
-
-from conftest import make_color_dataset
+from tasks.attribution.audit import AuditConfig, run_audit, run_default_audit, select_images
 
 FAST = dict(window=112, stride=112, faith_steps=2, batch_size=16, ig_steps=4, thumb=64, progress=False)
 
@@ -89,10 +87,10 @@ def test_selection_policies(feature_store, tmp_path):
     # a dataset-audit artefact with findings -> those images, in findings order
     adir = st.artefact_dir("audits", "dataset-audit-test", create=True)
     tbl = pa.table({"image_id": [meta["image_id"][3], meta["image_id"][1], meta["image_id"][2]],
-                    "finding": ["label-disagreement", "near-duplicate", "knn_label_disagreement"]})
+                    "finding": ["label-disagreement", "near-duplicate", "label-disagreement"]})
     entry = write_part(adir, tbl, prefix="findings")
     write_manifest(adir, {"kind": "dataset-audit", "artefact_id": "dataset-audit-test",
-                          "features": {"id": fman["artefact_id"]}, "files": [dict(entry, role="findings")]})
+                          "source": {"features": fman["artefact_id"]}, "files": [dict(entry, role="findings")]})
     try:
         got = select_images(meta, "label-disagreement", 5, store=st, features_id=fman["artefact_id"])
         assert list(got["image_id"]) == [meta["image_id"][3], meta["image_id"][2]]
@@ -126,7 +124,7 @@ def test_flow_through_prefect(feature_store, prefect_server):
     from flows.audit import attribution_audit
 
     store, _ = feature_store
-    s = attribution_audit(store=str(store), methods=["saliency"], n=1, faith_steps=2)
+    s = attribution_audit(AuditConfig(store=str(store), methods=("saliency",), n=1, faith_steps=2))
     assert s["artefact_id"] and s["rows"] >= 1
 
 

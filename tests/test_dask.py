@@ -7,6 +7,7 @@ serialisation boundary as a process cluster, started in a fraction of the time.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,9 @@ def _features(store: Path, manifest: dict) -> tuple[pd.DataFrame, np.ndarray]:
 
 
 def _extract_kwargs(data: Path, store: Path) -> dict:
-    return dict(data=str(data), store=str(store), model=MODEL, weights="none", batch_size=4, num_workers=0)
+    from tasks.extract.features import ExtractConfig
+
+    return dict(cfg=ExtractConfig(data=str(data), store=str(store), model=MODEL, weights="none", batch_size=4, num_workers=0))
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +121,9 @@ def test_killed_sharded_run_publishes_nothing_and_resumes_from_finished_shards(d
     only the other shards' images and publishes the full store."""
     from storage.features import read_journal
     from storage.manifest import MANIFEST_NAME
-    from tasks.extract.features import ExtractConfig
-    from tasks.core.sharding import extract_shard, run_sharded_extraction
+    from tasks.extract.sharding import extract_shard, run_sharded_extraction
 
-    cfg = ExtractConfig(progress=False, **_extract_kwargs(dataset, tmp_path / "store"))
+    cfg = replace(_extract_kwargs(dataset, tmp_path / "store")["cfg"], progress=False)
 
     def dies_after_first(jobs):
         yield 0, extract_shard(jobs[0])
@@ -158,7 +160,7 @@ def test_cli_runner_arguments():
 def test_dask_max_activations_equal_local(local_and_dask):
     """Per channel top-k (image, activation, unit, box) from 2 shards on Dask == the one-process pass."""
     from flows.neurons import neurons
-    from tasks.neurons.common import read_table
+    from storage.neurons import read_table
 
     root, _, _ = local_and_dask
     params = {"layer": "conv", "k": 4, "batch_size": 16, "png_channels": 2}  # 30 images: in-process decode
@@ -202,13 +204,16 @@ def test_topk_merge_of_shards_equals_streaming_with_ties():
 def test_dask_attribution_audit_equals_local(local_and_dask):
     """Scores (targets, predictions, deletion/insertion AUC) and the stored maps from 2 shards == one process."""
     from flows.audit import attribution_audit
-    from tasks.attribution.audit import load_map, read_scores
+    from storage.audits import load_map, read_scores
 
     root, _, _ = local_and_dask
-    kw = dict(methods=["occlusion", "saliency", "guided", "gradcam"], select="random", n=12, window=112, stride=112,
+    from tasks.attribution.audit import AuditConfig
+
+    kw = dict(methods=("occlusion", "saliency", "guided", "gradcam"), select="random", n=12, window=112, stride=112,
               faith_steps=2, batch_size=16, device="cpu")
-    local = attribution_audit(store=str(root / "local"), **kw)
-    dask = attribution_audit.with_options(task_runner=dask_runner())(store=str(root / "dask"), shard_size=8, **kw)
+    local = attribution_audit(AuditConfig(store=str(root / "local"), **kw))
+    dask = attribution_audit.with_options(task_runner=dask_runner())(AuditConfig(store=str(root / "dask"), **kw),
+                                                                      shard_size=8)
     assert local["computed"] == dask["computed"] == 12 * 4 and local["rows"] == dask["rows"] == 48
     out = []
     for name in ("local", "dask"):
@@ -225,7 +230,7 @@ def test_dask_attribution_audit_equals_local(local_and_dask):
     _, dman = read_scores(root / "dask")
     assert sum(f["role"] == "maps" for f in dman["files"]) == 2
     # the sharded rerun reuses every row
-    again = attribution_audit.with_options(task_runner=dask_runner())(store=str(root / "dask"), shard_size=8, **kw)
+    again = attribution_audit.with_options(task_runner=dask_runner())(AuditConfig(store=str(root / "dask"), **kw), shard_size=8)
     assert again["computed"] == 0 and again["reused"] == 48 and again["rows"] == 48
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from index_fixtures import build_planted_dataset, write_feature_artefact
-from tasks.index.dataset_audit import AuditParams, read_findings, run_dataset_audit
+from storage.audits import read_findings
+from tasks.index.dataset_audit import AuditParams, run_dataset_audit
 
 
 def test_synthetic_findings_ranked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -26,9 +27,12 @@ def test_synthetic_findings_ranked(tmp_path: Path, capsys: pytest.CaptureFixture
     for i in flips:  # filed under the next class
         labels[i] = f"c{(int(labels[i][1]) + 1) % 3}"
     extra_x, extra = [], []
-    extra_x.append(x[10] + 1e-3 * rng.normal(size=d)); extra.append(("near_copy", labels[10], "train", "a" * 64))
-    extra_x.append(x[20] + 1e-3 * rng.normal(size=d)); extra.append(("leak_copy", labels[20], "test", "b" * 64))
-    extra_x.append(x[30].copy()); extra.append(("exact_copy", labels[30], "train", ids[30]))  # same bytes
+    extra_x.append(x[10] + 1e-3 * rng.normal(size=d))
+    extra.append(("near_copy", labels[10], "train", "a" * 64))
+    extra_x.append(x[20] + 1e-3 * rng.normal(size=d))
+    extra.append(("leak_copy", labels[20], "test", "b" * 64))
+    extra_x.append(x[30].copy())
+    extra.append(("exact_copy", labels[30], "train", ids[30]))  # same bytes
     extra_x.append(rng.normal(size=d) * 0.2 - 8 * centers[0] / np.linalg.norm(centers[0]))  # opposite class 0
     extra.append(("outlier", None, "train", "c" * 64))
     x = np.concatenate([x, np.array(extra_x, np.float32)])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,8 +18,8 @@ from storage.errors import QualityGateError
 from storage.features import load_features, part_entries, read_meta
 from storage.manifest import read_manifest
 from storage.paths import Store
-from tasks.extract.features import ExtractConfig, run_extraction
 from tasks.core.models import ModelError, load_model
+from tasks.extract.features import ExtractConfig, run_extraction
 
 MODEL = "mobilenet_v3_small"  # cheapest torchvision classifier; random weights, seeded
 
@@ -190,7 +189,7 @@ def test_layer_aliases_on_zoo_models():
         ("alexnet", None): ("classifier.5", 4096), ("resnet18", None): ("fc", 512),
         ("resnet18", "layer3"): ("layer3", 256),
     }
-    from tasks.extract.features import pool_features
+    from tasks.core.forward import pool_features
 
     x = torch.rand(2, 3, 64, 64)
     for (arch, alias), (name, dim) in cases.items():
@@ -273,7 +272,8 @@ def test_cli_extract_and_info(color_dataset, store_dir, capsys):
 def test_flow_runs_through_prefect_server(prefect_server, color_dataset, store_dir):
     from flows.extract_features import extract_features
 
-    summary = extract_features(str(color_dataset), store=str(store_dir), model=MODEL, weights="none", num_workers=0)
+    summary = extract_features(ExtractConfig(str(color_dataset), store=str(store_dir), model=MODEL, weights="none",
+                                             num_workers=0))
     assert summary["rows"] == 24 and summary["extracted"] == 24
     from prefect.client.orchestration import get_client
 

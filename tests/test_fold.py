@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tasks.extract.features import CPU_MICRO_BATCH, _forward_batch, prepare_module
+from tasks.core.forward import CPU_MICRO_BATCH, forward_batch, prepare_module
 from tasks.core.hooks import LayerRef, capture
 from tasks.core.models import fold_conv_bn
 
@@ -60,7 +60,7 @@ def test_micro_batched_forward_equals_one_pass():
     f = prepare_module(m, torch.device("cpu"), ref)
     n = CPU_MICRO_BATCH * 2 + 3  # chunks that don't divide the batch
     x = torch.rand(n, 3, 64, 64)
-    feats, preds, probs = _forward_batch(f, x, ref, "avg", torch.device("cpu"), True)
+    feats, preds, probs = forward_batch(f, x, ref, "avg", torch.device("cpu"), True)
     with capture(m, ref) as acts, torch.inference_mode():
         out = m(x)
         want = acts[ref.alias]
@@ -71,9 +71,9 @@ def test_micro_batched_forward_equals_one_pass():
 
 def test_bf16_precision_is_a_separate_artefact_and_recorded(tmp_path):
     from conftest import make_color_dataset
-    from tasks.extract.features import ExtractConfig, run_extraction
     from storage.features import load_features
     from storage.paths import Store
+    from tasks.extract.features import ExtractConfig, run_extraction
 
     data = make_color_dataset(tmp_path / "d", per_class=2, splits=("",))
     common = dict(data=str(data), store=str(tmp_path / "s"), model="resnet18", weights="none", progress=False)

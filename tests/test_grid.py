@@ -12,7 +12,8 @@ from PIL import Image
 from maps_fixtures import CLUSTER_COLOURS, clusters, write_features
 from storage.manifest import read_manifest
 from storage.paths import Store
-from tasks.maps.grid import assign_grid, default_size, make_grid, parse_size, render_grid, render_scatter
+from tasks.maps.grid import assign_grid, default_size, make_grid, parse_size, render_grid
+from tasks.maps.plots import render_scatter
 from tasks.maps.projection import MapConfig, build_map
 
 

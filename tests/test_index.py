@@ -10,11 +10,10 @@ import pytest
 
 from index_fixtures import clustered, write_feature_artefact
 from storage.errors import ChecksumError
-from storage.index_store import file_with_role
+from storage.index_store import file_with_role, read_knn_graph
 from storage.paths import Store
 from tasks.index.build import IndexConfig, build_index
 from tasks.index.neighbors import knn_graph, neighbors, open_index, query_vectors
-from storage.index_store import read_knn_graph
 
 
 def _brute(x: np.ndarray, metric: str, k: int) -> tuple[np.ndarray, np.ndarray]:

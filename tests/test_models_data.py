@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,8 +10,8 @@ import torch
 from conftest import make_color_dataset
 from storage.features import load_features, read_meta
 from storage.paths import Store
-from tasks.extract.features import ExtractConfig, run_extraction
 from tasks.core.models import ModelError, load_model
+from tasks.extract.features import ExtractConfig, run_extraction
 from tiny_models import TinyNet
 
 
@@ -141,37 +138,6 @@ def test_fsspec_memory_and_file_urls_match_local(small_data, tmp_path):
     assert list(ml["label"]) == list(mm["label"])
     np.testing.assert_array_equal(fl, fm)
     np.testing.assert_array_equal(fl, ff)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3_server(monkeypatch):
-    moto_server = pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
-    import fsspec
-
-    fsspec.config.conf["s3"] = {"endpoint_url": f"http://127.0.0.1:{port}"}
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        fsspec.config.conf.pop("s3", None)
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
 
 
 def test_s3_end_to_end_with_list_columns_and_cross_bucket_reuse(s3_server, small_data, tmp_path, store_dir):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from storage.neurons import read_table
 from storage.paths import Store
 from tasks.extract.features import ExtractConfig, run_extraction
-from tasks.neurons.common import Source, read_table
+from tasks.neurons.common import Source
 from tests.neurons_helpers import PRE64, make_square_dataset, tiny_lm
 
 

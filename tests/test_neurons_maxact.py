@@ -9,9 +9,10 @@ import torch
 
 from storage.errors import ChecksumError
 from storage.manifest import read_manifest
+from storage.neurons import read_table
 from storage.paths import Store
 from tasks.extract.features import ExtractConfig, run_extraction
-from tasks.neurons.common import Source, read_table
+from tasks.neurons.common import Source
 from tests.neurons_helpers import PRE64, make_square_dataset, tiny_lm
 
 

@@ -12,6 +12,7 @@ from sklearn.decomposition import PCA
 from maps_fixtures import clusters, write_features
 from storage.errors import ChecksumError
 from storage.manifest import read_manifest
+from storage.maps import read_coords
 from storage.paths import Store
 from tasks.maps.projection import (
     MapConfig,
@@ -20,7 +21,6 @@ from tasks.maps.projection import (
     clamp_perplexity,
     fit_pca,
     knn_label_agreement,
-    read_coords,
     trustworthiness_sample,
     tsne_embed,
 )

@@ -31,9 +31,10 @@ from storage.index_store import load_index_bytes
 from storage.locks import LOCK_NAME, artefact_lock
 from storage.manifest import read_manifest, safe_member, write_manifest
 from storage.paths import Store
-from tasks.extract.features import ExtractConfig, embed_images, run_extraction
+from tasks.core.forward import embed_images
 from tasks.core.images import DecodeLimits, RejectedImage, decode_image, read_file_bytes
 from tasks.core.models import ModelError, load_model
+from tasks.extract.features import ExtractConfig, run_extraction
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tiny_models:build"
@@ -396,9 +397,10 @@ def test_quality_gate_blocks_publish(tmp_path, store_dir, fault):
 # --- 7. determinism -----------------------------------------------------------------------------------------
 
 def test_same_inputs_give_identical_features_maps_and_neighbours(tmp_path):
+    from storage.maps import read_coords
     from tasks.index.build import IndexConfig, build_index
     from tasks.index.neighbors import knn_graph
-    from tasks.maps.projection import MapConfig, build_map, read_coords
+    from tasks.maps.projection import MapConfig, build_map
 
     data = make_color_dataset(tmp_path / "d", per_class=4, splits=("",))
     out = []

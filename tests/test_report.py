@@ -119,10 +119,9 @@ def test_report_file_is_self_contained_and_sections_present(hs, tmp_path):
 
 
 def test_missing_stages_say_which_command_makes_them(tmp_path):
+    from conftest import make_color_dataset
     from report_fixtures import extract
     from reports.render import write_report
-
-    from conftest import make_color_dataset
 
     data = make_color_dataset(tmp_path / "d", per_class=2, splits=("",))
     m = extract(data, tmp_path / "s")
@@ -316,7 +315,8 @@ def _neuron_artefact(tmp_path, technique, table, pictures, manifest):
 
 _H = "ab" * 32
 _NEURON_CASES = {
-    "filters": ({"layer": ["conv1"] * 2, "filter": [0, 1], "l2_norm": [1.0, 0.01]}, [("f.png", (20, 10), {"layer": "conv1", "shape": [2, 3, 3, 3]})], {}, "1 near-dead"),
+    "filters": ({"layer": ["conv1"] * 2, "filter": [0, 1], "l2_norm": [1.0, 0.01]},
+                [("f.png", (20, 10), {"layer": "conv1", "shape": [2, 3, 3, 3]})], {}, "1 near-dead"),
     "max_activations": ({"layer": ["l"] * 4, "channel": [5, 5, 7, 7], "rank": [0, 1, 0, 1], "image_id": [_H] * 4,
                          "path": ["a.png", "b.png", "c.png", "d.png"], "label": ["x"] * 4, "activation": [3.0, 2.0, 1.5, 1.0]},
                         [("p.png", (3 * 8 + 4 * 2, 2 * 8 + 3 * 2), {"channels": [5, 7]})], {"k": 2, "params": {"patch_px": 8}}, "ch 5"),
@@ -329,7 +329,8 @@ _NEURON_CASES = {
     "inversion": ({"layer": ["l1", "l1"], "path": ["a.png"] * 2, "step": [0, 1], "feature_distance": [1.0, 0.25]},
                   [("inversion-0.png", (30, 10), {})], {}, "0.25"),
     "style": ({"step": [0, 1], "total": [2.0, 1.0]}, [("style.png", (30, 10), {})], {"style_loss_start": 9.0, "style_loss_end": 1.0}, "9 → 1"),
-    "compare": ({"metric": ["knn_accuracy"], "space": ["a"], "value": [0.75], "detail": ["k=5"]}, [("compare.png", (30, 10), {})], {}, "knn_accuracy"),
+    "compare": ({"metric": ["knn_accuracy"], "space": ["a"], "value": [0.75], "detail": ["k=5"]},
+                [("compare.png", (30, 10), {})], {}, "knn_accuracy"),
     "evolution": ({"checkpoint": [0]}, [("evolution.png", (30, 10), {})], {"checkpoints": ["e1", "e2"]}, "2 checkpoints"),
     "deepdream": ({"step": [0]}, [("dream-0.png", (30, 10), {})], {"layer": "l3"}, "l3"),
 }

@@ -138,7 +138,6 @@ def test_hover_and_click_show_neighbours(page_state):
 def test_pixel_neighbours_are_pixel_nearest(page_state, report):
     """Pixel-space neighbours embedded in the page are the exact L2 neighbours of the 16x16 thumbnails."""
     from reports.figures import thumbnail
-    from reports.render import image_file
 
     page = page_state["page"]
     d = page_state["d"]
@@ -148,7 +147,7 @@ def test_pixel_neighbours_are_pixel_nearest(page_state, report):
 
     fman = read_manifest(Store(d["store"]).artefact_dir("features", d["a"]))
     root = Path(fman["dataset_root"])
-    pix = np.stack([thumbnail(image_file(root, p))[1] for p in pts["path"]]).astype(np.float32) / 255
+    pix = np.stack([thumbnail(root, p)[1] for p in pts["path"]]).astype(np.float32) / 255
     q = pts["q"].index(0)
     got = pts["np"][q * pts["k"]:(q + 1) * pts["k"]]
     dd = ((pix - pix[0]) ** 2).sum(1)

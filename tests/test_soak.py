@@ -202,7 +202,7 @@ def logical_index(store: Path) -> dict[str, Any]:
 
 def logical_audit(store: Path) -> dict[str, Any]:
     """Maps and overlays by sha256; the scores table less its per-run columns (``runtime_s``, ``created``)."""
-    from tasks.attribution.audit import read_scores
+    from storage.audits import read_scores
 
     aid, m = Store(store).resolve("audits")
     read_manifest(Store(store).artefact_dir("audits", aid), verify=True)
@@ -286,7 +286,7 @@ def _sigterm_mid_run(data: Path, store: Path, env: dict[str, str], prefect: bool
     cmd[cmd.index("--no-prefect")] = "--prefect" if prefect else "--no-prefect"
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert _wait_for(lambda: list((store / "features").glob(f"*/journal.json")) or proc.poll() is not None)
+        assert _wait_for(lambda: list((store / "features").glob("*/journal.json")) or proc.poll() is not None)
         assert proc.poll() is None, "the run finished before it could be interrupted; use more images"
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
@@ -332,7 +332,7 @@ def test_sigterm_prefect_flow_run_ends_crashed_not_running(tmp_path, prefect_ser
     async def states() -> list[tuple[str, dict]]:
         async with get_client() as client:
             runs = await client.read_flow_runs()
-            return [(r.state.type.value, r.parameters) for r in runs if r.parameters.get("store") == str(store)]
+            return [(r.state.type.value, r.parameters) for r in runs if (r.parameters.get("cfg") or {}).get("store") == str(store)]
 
     import asyncio
 

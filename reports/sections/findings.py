@@ -3,7 +3,7 @@ errors and outliers (single images), each with counts and thumbnails; no hash co
 
 Reads a dataset-audit artefact's ``findings`` table (``tasks/index/dataset_audit.py``: ``finding, rank, score, cluster,
 image_id, path, label, split, other_image_id, other_path, other_label, other_split, suggested_label, detail``);
-tolerates a ``flag`` / ``kind`` column instead of ``finding`` and missing optional columns. Thumbnails are
+its columns are :data:`storage.audits.FINDING_COLUMNS`; older tables may lack optional ones. Thumbnails are
 feature rows (``<img data-thumb>``, filled lazily by the page); rows shown are added to ``needed``.
 
 Memory: the findings table (bounded by the audit's own limits) + the shown items.
@@ -53,8 +53,7 @@ def _img(rec: dict[str, Any], prefix: str, path_rows: dict[str, int], needed: se
 def findings_view(aid: str, m: dict[str, Any], adir: Path, path_rows: dict[str, int], needed: set[int],
                   per_kind: int = 12, per_cluster: int = 12) -> dict[str, Any] | None:
     """Template data for one dataset audit, or None when it has no findings table with a kind column."""
-    entries = [e for e in m.get("files", []) if e["name"].endswith(".parquet")]
-    entry = next((e for e in entries if e.get("role") == "findings"), entries[0] if entries else None)
+    entry = next((e for e in m.get("files", []) if e.get("role") == "findings"), None)
     if entry is None:
         return None
     view: dict[str, Any] = {"id": clean_text(aid), "title": "dataset audit", "error": None, "groups": [], "raw": None,
@@ -64,8 +63,8 @@ def findings_view(aid: str, m: dict[str, Any], adir: Path, path_rows: dict[str, 
     except StoreError as exc:
         view["error"] = clean_text(str(exc))
         return view
-    kcol = next((c for c in ("finding", "flag", "kind", "issue") if c in df.columns), None)
-    if kcol is None or "path" not in df.columns:
+    kcol = "finding"
+    if kcol not in df.columns or "path" not in df.columns:
         return None
     counts = {str(k): int(v) for k, v in (m.get("counts") or {}).items()}
     for k, v in df[kcol].astype(str).value_counts().items():

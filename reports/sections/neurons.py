@@ -16,7 +16,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from reports.figures import clean_text, image_data_uri

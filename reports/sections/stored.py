@@ -19,17 +19,15 @@ import numpy as np
 import pandas as pd
 
 from reports.figures import clean_text, png_file_data_uri
+from storage.artefacts import artefacts_of
 from storage.errors import StoreError
 from storage.manifest import safe_member, verify_files
 from storage.paths import Store
 
 __all__ = [
-    "refers_to",
-    "related_artefacts",
     "read_verified_table",
     "maps_data",
     "artefact_card",
-    "cards_for",
     "artefacts_for",
     "open_verified_image",
     "table_preview",
@@ -60,48 +58,6 @@ def _id_column_target(col: str, cols: list[str]) -> str | None:
     return None
 
 
-def _source_ids(manifest: dict[str, Any]) -> set[str]:
-    out: set[str] = set()
-
-    def walk(v: Any, depth: int = 0) -> None:
-        if depth > 3:
-            return
-        if isinstance(v, str):
-            out.add(v)
-        elif isinstance(v, dict):
-            for k, x in v.items():
-                if k in ("artefact_id", "features", "features_id", "source", "id") or isinstance(x, dict):
-                    walk(x, depth + 1)
-        elif isinstance(v, list):
-            for x in v[:20]:
-                walk(x, depth + 1)
-
-    for key in ("source", "source_manifest", "features", "features_id", "sources"):
-        if key in manifest:
-            walk(manifest[key])
-    return out
-
-
-def refers_to(manifest: dict[str, Any], fid: str) -> bool:
-    """Whether an artefact's manifest names feature artefact ``fid`` as (one of) its sources."""
-    return fid in _source_ids(manifest)
-
-
-def related_artefacts(store: Store, kind: str, fid: str) -> list[tuple[str, dict[str, Any], Path]]:
-    """Published artefacts of ``kind`` built from ``fid`` (newest first)."""
-    out = []
-    try:
-        items = list(store.iter_artefacts(kind))
-    except StoreError as exc:
-        log.warning("cannot list %s artefacts: %s", kind, exc)
-        return []
-    for aid, m in items:
-        if refers_to(m, fid):
-            out.append((aid, m, store.artefact_dir(kind, aid)))
-    out.sort(key=lambda t: (t[1].get("created", ""), t[0]), reverse=True)
-    return out
-
-
 def _verified(adir: Path, entry: dict[str, Any]) -> Path:
     verify_files(adir, {"files": [entry]})
     return safe_member(adir, entry["name"])
@@ -119,13 +75,13 @@ def maps_data(store: Store, fid: str, n_rows: int) -> dict[str, Any]:
     "errors": [...]}``. Maps whose row count differs from the feature artefact (stale) are skipped with a note.
     """
     out: dict[str, Any] = {"projections": {}, "grids": [], "maps": [], "errors": []}
-    for aid, m, adir in related_artefacts(store, "maps", fid):
+    for aid, m, adir in artefacts_of(store, "maps", fid):
         method = str(m.get("method", "map"))
         try:
             for entry in m.get("files", []):
                 role = str(entry.get("role", ""))
                 name = entry["name"]
-                if role == "coords" or (name.endswith(".parquet") and "coord" in name):
+                if role == "coords":
                     df = read_verified_table(adir, entry)
                     if not {"x", "y"} <= set(df.columns):
                         continue
@@ -263,18 +219,8 @@ def _fmt(v: Any) -> str:
 
 def artefacts_for(store: Store, kind: str, fid: str, select=None, include_unrelated: bool = False,
                   limit: int = 20) -> list[tuple[str, dict[str, Any], Path]]:
-    """(id, manifest, dir) of the artefacts of ``kind`` built from ``fid`` (``select(manifest)`` filters further),
-    newest first, at most ``limit``."""
-    if include_unrelated:
-        items = [(aid, m, store.artefact_dir(kind, aid)) for aid, m in store.iter_artefacts(kind)]
-        items.sort(key=lambda t: (t[1].get("created", ""), t[0]), reverse=True)
-    else:
-        items = related_artefacts(store, kind, fid)
+    """(id, manifest, dir) of the artefacts whose manifest ``kind`` is ``kind`` and that were built from ``fid``
+    (any source with ``include_unrelated``; ``select(manifest)`` filters further), newest first, at most ``limit``."""
+    items = artefacts_of(store, kind, None if include_unrelated else fid)
     return [t for t in items if select is None or select(t[1])][:limit]
 
-
-def cards_for(store: Store, kind: str, fid: str, path_rows: dict[str, int], needed: set[int],
-              select=None, include_unrelated: bool = False, limit: int = 20) -> list[dict[str, Any]]:
-    """Generic cards for the artefacts of ``kind`` built from ``fid`` (``select(manifest)`` filters further)."""
-    return [artefact_card(aid, m, adir, path_rows, needed)
-            for aid, m, adir in artefacts_for(store, kind, fid, select, include_unrelated, limit)]

@@ -27,16 +27,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from storage.atomic import atomic_write_bytes, sha256_bytes
-from storage.errors import ConvlensError, StoreError
-from storage.features import read_meta, read_part, remove_garbage, write_part
+from storage.audits import SCORES_COLUMNS, load_scores, read_findings
+from storage.errors import StoreError, UsageError
+from storage.features import read_meta, remove_garbage, write_part
 from storage.locks import artefact_lock
-from storage.manifest import CODE_VERSION, MANIFEST_NAME, file_entry, read_manifest, write_manifest
+from storage.manifest import CODE_VERSION, MANIFEST_NAME, read_manifest, write_manifest
 from storage.paths import Store, artefact_id
-from tasks.attribution.common import METHODS, method_spec, params_hash, reduce_map
+from tasks.attribution.methods import METHODS, compute_map, method_spec, params_hash
 
 __all__ = [
     "AuditConfig",
@@ -51,9 +51,6 @@ __all__ = [
     "compute_audit",
     "stored_scores",
     "publish_audit",
-    "read_scores",
-    "load_map",
-    "SCORES_COLUMNS",
     "DEFAULT_METHODS",
     "summarise",
 ]
@@ -62,9 +59,6 @@ log = logging.getLogger(__name__)
 
 SELECT_POLICIES = ("random", "misclassified", "low-confidence", "label-disagreement", "ids:FILE")
 DEFAULT_METHODS = ("occlusion", "saliency", "guided", "deconvnet", "gradcam")
-SCORES_COLUMNS = ("image_id", "path", "label", "method", "params_hash", "target", "target_kind", "target_name",
-                  "pred", "prob", "deletion_auc", "insertion_auc", "runtime_s", "map_file", "map_index",
-                  "overlay", "selected_by", "created")
 
 
 @dataclass
@@ -96,17 +90,17 @@ class AuditConfig:
 
     def validate(self) -> None:
         if self.n < 1:
-            raise ValueError(f"--n must be >= 1, got {self.n}")
+            raise UsageError(f"--n must be >= 1, got {self.n}")
         if not self.methods:
-            raise ValueError("--methods is empty; pass e.g. occlusion,saliency,gradcam")
+            raise UsageError("--methods is empty; pass e.g. occlusion,saliency,gradcam")
         for m in self.methods:
             method_spec(m)
         if not (self.select in SELECT_POLICIES[:4] or self.select.startswith("ids:")):
-            raise ValueError(f"unknown --select {self.select!r}; use one of {', '.join(SELECT_POLICIES)}")
+            raise UsageError(f"unknown --select {self.select!r}; use one of {', '.join(SELECT_POLICIES)}")
         if self.stride > self.window or self.stride < 1:
-            raise ValueError(f"--stride must be in [1, --window], got stride {self.stride}, window {self.window}")
+            raise UsageError(f"--stride must be in [1, --window], got stride {self.stride}, window {self.window}")
         if self.faith_steps < 1 or self.batch_size < 1 or self.image_batch < 1:
-            raise ValueError("--faith-steps, --batch-size and image batch must be >= 1")
+            raise UsageError("--faith-steps, --batch-size and image batch must be >= 1")
 
     def method_params(self, name: str) -> dict[str, Any]:
         """The parameters that define ``name``'s maps (hashed into the incremental key)."""
@@ -139,35 +133,14 @@ def label_index(label: Any, categories: list[str] | None, num_classes: int) -> i
 
 
 def _dataset_audit_ids(store: Store, features_id: str) -> list[str]:
-    """image_ids flagged as kNN label disagreements by the newest dataset-audit artefact (kind ``audits``)."""
-    found = []
-    for aid, man in store.iter_artefacts("audits"):
-        if man.get("kind") != "dataset-audit":
-            continue
-        src = man.get("features") or man.get("source") or {}
-        src_id = src.get("id") or src.get("artefact_id") if isinstance(src, dict) else src
-        if src_id and src_id != features_id:
-            continue
-        found.append((man.get("created", ""), aid, man))
-    if not found:
+    """image_ids flagged as kNN label disagreements by the newest dataset audit of ``features_id``."""
+    try:
+        findings = read_findings(store.root, features_id=features_id)
+    except StoreError:
         raise StoreError("--select label-disagreement needs the kNN dataset audit: run `convlens audit-dataset "
-                         "--store ...` first (no 'dataset-audit' artefact for these features in the store)")
-    _, aid, man = max(found)
-    adir = store.artefact_dir("audits", aid)
-    entries = [f for f in man.get("files", []) if f.get("role") == "findings" or
-               (f["name"].endswith(".parquet") and "finding" in f["name"])]
-    if not entries:
-        raise StoreError(f"dataset-audit artefact {aid} lists no findings parquet; rerun `convlens audit-dataset`")
-    ids: list[str] = []
-    for e in entries:
-        t = read_part(adir, e).to_pandas()
-        col = next((c for c in ("finding", "type", "finding_type", "kind", "check") if c in t.columns), None)
-        if "image_id" not in t.columns or col is None:
-            raise StoreError(f"{e['name']} in {aid} has no image_id / finding-type column; rerun `convlens audit-dataset`")
-        norm = t[col].astype(str).str.lower().str.replace("_", "-")
-        hit = t[norm.str.contains("label") & norm.str.contains("disagree")]
-        ids.extend(hit["image_id"].astype(str).tolist())
-    return list(dict.fromkeys(ids))
+                         "--store ...` first (no 'dataset-audit' artefact for these features in the store)") from None
+    hit = findings[findings["finding"] == "label-disagreement"]
+    return list(dict.fromkeys(hit["image_id"].astype(str)))
 
 
 def select_images(meta: pd.DataFrame, policy: str, n: int, seed: int = 0, categories: list[str] | None = None,
@@ -184,7 +157,7 @@ def select_images(meta: pd.DataFrame, policy: str, n: int, seed: int = 0, catego
         out = meta.iloc[np.sort(rng.permutation(len(meta))[:n])]
     elif policy in ("misclassified", "low-confidence"):
         if "pred_top5" not in meta.columns:
-            raise ValueError(f"--select {policy} needs stored predictions; the feature artefact has none "
+            raise UsageError(f"--select {policy} needs stored predictions; the feature artefact has none "
                              "(extract with a model that has a classifier head)")
         top1 = meta["pred_top5"].map(lambda v: int(v[0]))
         if policy == "low-confidence":
@@ -194,28 +167,28 @@ def select_images(meta: pd.DataFrame, policy: str, n: int, seed: int = 0, catego
             lab = meta["label"].map(lambda v: label_index(v, categories, num_classes))
             known = lab.notna()
             if not known.any():
-                raise ValueError("--select misclassified needs labels that name the model's classes (category "
+                raise UsageError("--select misclassified needs labels that name the model's classes (category "
                                  "names or integer indices); this dataset's labels do not. Use --select "
                                  "low-confidence or random")
             wrong = known & (lab.fillna(-1).astype(int) != top1)
             out = meta[wrong].head(n)
     elif policy == "label-disagreement":
         if store is None:
-            raise ValueError("label-disagreement selection needs the store")
+            raise UsageError("label-disagreement selection needs the store")
         ids = _dataset_audit_ids(store, features_id)
         out = meta[meta["image_id"].isin(set(ids))]
         out = out.set_index("image_id").loc[[i for i in ids if i in set(out["image_id"])]].reset_index().head(n)
     elif policy.startswith("ids:"):
         path = Path(policy[4:]).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"--select ids: file {path} does not exist (one image_id or path per line)")
+            raise UsageError(f"--select ids: file {path} does not exist (one image_id or path per line)")
         wanted = [ln.strip() for ln in path.read_text("utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
         hit = meta[meta["image_id"].isin(wanted) | meta["path"].isin(wanted)]
         if hit.empty:
-            raise ValueError(f"none of the {len(wanted)} ids in {path} is in the feature artefact")
+            raise UsageError(f"none of the {len(wanted)} ids in {path} is in the feature artefact")
         out = hit.head(n)
     else:
-        raise ValueError(f"unknown --select {policy!r}; use one of {', '.join(SELECT_POLICIES)}")
+        raise UsageError(f"unknown --select {policy!r}; use one of {', '.join(SELECT_POLICIES)}")
     out = out.copy()
     out["selected_by"] = policy.split(":", 1)[0]
     return out.reset_index(drop=True)
@@ -242,39 +215,6 @@ def _display(m: torch.Tensor, signed: bool) -> np.ndarray:
         a = a.clamp(min=0)
     a = a - a.min()
     return (a / (a.max() + 1e-12)).cpu().numpy()
-
-
-def _load_scores(adir: Path, manifest: dict[str, Any] | None) -> pd.DataFrame:
-    if not manifest:
-        return pd.DataFrame(columns=list(SCORES_COLUMNS))
-    parts = [read_part(adir, e).to_pandas() for e in manifest.get("files", []) if e.get("role") == "scores"]
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(SCORES_COLUMNS))
-
-
-def read_scores(store: str | Path, artefact: str | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The scores table of an attribution audit (newest if ``artefact`` is None), checksums verified."""
-    st = Store(store)
-    items = [(m.get("created", ""), aid, m) for aid, m in st.iter_artefacts("audits") if m.get("kind") == "attribution"
-             and (artefact is None or aid == artefact or aid.startswith(artefact))]
-    if not items:
-        raise StoreError(f"no attribution audit in {st.root}; run `convlens audit --store ...` first")
-    _, aid, man = max(items)
-    return _load_scores(st.artefact_dir("audits", aid), man), man
-
-
-def load_map(store: str | Path, manifest: dict[str, Any], map_file: str, map_index: int) -> np.ndarray:
-    """One stored map ``(H, W) float32`` (sha256 of its NPZ verified)."""
-    adir = Store(store).artefact_dir("audits", manifest["artefact_id"])
-    entry = next((e for e in manifest["files"] if e["name"] == map_file), None)
-    if entry is None:
-        raise StoreError(f"{map_file} is not listed in the manifest of {manifest['artefact_id']}")
-    data = (adir / map_file).read_bytes()
-    if sha256_bytes(data) != entry["sha256"]:
-        from storage.errors import ChecksumError
-
-        raise ChecksumError(f"checksum mismatch for {adir / map_file}; rebuild the audit")
-    with np.load(io.BytesIO(data)) as z:
-        return z["maps"][int(map_index)].astype(np.float32)
 
 
 class _MapWriter:
@@ -305,50 +245,23 @@ class _MapWriter:
         self.buf, self.rows = [], []
 
 
-def _decode_batch(fdir_root: Path, rows: pd.DataFrame, pre) -> tuple[list[int], torch.Tensor | None, list[str]]:
-    from tasks.extract.features import preprocess_uint8
-    from tasks.core.images import RejectedImage, decode_image
+def _decode_batch(root: str | None, rows: pd.DataFrame, pre) -> tuple[list[int], torch.Tensor | None, list[str]]:
+    """Decode the stored images of ``rows`` (``root`` = the dataset root, local or URL), checking each file still
+    has the bytes it was extracted from: ``(ok row positions, (n,3,H,W) uint8, failure notes)``."""
+    from tasks.core.forward import preprocess_uint8
+    from tasks.core.images import REOPEN_LIMITS, RejectedImage, decode_image, read_stored_bytes
 
     ok, imgs, bad = [], [], []
     for i, r in enumerate(rows.itertuples()):
         try:
-            data = (fdir_root / r.path).read_bytes()
+            data = read_stored_bytes(root, r.path)
             if sha256_bytes(data) != r.image_id:
                 raise RejectedImage("changed", "file changed since extraction")
-            imgs.append(preprocess_uint8(decode_image(data, r.path), pre))
+            imgs.append(preprocess_uint8(decode_image(data, r.path, REOPEN_LIMITS), pre))
             ok.append(i)
-        except (OSError, RejectedImage) as exc:
+        except RejectedImage as exc:
             bad.append(f"{r.path}: {exc}")
     return ok, (torch.stack(imgs) if imgs else None), bad
-
-
-def _compute(name: str, model, x: torch.Tensor, t: torch.Tensor, cfg: AuditConfig, cam_layer: str,
-             occ_plan_cache: dict) -> torch.Tensor:
-    """One method on a batch -> 2-D maps ``(n, H, W)`` float32 (higher = more important)."""
-    from tasks.attribution import saliency
-    from tasks.attribution.cam import grad_cam
-    from tasks.attribution.occlusion import occlusion, plan_incremental
-
-    spec = method_spec(name)
-    if spec.name == "occlusion":
-        key = tuple(x.shape[1:])
-        if key not in occ_plan_cache:
-            occ_plan_cache[key] = plan_incremental(model, key, cfg.window, cfg.stride, x.device)
-        a = occlusion(model, x, t, cfg.window, cfg.stride, cfg.baseline, cfg.batch_size,
-                      incremental=occ_plan_cache[key] is not None, plan=occ_plan_cache[key])
-    elif spec.name == "saliency":
-        a = saliency.vanilla_gradient(model, x, t, batch_size=cfg.batch_size)
-    elif spec.name == "guided":
-        a = saliency.guided_backprop(model, x, t, batch_size=cfg.batch_size)
-    elif spec.name == "deconvnet":
-        a = saliency.deconvnet(model, x, t, batch_size=cfg.batch_size)
-    elif spec.name == "smoothgrad":
-        a = saliency.smoothgrad(model, x, t, cfg.smooth_samples, cfg.smooth_stdev, seed=cfg.seed, batch_size=cfg.batch_size)
-    elif spec.name == "ig":
-        a = saliency.integrated_gradients(model, x, t, n_steps=cfg.ig_steps, batch_size=cfg.batch_size)
-    else:
-        a = grad_cam(model, x, t, cam_layer, batch_size=cfg.batch_size)
-    return reduce_map(a, spec.reduce)
 
 
 @dataclass
@@ -431,7 +344,7 @@ def compute_audit(plan: AuditPlan, model: torch.nn.Module, rows_sel: pd.DataFram
     Memory: O(image_batch x method working set) + one map part buffer.
     """
     from tasks.attribution.faithfulness import deletion_insertion
-    from tasks.extract.features import normalise, pick_device
+    from tasks.core.forward import normalise, pick_device
 
     cfg, adir, cats, phash, methods = plan.config, plan.artefact_dir, plan.categories, plan.phash, plan.methods
     device = pick_device(cfg.device)
@@ -452,7 +365,7 @@ def compute_audit(plan: AuditPlan, model: torch.nn.Module, rows_sel: pd.DataFram
     try:
         for s in range(0, len(rows_sel), cfg.image_batch):
             rows = rows_sel.iloc[s:s + cfg.image_batch]
-            ok, raw, bad = _decode_batch(Path(plan.features["dataset_root"]), rows, plan.preprocess)
+            ok, raw, bad = _decode_batch(plan.features.get("dataset_root"), rows, plan.preprocess)
             failures.extend(bad)
             if raw is None:
                 if bar is not None:
@@ -479,7 +392,7 @@ def compute_audit(plan: AuditPlan, model: torch.nn.Module, rows_sel: pd.DataFram
                 ii = torch.tensor([i for i, _, _ in todo], device=device)
                 tt = torch.tensor([t for _, t, _ in todo], device=device)
                 t0 = time.perf_counter()
-                maps = _compute(m, model, x[ii], tt, cfg, cam_layer, occ_cache)
+                maps = compute_map(m, model, x[ii], tt, cfg, cam_layer, occ_cache)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = (time.perf_counter() - t0) / len(todo)
@@ -517,7 +430,7 @@ def stored_scores(plan: AuditPlan) -> tuple[dict[str, Any] | None, pd.DataFrame,
     """``(old manifest, stored scores, done keys)`` of the audit artefact; call under its lock."""
     adir = plan.artefact_dir
     old = read_manifest(adir) if (adir / MANIFEST_NAME).is_file() else None
-    scores = _load_scores(adir, old)
+    scores = load_scores(adir, old)
     done = {(r.image_id, r.method, r.params_hash, int(r.target)) for r in scores.itertuples()}
     return old, scores, done
 
@@ -525,7 +438,7 @@ def stored_scores(plan: AuditPlan) -> tuple[dict[str, Any] | None, pd.DataFrame,
 def publish_audit(plan: AuditPlan, old: dict[str, Any] | None, scores: pd.DataFrame, results: list[dict[str, Any]],
                   seconds: float) -> dict[str, Any]:
     """Merge the computed results (in selection order) with the stored rows and publish; call under the lock."""
-    from tasks.extract.features import pick_device
+    from tasks.core.forward import pick_device
 
     cfg, adir, methods = plan.config, plan.artefact_dir, plan.methods
     new_rows = [r for res in results for r in res["rows"]]
@@ -570,7 +483,7 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     Raises ``ValueError`` / :class:`ConvlensError` for bad options, a missing feature artefact or missing
     dataset-audit findings.
     """
-    from tasks.extract.features import pick_device
+    from tasks.core.forward import pick_device
 
     t_start = time.perf_counter()
     plan, lm = plan_audit(cfg)

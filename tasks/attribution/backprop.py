@@ -21,6 +21,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from storage.errors import UsageError
 from tasks.attribution.common import check_inputs, target_scores
 from tasks.core.hooks import override_outputs
 
@@ -78,7 +79,7 @@ class _DeconvReLU(torch.autograd.Function):
 def relu_rule(model: nn.Module, rule: str):
     """Context manager: inside it every ``nn.ReLU`` / ``nn.ReLU6`` of ``model`` backpropagates with ``rule``."""
     if rule not in RULES:
-        raise ValueError(f"unknown backprop rule {rule!r}; use one of {', '.join(RULES)}")
+        raise UsageError(f"unknown backprop rule {rule!r}; use one of {', '.join(RULES)}")
     if rule == "plain":
         return nullcontext(0)
     fns = {nn.ReLU: _GuidedReLU if rule == "guided" else _DeconvReLU,

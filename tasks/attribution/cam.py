@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from storage.errors import UsageError
 from tasks.attribution.common import check_inputs, normalise_maps, target_scores
 from tasks.core.hooks import capture_for_grad, get_module
 
@@ -28,7 +29,7 @@ def default_cam_layer(model: nn.Module) -> str:
         if isinstance(m, nn.Conv2d):
             last = name
     if last is None:
-        raise ValueError("the model has no Conv2d layer; pass layer= a module name whose output is (N, C, h, w)")
+        raise UsageError("the model has no Conv2d layer; pass layer= a module name whose output is (N, C, h, w)")
     return last
 
 
@@ -44,7 +45,7 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, target, layer: str | None =
     try:
         get_module(model, layer)
     except KeyError:
-        raise ValueError(f"unknown layer {layer!r} for Grad-CAM; use a name from model.named_modules()") from None
+        raise UsageError(f"unknown layer {layer!r} for Grad-CAM; use a name from model.named_modules()") from None
     n, _, h, w = inputs.shape
     bs = n if not batch_size or batch_size >= n else int(batch_size)
     out = torch.empty((n, h, w), dtype=torch.float32, device=inputs.device)
@@ -54,7 +55,7 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, target, layer: str | None =
             score = target_scores(model, x, target[i:i + bs])
             act = store.pop("output")
             if act.dim() != 4:
-                raise ValueError(f"layer {layer!r} outputs shape {tuple(act.shape)}; Grad-CAM needs (N, C, h, w)")
+                raise UsageError(f"layer {layer!r} outputs shape {tuple(act.shape)}; Grad-CAM needs (N, C, h, w)")
             (grad,) = torch.autograd.grad(score.sum(), act)
             cam = (grad.mean(dim=(2, 3), keepdim=True) * act.detach()).sum(dim=1).clamp(min=0).float()
             del act, grad, score

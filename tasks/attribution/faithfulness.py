@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from storage.errors import UsageError
 from tasks.attribution.common import check_inputs
 
 __all__ = ["FaithfulnessResult", "deletion_insertion", "auc", "blur"]
@@ -37,7 +38,7 @@ def auc(curve: torch.Tensor) -> torch.Tensor:
     """Trapezoid area of ``(N, K)`` curves sampled evenly on [0, 1] -> ``(N,)``."""
     k = curve.shape[-1]
     if k < 2:
-        raise ValueError("a curve needs at least two points")
+        raise UsageError("a curve needs at least two points")
     return ((curve[..., 1:] + curve[..., :-1]) * 0.5).sum(-1) / (k - 1)
 
 
@@ -76,11 +77,11 @@ def deletion_insertion(model: nn.Module, inputs: torch.Tensor, target, maps: tor
     inputs, target = check_inputs(inputs, target)
     n, c, h, w = inputs.shape
     if maps.shape != (n, h, w):
-        raise ValueError(f"maps must be (N, H, W) = {(n, h, w)}, got {tuple(maps.shape)}")
+        raise UsageError(f"maps must be (N, H, W) = {(n, h, w)}, got {tuple(maps.shape)}")
     if n_steps < 1:
-        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+        raise UsageError(f"n_steps must be >= 1, got {n_steps}")
     if score not in ("prob", "logit"):
-        raise ValueError(f"score must be 'prob' or 'logit', got {score!r}")
+        raise UsageError(f"score must be 'prob' or 'logit', got {score!r}")
     x = inputs.detach()
     hw = h * w
     order = torch.argsort(-maps.reshape(n, hw).float(), dim=1, stable=True)

@@ -11,6 +11,8 @@ import logging
 
 import numpy as np
 
+from storage.errors import UsageError
+
 __all__ = ["saliency_to_mask"]
 
 log = logging.getLogger(__name__)
@@ -25,17 +27,17 @@ def saliency_to_mask(saliency: np.ndarray, method: str = "threshold", percentile
     """
     sal = np.asarray(saliency, dtype=np.float32)
     if sal.ndim != 2:
-        raise ValueError(f"saliency must be a (H, W) map, got shape {sal.shape}")
+        raise UsageError(f"saliency must be a (H, W) map, got shape {sal.shape}")
     if not 0.0 <= percentile < 100.0:
-        raise ValueError(f"percentile must be in [0, 100), got {percentile}")
+        raise UsageError(f"percentile must be in [0, 100), got {percentile}")
     thr = np.percentile(sal, percentile)
     mask = sal >= thr if sal.max() > sal.min() else np.zeros_like(sal, dtype=bool)
     if method == "threshold":
         return mask
     if method != "grabcut":
-        raise ValueError(f"method must be 'threshold' or 'grabcut', got {method!r}")
+        raise UsageError(f"method must be 'threshold' or 'grabcut', got {method!r}")
     if image is None or image.shape[:2] != sal.shape or image.ndim != 3 or image.dtype != np.uint8:
-        raise ValueError("grabcut needs image= an (H, W, 3) uint8 RGB array of the map's size")
+        raise UsageError("grabcut needs image= an (H, W, 3) uint8 RGB array of the map's size")
     import cv2
 
     gc = np.full(sal.shape, cv2.GC_PR_BGD, np.uint8)

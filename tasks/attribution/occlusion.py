@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from storage.errors import UsageError
 from tasks.attribution.common import check_inputs, target_scores
 
 __all__ = ["occlusion", "window_starts", "IncrementalPlan", "plan_incremental"]
@@ -238,7 +239,7 @@ def _axis_crops(size: int, out_len: int, g: tuple[int, int, int],
         if not (lo_o <= oa and ob < hi_o):
             return None
         spans.append((oa, ob, x0, lo_o, hi_o))
-    paste = min(h - l for _, _, _, l, h in spans)
+    paste = min(hi - lo for _, _, _, lo, hi in spans)
     if any(ob - oa + 1 > paste for oa, ob, *_ in spans):
         return None
     crops = []
@@ -323,24 +324,25 @@ def occlusion(model: nn.Module, inputs: torch.Tensor, target, window: int = 16, 
     ``baseline``: the occluder's value (scalar, or a tensor broadcastable to ``inputs``, e.g. per-channel
     mean); ``batch_size``: occluded copies per forward pass; ``incremental``: ``"auto"`` (Krypton-style reuse
     when the model can be cut profitably), ``True`` (same, but warn when it cannot), ``"force"`` (use the
-    cheapest cut even when it does not pay off; for tests), ``False`` (plain batching). ``plan``: a precomputed :func:`plan_incremental` result to reuse across calls.
+    cheapest cut even when it does not pay off; for tests), ``False`` (plain batching). ``plan``: a precomputed
+    :func:`plan_incremental` result to reuse across calls.
     Units: attribution = score drop (logit units) averaged over the windows covering a pixel.
     """
     inputs, target = check_inputs(inputs, target)
     N, C, H, W = inputs.shape
     if window < 1 or stride < 1:
-        raise ValueError(f"window and stride must be >= 1, got window={window}, stride={stride}")
+        raise UsageError(f"window and stride must be >= 1, got window={window}, stride={stride}")
     if window > min(H, W):
-        raise ValueError(f"window {window} is larger than the image ({H}x{W}); use a smaller --window")
+        raise UsageError(f"window {window} is larger than the image ({H}x{W}); use a smaller --window")
     if stride > window:
-        raise ValueError(f"stride {stride} > window {window} would leave pixels unoccluded; use stride <= window")
+        raise UsageError(f"stride {stride} > window {window} would leave pixels unoccluded; use stride <= window")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     bl = torch.as_tensor(baseline, dtype=inputs.dtype, device=inputs.device)
     try:
         bl = torch.broadcast_to(bl, inputs.shape) if bl.dim() < 4 or bl.shape[0] == N else torch.broadcast_to(bl, (1, C, H, W))
     except RuntimeError:
-        raise ValueError(f"baseline of shape {tuple(bl.shape)} does not broadcast to the inputs {tuple(inputs.shape)}") from None
+        raise UsageError(f"baseline of shape {tuple(bl.shape)} does not broadcast to the inputs {tuple(inputs.shape)}") from None
     wr, wc = window_starts(H, window, stride), window_starts(W, window, stride)
     x = inputs.detach()
     with torch.no_grad():

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.attribution.common import check_inputs
+from storage.errors import UsageError
 from tasks.attribution.backprop import input_gradients
+from tasks.attribution.common import check_inputs
 
 __all__ = [
     "vanilla_gradient",
@@ -46,7 +47,7 @@ def vanilla_gradient(model: nn.Module, inputs: torch.Tensor, target, abs: bool =
     if reduce == "max":
         return channel_max(g)
     if reduce is not None:
-        raise ValueError(f"reduce must be None or 'max', got {reduce!r}")
+        raise UsageError(f"reduce must be None or 'max', got {reduce!r}")
     return g
 
 
@@ -73,7 +74,7 @@ def smoothgrad(model: nn.Module, inputs: torch.Tensor, target, nt_samples: int =
     """
     inputs, target = check_inputs(inputs, target)
     if nt_samples < 1:
-        raise ValueError(f"nt_samples must be >= 1, got {nt_samples}")
+        raise UsageError(f"nt_samples must be >= 1, got {nt_samples}")
     n = inputs.shape[0]
     size = (n * nt_samples,) + tuple(inputs.shape[1:])
     std = torch.tensor(float(stdevs), device=inputs.device).repeat(size)
@@ -92,13 +93,13 @@ def smoothgrad(model: nn.Module, inputs: torch.Tensor, target, nt_samples: int =
 def ig_alphas(n_steps: int, method: str = "gausslegendre") -> tuple[list[float], list[float]]:
     """``(step_sizes, alphas)`` of Captum's approximation methods (``gausslegendre`` or ``riemann_*``)."""
     if n_steps < 1:
-        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+        raise UsageError(f"n_steps must be >= 1, got {n_steps}")
     if method == "gausslegendre":
         x, w = np.polynomial.legendre.leggauss(n_steps)
         return list(0.5 * w), list(0.5 * (x + 1))
     if method in ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"):
         if n_steps < 2:
-            raise ValueError(f"{method} needs n_steps >= 2")
+            raise UsageError(f"{method} needs n_steps >= 2")
         steps = [1 / n_steps] * n_steps  # Captum's convention, also for the trapezoid (ends halved)
         if method == "riemann_trapezoid":
             steps[0] /= 2
@@ -107,7 +108,7 @@ def ig_alphas(n_steps: int, method: str = "gausslegendre") -> tuple[list[float],
         lo, hi = {"riemann_left": (0, 1 - 1 / n_steps), "riemann_right": (1 / n_steps, 1),
                   "riemann_middle": (1 / (2 * n_steps), 1 - 1 / (2 * n_steps))}[method]
         return steps, torch.linspace(lo, hi, n_steps).tolist()
-    raise ValueError(f"unknown IG method {method!r}; use gausslegendre or riemann_left/right/middle/trapezoid")
+    raise UsageError(f"unknown IG method {method!r}; use gausslegendre or riemann_left/right/middle/trapezoid")
 
 
 def integrated_gradients(model: nn.Module, inputs: torch.Tensor, target, baselines: float | torch.Tensor = 0.0,

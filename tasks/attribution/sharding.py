@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
 
+from storage.errors import ConvlensError
 from tasks.core.sharding import RunShards, ShardJob, check_model, load_shard_model, model_fingerprint, run_serially, shard_bounds
 
 __all__ = ["AUDIT_SHARD_MAX", "AuditShard", "audit_shard", "run_sharded_audit"]
+
+log = logging.getLogger(__name__)
 
 
 AUDIT_SHARD_MAX = 256  # images per audit shard by default: each image costs hundreds of forward passes

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.atomic import atomic_write_bytes, sha256_stream
+from storage.errors import UsageError
 from tasks.core.images import EXTENSION_FORMATS, UNSUPPORTED_IMAGE_EXTENSIONS, RejectedImage, open_regular_file, os_error_reason
 
 __all__ = [
@@ -107,18 +108,18 @@ def _list_url(url: str) -> tuple[list[ImageRecord], list[Reject], str]:
 
     fs, root = fsspec.core.url_to_fs(url)
     if not fs.exists(root):
-        raise ValueError(f"dataset {url!r} does not exist")
+        raise UsageError(f"dataset {url!r} does not exist")
     proto = url.split("://", 1)[0]
     if not fs.isdir(root):
         suffix = Path(root).suffix.lower()
         if suffix not in _LIST_SUFFIXES:
-            raise ValueError(f"dataset {url!r} is a file but not a .csv or .parquet list")
+            raise UsageError(f"dataset {url!r} is a file but not a .csv or .parquet list")
         with fs.open(root, "rb") as fh:
             df = pd.read_csv(fh, dtype=str, keep_default_na=False, na_values=[""]) if suffix == ".csv" else pq.read_table(fh).to_pandas()
         base = root.rsplit("/", 1)[0]
         records, rejects = [], []
         if "path" not in df.columns:
-            raise ValueError(f"{url} has no 'path' column")
+            raise UsageError(f"{url} has no 'path' column")
         extra_cols = [c for c in df.columns if c not in ("path", "label", "split")]
         for row in df.to_dict("records"):
             rel = str(row["path"])
@@ -181,15 +182,19 @@ def _list_folder(root: Path) -> tuple[list[ImageRecord], list[Reject], int]:
 
 
 def _read_list(path: Path) -> pd.DataFrame:
-    if path.suffix.lower() == ".csv":
-        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-    return pq.read_table(path).to_pandas()
+    try:
+        if path.suffix.lower() == ".csv":
+            return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+        return pq.read_table(path).to_pandas()
+    except (OSError, ValueError) as exc:  # unreadable, or not CSV / Parquet (pandas' and pyarrow's parse errors)
+        raise UsageError(f"cannot read the image list {path}: {str(exc)[:300]}; give a CSV or Parquet file "
+                         "with a 'path' column") from None
 
 
 def _list_table(list_path: Path, root: Path | None, allow_outside: bool) -> tuple[list[ImageRecord], list[Reject], Path]:
     df = _read_list(list_path)
     if "path" not in df.columns:
-        raise ValueError(
+        raise UsageError(
             f"{list_path} has no 'path' column (columns: {', '.join(map(str, df.columns))}); "
             "a list needs a 'path' column and may have 'label', 'split' and extra columns"
         )
@@ -243,7 +248,7 @@ def list_dataset(data: str | os.PathLike[str], root: str | os.PathLike[str] | No
         return _list_url(data)  # type: ignore[return-value]
     path = Path(data).expanduser()
     if not path.exists():
-        raise ValueError(f"dataset {data!r} does not exist; pass an image folder or a CSV/Parquet list with a 'path' column")
+        raise UsageError(f"dataset {data!r} does not exist; pass an image folder or a CSV/Parquet list with a 'path' column")
     if path.is_dir():
         root_path = path.resolve()
         records, rejects, skipped = _list_folder(root_path)
@@ -253,7 +258,7 @@ def list_dataset(data: str | os.PathLike[str], root: str | os.PathLike[str] | No
     if path.suffix.lower() in _LIST_SUFFIXES:
         records, rejects, base = _list_table(path.resolve(), Path(root).resolve() if root else None, allow_outside)
         return records, rejects, base
-    raise ValueError(f"dataset {data!r} is a file but not a .csv or .parquet list; pass a folder or a list")
+    raise UsageError(f"dataset {data!r} is a file but not a .csv or .parquet list; pass a folder or a list")
 
 
 _CACHE_SCHEMA = pa.schema([("src", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("image_id", pa.string())])

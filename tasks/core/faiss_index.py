@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from storage.errors import UsageError
+
 __all__ = [
     "import_faiss",
     "knn_search",
@@ -63,13 +65,13 @@ def knn_search(x: np.ndarray, k: int, metric: str = "cosine", exclude_self: bool
     faiss = import_faiss()
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
-        raise ValueError(f"expected a (N, D) matrix, got shape {x.shape}")
+        raise UsageError(f"expected a (N, D) matrix, got shape {x.shape}")
     if not np.isfinite(x).all():
-        raise ValueError("features contain NaN or Inf; fix the feature artefact (convlens verify) before searching")
+        raise UsageError("features contain NaN or Inf; fix the feature artefact (convlens verify) before searching")
     n = x.shape[0]
     kk = k + 1 if exclude_self else k
     if kk > n:
-        raise ValueError(f"k={k} is too large for {n} points")
+        raise UsageError(f"k={k} is too large for {n} points")
     if metric == "cosine":
         x = x.copy()
         faiss.normalize_L2(x)
@@ -77,7 +79,7 @@ def knn_search(x: np.ndarray, k: int, metric: str = "cosine", exclude_self: bool
     elif metric == "l2":
         index = faiss.IndexFlatL2(x.shape[1])
     else:
-        raise ValueError(f"metric must be 'cosine' or 'l2', got {metric!r}")
+        raise UsageError(f"metric must be 'cosine' or 'l2', got {metric!r}")
     index.add(x)
     idx = np.empty((n, k), np.int64)
     dist = np.empty((n, k), np.float32)
@@ -103,7 +105,7 @@ def knn_search(x: np.ndarray, k: int, metric: str = "cosine", exclude_self: bool
 
 def _check_metric(metric: str) -> None:
     if metric not in METRICS:
-        raise ValueError(f"metric must be 'cosine' or 'l2', got {metric!r}")
+        raise UsageError(f"metric must be 'cosine' or 'l2', got {metric!r}")
 
 
 def prepare_vectors(x: np.ndarray, metric: str) -> np.ndarray:
@@ -114,10 +116,10 @@ def prepare_vectors(x: np.ndarray, metric: str) -> np.ndarray:
     _check_metric(metric)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
-        raise ValueError(f"expected a (N, D) matrix, got shape {x.shape}")
+        raise UsageError(f"expected a (N, D) matrix, got shape {x.shape}")
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
-        raise ValueError(f"{int(bad.sum())} vectors contain NaN or Inf (first row {int(np.flatnonzero(bad)[0])}); "
+        raise UsageError(f"{int(bad.sum())} vectors contain NaN or Inf (first row {int(np.flatnonzero(bad)[0])}); "
                          "fix the feature artefact (`convlens verify`) before indexing")
     if metric == "cosine":
         x = x.copy()
@@ -134,12 +136,12 @@ def new_index(dim: int, factory: str = "Flat", metric: str = "cosine"):
     faiss = import_faiss()
     mt = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
     if dim < 1:
-        raise ValueError(f"cannot index {dim}-d vectors")
+        raise UsageError(f"cannot index {dim}-d vectors")
     try:
         return faiss.index_factory(int(dim), factory, mt)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else "rejected"
-        raise ValueError(f"FAISS rejected the index factory string {factory!r} for D={dim}: {first}. "
+        raise UsageError(f"FAISS rejected the index factory string {factory!r} for D={dim}: {first}. "
                          "Use e.g. 'Flat' (exact) or 'IVF1024,PQ32' (D must be divisible by the PQ size)") from None
 
 
@@ -170,14 +172,14 @@ def train_index(index, sample: np.ndarray) -> None:
     ivf = _ivf(index)
     nlist = int(ivf.nlist) if ivf is not None else 0
     if nlist and len(sample) < nlist:
-        raise ValueError(f"cannot train IVF{nlist} on {len(sample)} vectors: use fewer lists (e.g. IVF{max(1, len(sample) // 39)}) "
+        raise UsageError(f"cannot train IVF{nlist} on {len(sample)} vectors: use fewer lists (e.g. IVF{max(1, len(sample) // 39)}) "
                          "or the exact 'Flat' factory for a set this small")
     if nlist and len(sample) < 39 * nlist:
         log.warning("training IVF%d on %d vectors (< 39 per list); recall may suffer", nlist, len(sample))
     try:
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
     except RuntimeError as exc:
-        raise ValueError(f"FAISS could not train the index on {len(sample)} vectors: {str(exc).strip().splitlines()[-1][:200]}") from None
+        raise UsageError(f"FAISS could not train the index on {len(sample)} vectors: {str(exc).strip().splitlines()[-1][:200]}") from None
 
 
 def _ivf(index):
@@ -218,12 +220,12 @@ def to_device(index, gpu: str = "auto") -> tuple[Any, str]:
     (up to float rounding) on either device.
     """
     if gpu not in ("auto", "on", "off"):
-        raise ValueError(f"--gpu must be auto, on or off, got {gpu!r}")
+        raise UsageError(f"--gpu must be auto, on or off, got {gpu!r}")
     if gpu == "off":
         return index, "cpu"
     if not gpu_available():
         if gpu == "on":
-            raise ValueError("--gpu on, but this FAISS has no GPU support or sees no GPU (faiss-cpu is installed); "
+            raise UsageError("--gpu on, but this FAISS has no GPU support or sees no GPU (faiss-cpu is installed); "
                              "install faiss-gpu on a CUDA machine or use --gpu auto/off")
         return index, "cpu"
     faiss = import_faiss()
@@ -232,7 +234,7 @@ def to_device(index, gpu: str = "auto") -> tuple[Any, str]:
         gindex = faiss.index_cpu_to_gpu(res, 0, index)
     except RuntimeError as exc:  # e.g. an index type FAISS cannot run on GPU
         if gpu == "on":
-            raise ValueError(f"this index cannot run on the GPU: {str(exc).strip().splitlines()[-1][:200]}") from None
+            raise UsageError(f"this index cannot run on the GPU: {str(exc).strip().splitlines()[-1][:200]}") from None
         log.warning("index stays on CPU: %s", str(exc).strip().splitlines()[-1][:200])
         return index, "cpu"
     gindex.referenced_resources = res  # keep the resources alive as long as the index
@@ -273,4 +275,4 @@ def deserialize_index(data: bytes):
     try:
         return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except RuntimeError as exc:
-        raise ValueError(f"not a readable FAISS index: {str(exc).strip().splitlines()[-1][:200]}") from None
+        raise UsageError(f"not a readable FAISS index: {str(exc).strip().splitlines()[-1][:200]}") from None

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from storage.errors import UsageError
 from tasks.core.hooks import LayerRef, capture
 from tasks.core.models import LoadedModel, Preprocess
 
@@ -43,7 +44,7 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for but no CUDA device is available; use --device cpu")
+        raise UsageError(f"--device {device} asked for but no CUDA device is available; use --device cpu")
     return torch.device(device)
 
 

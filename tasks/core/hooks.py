@@ -14,7 +14,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-__all__ = ["LayerRef", "resolve_layer", "capture", "default_layer", "LAYER_ALIASES", "get_module", "capture_for_grad",
+from storage.errors import UsageError
+
+__all__ = ["LayerRef", "resolve_layer", "capture", "LAYER_ALIASES", "get_module", "capture_for_grad",
            "override_outputs"]
 
 LAYER_ALIASES = ("fc6", "fc7", "penultimate", "cls", "output")
@@ -106,10 +108,6 @@ def resolve_layer(model: nn.Module, layer: str | None) -> LayerRef:
     return LayerRef(layer, layer, "output")
 
 
-def default_layer(model: nn.Module) -> LayerRef:
-    return resolve_layer(model, None)
-
-
 @contextlib.contextmanager
 def capture(model: nn.Module, refs: list[LayerRef] | LayerRef, detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """Capture the activations at ``refs`` during forward passes inside the block.
@@ -164,7 +162,7 @@ def capture_for_grad(model: nn.Module, name: str) -> Iterator[dict[str, torch.Te
     def post(_m, _args, out):
         x = out[0] if isinstance(out, (tuple, list)) else out
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"module {name!r} does not output a tensor; pick a conv layer or block")
+            raise UsageError(f"module {name!r} does not output a tensor; pick a conv layer or block")
         store["output"] = x
         return x.clone() if not isinstance(out, (tuple, list)) else type(out)([x.clone(), *out[1:]])
 

@@ -33,6 +33,10 @@ __all__ = [
     "run_with_timeout",
     "DecodeTimeout",
     "to_rgb",
+    "REOPEN_LIMITS",
+    "stored_image_location",
+    "read_stored_bytes",
+    "open_stored_image",
 ]
 
 log = logging.getLogger(__name__)
@@ -134,8 +138,10 @@ def run_with_timeout(fn, timeout_s: float | None):
 def read_file_bytes(path: str | os.PathLike[str], limits: DecodeLimits = DecodeLimits()) -> bytes:
     """Read a file's bytes (local path or fsspec URL), refusing non-regular files (FIFOs, directories,
     devices) before opening."""
-    path = str(path)
-    if "://" in path and not path.startswith("file://"):
+    path = os.fsdecode(path) if isinstance(path, bytes) else str(path)
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    if "://" in path:
         import fsspec
 
         try:
@@ -215,7 +221,8 @@ def _truncated_or_corrupt(exc: BaseException) -> str:
     return "truncated" if "truncat" in msg or "incomplete" in msg else "corrupt"
 
 
-def decode_image(data: bytes, name: str = "", limits: DecodeLimits = DecodeLimits()) -> Image.Image:
+def decode_image(data: bytes, name: str = "", limits: DecodeLimits = DecodeLimits(),
+                 draft: tuple[int, int] | None = None) -> Image.Image:
     """Decode ``data`` to an RGB PIL image, or raise :class:`RejectedImage`.
 
     Reasons: ``not-an-image``, ``unsupported-format``, ``wrong-extension``, ``decompression-bomb``,
@@ -224,12 +231,12 @@ def decode_image(data: bytes, name: str = "", limits: DecodeLimits = DecodeLimit
     if not data:
         raise RejectedImage("empty-file", "0 bytes")
     try:
-        return run_with_timeout(lambda: _decode(data, name, limits), limits.timeout_s)
+        return run_with_timeout(lambda: _decode(data, name, limits, draft), limits.timeout_s)
     except DecodeTimeout as exc:
         raise RejectedImage("decode-timeout", f"{exc}; the file may be hostile or enormous") from None
 
 
-def _decode(data: bytes, name: str, limits: DecodeLimits) -> Image.Image:
+def _decode(data: bytes, name: str, limits: DecodeLimits, draft: tuple[int, int] | None = None) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -253,6 +260,8 @@ def _decode(data: bytes, name: str, limits: DecodeLimits) -> Image.Image:
         if min(w, h) < limits.min_side:
             raise RejectedImage("too-small", f"{w}x{h} is below the minimum side {limits.min_side}")
         try:
+            if draft is not None and fmt == "JPEG":
+                img.draft("RGB", draft)  # DCT-domain downscale: decodes at 1/2, 1/4 or 1/8 size, never below draft
             img.load()
             img = ImageOps.exif_transpose(img) or img
             rgb = to_rgb(img)
@@ -263,3 +272,46 @@ def _decode(data: bytes, name: str, limits: DecodeLimits) -> Image.Image:
         except (ValueError, SyntaxError, MemoryError, IndexError, TypeError, EOFError) as exc:
             raise RejectedImage("corrupt", f"{type(exc).__name__}: {exc}") from None
     return rgb
+
+
+# Limits for re-opening an image that extraction already accepted: the extension check is off (a file extracted
+# with --allow-extension-mismatch must reopen too); the size, pixel and time guards stay.
+REOPEN_LIMITS = DecodeLimits(strict_extension=False, min_side=1)
+
+
+def stored_image_location(root: str | os.PathLike[str] | None, rel: str) -> str:
+    """Where the image of a feature row lives: ``rel`` (the table's ``path``, relative to the dataset root)
+    joined to ``root`` (the manifest's ``dataset_root``: a local folder or an fsspec URL such as
+    ``s3://bucket/images``). Absolute ``rel`` paths are used as they are. Non-UTF-8 file names are stored with
+    ``\\xNN`` escapes (:func:`tasks.core.datasets.display_path`); they are mapped back to the bytes on disk."""
+    rel = str(rel)
+    base = "." if root is None or str(root) == "" else os.fspath(root)
+    if "://" in base and not base.startswith("file://"):
+        return base.rstrip("/") + "/" + rel.lstrip("/")
+    if base.startswith("file://"):
+        base = base[len("file://"):]
+    path = rel if os.path.isabs(rel) else os.path.join(base, rel)
+    if "\\x" in rel and not os.path.exists(path):
+        import re
+
+        raw = re.sub(rb"\\x([0-9a-fA-F]{2})", lambda m: bytes([int(m.group(1), 16)]), rel.encode("utf-8"))
+        candidate = os.path.join(os.fsencode(base), raw)
+        if os.path.exists(candidate):
+            return os.fsdecode(candidate)
+    return path
+
+
+def read_stored_bytes(root: str | os.PathLike[str] | None, rel: str, limits: DecodeLimits = REOPEN_LIMITS) -> bytes:
+    """The bytes of a stored image (see :func:`stored_image_location`), read with the same guards as extraction:
+    regular files only (a FIFO or device never blocks), size-capped; :class:`RejectedImage` otherwise."""
+    return read_file_bytes(stored_image_location(root, rel), limits)
+
+
+def open_stored_image(root: str | os.PathLike[str] | None, rel: str, limits: DecodeLimits = REOPEN_LIMITS,
+                      draft: tuple[int, int] | None = None) -> Image.Image:
+    """The one way a later stage opens a stored image: ``root`` + ``rel`` (local or fsspec URL) through the
+    hardened reader and decoder (EXIF rotation, alpha on white, bomb / size / FIFO / timeout guards), as an
+    RGB PIL image. ``draft=(w, h)`` lets a JPEG decode at a reduced scale of at least that size (thumbnails).
+    Raises :class:`RejectedImage` with the reason."""
+    data = read_stored_bytes(root, rel, limits)
+    return decode_image(data, rel, limits, draft=draft)

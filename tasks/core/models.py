@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from storage.atomic import sha256_file
-from storage.errors import ConvlensError
+from storage.errors import ConvlensError, UsageError
 
 __all__ = [
     "ModelError",
@@ -150,7 +150,8 @@ def _check_keys(module: nn.Module, state: dict[str, torch.Tensor], source: str) 
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
         if shape:
-            parts.append(f"{len(shape)} with wrong shapes (e.g. {shape[0]}: file {tuple(state[shape[0]].shape)} vs model {tuple(own[shape[0]].shape)})")
+            parts.append(f"{len(shape)} with wrong shapes (e.g. {shape[0]}: file {tuple(state[shape[0]].shape)} "
+                         f"vs model {tuple(own[shape[0]].shape)})")
         raise ModelError(
             f"weights {source} do not match the architecture: " + "; ".join(parts)
             + ". Check --model/--arch, or strip a key prefix with --weights-prefix (e.g. 'module.')"
@@ -315,11 +316,11 @@ def apply_preprocess_overrides(lm: LoadedModel, resize: int | None = None, crop:
     new = Preprocess(resize or own.resize, crop or own.crop, tuple(mean) if mean else own.mean,
                      tuple(std) if std else own.std, interpolation or own.interpolation)
     if new.crop > new.resize:
-        raise ValueError(f"--crop {new.crop} is larger than --resize {new.resize}")
+        raise UsageError(f"--crop {new.crop} is larger than --resize {new.resize}")
     if interpolation and interpolation not in ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"):
-        raise ValueError(f"--interpolation {interpolation!r}: use nearest, bilinear, bicubic, lanczos, box or hamming")
+        raise UsageError(f"--interpolation {interpolation!r}: use nearest, bilinear, bicubic, lanczos, box or hamming")
     if len(new.mean) != 3 or len(new.std) != 3:
-        raise ValueError("--mean and --std take three comma-separated numbers (R,G,B)")
+        raise UsageError("--mean and --std take three comma-separated numbers (R,G,B)")
     if new != own:
         if lm.spec.get("weights") not in ("none", None):
             log.warning("preprocessing %s differs from the weights' own %s; features may be off-distribution",

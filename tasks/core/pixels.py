@@ -11,13 +11,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from tasks.core.images import DecodeLimits, RejectedImage, decode_image, read_file_bytes
+from storage.errors import UsageError
+from tasks.core.images import DecodeLimits, RejectedImage, decode_image, read_file_bytes, stored_image_location
 
 __all__ = ["PIXEL_SIZE", "pixel_vector", "pixel_vectors", "load_pixel_vector"]
 
@@ -28,7 +28,7 @@ PIXEL_SIZE = 32
 def pixel_vector(img: Image.Image, size: int = PIXEL_SIZE) -> np.ndarray:
     """RGB PIL image -> ``(size * size * 3,) float32`` in ``[0, 1]``."""
     if size < 1:
-        raise ValueError(f"pixel size must be >= 1, got {size}")
+        raise UsageError(f"pixel size must be >= 1, got {size}")
     small = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
     return (np.asarray(small, dtype=np.float32) / 255.0).reshape(-1)
 
@@ -42,13 +42,13 @@ def load_pixel_vector(path: str | os.PathLike[str], size: int = PIXEL_SIZE,
 
 def pixel_vectors(root: str | os.PathLike[str], paths: Sequence[str], size: int = PIXEL_SIZE,
                   workers: int | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-    """Pixel vectors of ``root / path`` for every path, decoded in a thread pool.
+    """Pixel vectors of the stored images ``root`` + ``path`` (local or fsspec URL) for every path, decoded in a
+    thread pool.
 
     Returns ``(vectors (M, size*size*3) float32, ok (N,) bool, failures [(path, reason)])`` where ``vectors``
     holds the rows with ``ok`` true in input order. Files that vanished or no longer decode are failures, never
     a crash. Memory O(N x size^2 x 3) floats (12 KiB per image at 32 px).
     """
-    root = Path(root)
     n = len(paths)
     dim = size * size * 3
     out = np.zeros((n, dim), np.float32)
@@ -57,7 +57,7 @@ def pixel_vectors(root: str | os.PathLike[str], paths: Sequence[str], size: int 
 
     def one(i: int) -> tuple[int, np.ndarray | None, str]:
         try:
-            return i, load_pixel_vector(root / paths[i], size), ""
+            return i, load_pixel_vector(stored_image_location(root, paths[i]), size), ""
         except RejectedImage as exc:
             return i, None, str(exc)
 

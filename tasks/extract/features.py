@@ -12,47 +12,48 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch import nn
 
-from storage.errors import QualityGateError, StoreError
+from storage.atomic import atomic_write_json, sha256_bytes
+from storage.errors import QualityGateError, StoreError, UsageError
 from storage.features import (
-    PartWriter, feature_schema, part_entries, read_journal, read_part, rejects_schema, remove_garbage,
-    write_journal, write_part,
+    PartWriter,
+    feature_schema,
+    part_entries,
+    read_journal,
+    read_part,
+    rejects_schema,
+    remove_garbage,
+    write_journal,
+    write_part,
 )
 from storage.locks import artefact_lock
-from storage.manifest import MANIFEST_NAME, read_manifest, write_manifest, file_entry
-from storage.atomic import atomic_write_json, sha256_bytes
+from storage.manifest import MANIFEST_NAME, file_entry, read_manifest, write_manifest
 from storage.paths import Store, artefact_id
 from tasks.core.datasets import ImageRecord, Reject, hash_records, list_dataset
-from tasks.core.hooks import LayerRef, capture, resolve_layer
+from tasks.core.forward import forward_batch, has_head, normalise, pick_device, prepare_module, preprocess_uint8, resolve_precision
+from tasks.core.hooks import LayerRef, resolve_layer
 from tasks.core.images import DecodeLimits, RejectedImage, decode_image, read_file_bytes
 from tasks.core.models import LoadedModel, Preprocess, apply_preprocess_overrides, load_model
 
 __all__ = [
     "keep_if_unchanged",
     "unchanged_manifest",
-    "resolve_precision",
     "ExtractConfig",
     "ExtractPlan",
     "plan_extraction",
     "extract_records",
     "publish_features",
     "run_extraction",
-    "preprocess_uint8",
-    "pick_device",
-    "pool_features",
-    "embed_images",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,60 +91,17 @@ class ExtractConfig:
 
     def validate(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.max_reject_rate <= 1.0:
-            raise ValueError(f"--max-reject-rate must be in [0, 1], got {self.max_reject_rate}")
+            raise UsageError(f"--max-reject-rate must be in [0, 1], got {self.max_reject_rate}")
         if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+            raise UsageError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.pool not in ("avg", "max", "none"):
-            raise ValueError(f"--pool must be avg, max or none, got {self.pool!r}")
+            raise UsageError(f"--pool must be avg, max or none, got {self.pool!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise ValueError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+            raise UsageError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {self.device} asked for but no CUDA device is available; use --device cpu")
-
-
-def resolve_precision(precision: str, device: str | torch.device) -> str:
-    """``auto`` -> ``bf16`` (autocast) on CUDA, ``fp32`` on CPU; explicit values pass through."""
-    if precision != "auto":
-        return precision
-    dev = pick_device(device) if isinstance(device, str) else device
-    return "bf16" if dev.type == "cuda" else "fp32"
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def preprocess_uint8(img, pre: Preprocess) -> torch.Tensor:
-    """PIL RGB -> ``(3, crop, crop) uint8``: resize shorter side (antialiased) and centre crop, as torchvision does."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as F
-
-    img = F.resize(img, [pre.resize], interpolation=InterpolationMode(pre.interpolation), antialias=True)
-    img = F.center_crop(img, [pre.crop, pre.crop])
-    return F.pil_to_tensor(img)
-
-
-def normalise(batch: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    """``(N,3,H,W) uint8`` -> normalised float32 on the batch's device."""
-    x = batch.float().div_(255.0)
-    mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-def pool_features(act: torch.Tensor, pool: str) -> torch.Tensor:
-    """Reduce an activation to ``(N, D)``: conv maps ``(N,C,H,W)`` by global avg/max pooling unless ``pool='none'``."""
-    if act.dim() == 2:
-        return act
-    if act.dim() == 4 and pool != "none":
-        return act.mean(dim=(2, 3)) if pool == "avg" else act.amax(dim=(2, 3))
-    if act.dim() == 3 and pool != "none":  # (N, tokens, D): mean over tokens
-        return act.mean(dim=1) if pool == "avg" else act.amax(dim=1)
-    return act.flatten(1)
+            raise UsageError(f"--device {self.device} asked for but no CUDA device is available; use --device cpu")
 
 
 class _DecodeDataset(torch.utils.data.Dataset):
@@ -287,90 +245,6 @@ def plan_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> tuple[
                        donors), lm
 
 
-# CPU forward in micro-batches: measured here (2 cores, oneDNN) MobileNetV2 runs 70-99 img/s at batch 4-16 but
-# 48 img/s at batch 64 (activations fall out of cache), and channels_last beats NCHW by 1.2-1.6x on CPU too.
-CPU_MICRO_BATCH = 8
-
-
-def prepare_module(module: nn.Module, device: torch.device, ref: LayerRef | None = None) -> nn.Module:
-    """An inference copy of ``module`` on ``device``: eval mode, Conv+BN folded (except at the hooked layer
-    ``ref``), channels_last (faster for convs on both CUDA and oneDNN CPU). ``module`` itself is unchanged."""
-    from tasks.core.models import fold_conv_bn
-
-    module = fold_conv_bn(module.eval(), keep=[ref.name] if ref is not None and ref.name else [])
-    module = module.to(device)
-    try:
-        module = module.to(memory_format=torch.channels_last)
-    except (RuntimeError, TypeError):  # e.g. TorchScript modules that refuse a memory-format move
-        pass
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    return module
-
-
-def _forward_batch(module: nn.Module, x: torch.Tensor, ref: LayerRef, pool: str, device: torch.device,
-                   with_preds: bool, precision: str = "auto") -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Features ``(N, D) float32`` (+ top-5 ``(N, 5)`` int32 / float32) of a normalised ``(N,3,H,W)`` batch.
-
-    On CPU the batch runs in :data:`CPU_MICRO_BATCH` chunks; on CUDA in one pass. ``precision`` (see
-    :func:`resolve_precision`) picks bf16 autocast or plain fp32; features come out float32 either way.
-    """
-    amp = resolve_precision(precision, device) == "bf16"
-    if x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    step = CPU_MICRO_BATCH if device.type == "cpu" else max(1, x.shape[0])
-    feats_l, preds_l, probs_l = [], [], []
-    for s in range(0, x.shape[0], step):
-        chunk = x[s:s + step]
-        n = chunk.shape[0]
-        if device.type == "cpu" and n < step:
-            # Pad to the fixed micro-batch: oneDNN picks kernels by batch size, so an image's features would
-            # otherwise depend (in the last bits) on how many images shared its chunk, and a resumed run would
-            # not be byte-identical to an uninterrupted one.
-            chunk = torch.cat([chunk, chunk.new_zeros((step - n, *chunk.shape[1:]))])
-            if chunk.dim() == 4:
-                chunk = chunk.contiguous(memory_format=torch.channels_last)
-        f, p, q = _forward_chunk(module, chunk, ref, pool, device, with_preds, amp)
-        f, p, q = f[:n], (p[:n] if p is not None else None), (q[:n] if q is not None else None)
-        feats_l.append(f)
-        if p is not None:
-            preds_l.append(p)
-            probs_l.append(q)
-    feats = np.concatenate(feats_l) if len(feats_l) > 1 else feats_l[0]
-    if preds_l and len(preds_l) == len(feats_l):
-        return feats, np.concatenate(preds_l), np.concatenate(probs_l)
-    return feats, None, None
-
-
-def _forward_chunk(module: nn.Module, x: torch.Tensor, ref: LayerRef, pool: str, device: torch.device,
-                   with_preds: bool, amp: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    with capture(module, ref) as acts, torch.inference_mode():
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            out = module(x)
-        act = acts[ref.alias] if ref.name else out
-        feats = pool_features(act.float(), pool)
-    preds = probs = None
-    if with_preds and isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] >= 5:
-        p = torch.softmax(out.float(), dim=1)
-        top = torch.topk(p, 5, dim=1)
-        preds, probs = top.indices.int().cpu().numpy(), top.values.cpu().numpy()
-    return feats.cpu().numpy().astype(np.float32), preds, probs
-
-
-def embed_images(lm: LoadedModel, images: Sequence, ref: LayerRef, pool: str = "avg",
-                 device: str = "cpu", precision: str = "auto") -> np.ndarray:
-    """Features of PIL RGB images with the model's own preprocessing: ``(N, D) float32``."""
-    dev = pick_device(device)
-    module = prepare_module(lm.module, dev, ref)
-    x = torch.stack([preprocess_uint8(im, lm.preprocess) for im in images]).to(dev)
-    feats, _, _ = _forward_batch(module, normalise(x, lm.preprocess), ref, pool, dev, False, precision)
-    return feats
-
-
-def _has_head(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.Linear) for m in module.modules())
-
-
 def extract_records(plan: ExtractPlan, lm: LoadedModel, records: list[ImageRecord] | None = None,
                     on_part: Callable[[dict[str, Any]], None] | None = None) -> tuple[list[dict[str, Any]], list[Reject], dict[str, Any]]:
     """Decode and embed ``records`` (default: the plan's todo list), writing parts into the artefact dir.
@@ -383,7 +257,8 @@ def extract_records(plan: ExtractPlan, lm: LoadedModel, records: list[ImageRecor
     module = prepare_module(lm.module, device, plan.layer)
     limits = DecodeLimits(max_pixels=cfg.max_pixels, min_side=cfg.min_side, strict_extension=cfg.strict_extension)
     items = [(r.src, r.path, r.image_id) for r in records]
-    workers = cfg.num_workers if cfg.num_workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else max(1, min(4, (os.cpu_count() or 2) // 2)))
+    default_workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else max(1, min(4, (os.cpu_count() or 2) // 2))
+    workers = cfg.num_workers if cfg.num_workers is not None else default_workers
     if isinstance(plan.dataset_root, str):
         workers = 0  # fsspec filesystems (s3fs, memory) are not fork-safe: decode in-process
     use_workers = workers if len(items) > cfg.batch_size else 0
@@ -394,7 +269,7 @@ def extract_records(plan: ExtractPlan, lm: LoadedModel, records: list[ImageRecor
         prefetch_factor=4 if use_workers else None,
         multiprocessing_context=_worker_context() if use_workers else None,
     )
-    with_preds = _has_head(module)
+    with_preds = has_head(module)
     writer: PartWriter | None = None
     rejects: list[Reject] = []
     t0 = time.perf_counter()
@@ -410,7 +285,7 @@ def extract_records(plan: ExtractPlan, lm: LoadedModel, records: list[ImageRecor
                 rejects.append(Reject(records[i].path, reason, detail))
             if batch is not None:
                 x = normalise(batch.to(device, non_blocking=True), plan.preprocess)
-                feats, preds, probs = _forward_batch(module, x, plan.layer, cfg.pool, device, with_preds, cfg.precision)
+                feats, preds, probs = forward_batch(module, x, plan.layer, cfg.pool, device, with_preds, cfg.precision)
                 if writer is None:
                     dim = feats.shape[1]
                     part_rows = cfg.part_rows or max(256, min(65536, (64 << 20) // (4 * dim)))
@@ -523,7 +398,8 @@ def publish_features(plan: ExtractPlan, new_entries: list[dict[str, Any]], decod
             ckey = f"{src_dir}/{e['name']}"
             t = cache.get(ckey) or cache.setdefault(ckey, read_part(src_dir, e, verify=False))
             row = t.slice(i, 1).to_pylist()[0]
-            row.update({"path": p, "label": r.label, "split": r.split, **{c: None if r.extras.get(c) is None else str(r.extras.get(c)) for c in extra}})
+            extras = {c: None if r.extras.get(c) is None else str(r.extras.get(c)) for c in extra}
+            row.update({"path": p, "label": r.label, "split": r.split, **extras})
             rows.append(row)
             satisfied.add(p)
             nonzero = nonzero or any(v != 0 for v in row["feature"])

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 from typing import Any, Sequence
 
+from storage.errors import ConvlensError
 from tasks.core.sharding import RunShards, ShardJob, check_model, in_daemon, load_shard_model, model_fingerprint, run_serially, shard_bounds
 
 __all__ = ["ExtractShard", "extract_shard", "merge_extract_stats", "run_sharded_extraction"]
+
+log = logging.getLogger(__name__)
 
 
 class ExtractShard(ShardJob):
@@ -27,8 +31,8 @@ def extract_shard(job: ExtractShard) -> dict[str, Any]:
     Loads the model named by the plan's config (checked against the planner's weights fingerprint). Returns
     ``{"index", "entries", "rejects", "stats"}``: part entries, decode rejects, counters. Memory: one batch.
     """
-    from tasks.extract.features import extract_records
     from tasks.core.models import apply_preprocess_overrides
+    from tasks.extract.features import extract_records
 
     plan = job.plan
     cfg = plan.config

@@ -24,17 +24,29 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from storage.errors import StoreError
+from storage.errors import StoreError, UsageError
 from storage.features import iter_feature_batches, read_meta
 from storage.index_store import (
-    load_index_bytes, publish_index_manifest, read_idmap, write_idmap, write_index_file,
+    load_index_bytes,
+    publish_index_manifest,
+    read_idmap,
+    write_idmap,
+    write_index_file,
 )
 from storage.locks import artefact_lock
 from storage.manifest import CODE_VERSION, MANIFEST_NAME, read_manifest
 from storage.paths import Store, artefact_id
 from tasks.core.faiss_index import (
-    add_vectors, deserialize_index, index_kind, needs_training, new_index, prepare_vectors, serialize_index,
-    supports_incremental_add, to_device, train_index,
+    add_vectors,
+    deserialize_index,
+    index_kind,
+    needs_training,
+    new_index,
+    prepare_vectors,
+    serialize_index,
+    supports_incremental_add,
+    to_device,
+    train_index,
 )
 from tasks.core.pixels import PIXEL_SIZE, pixel_vectors
 
@@ -69,15 +81,15 @@ class IndexConfig:
 
     def validate(self) -> None:
         if self.space not in SPACES:
-            raise ValueError(f"--space must be feature or pixel, got {self.space!r}")
+            raise UsageError(f"--space must be feature or pixel, got {self.space!r}")
         if self.metric is not None and self.metric not in ("cosine", "l2"):
-            raise ValueError(f"--metric must be cosine or l2, got {self.metric!r}")
+            raise UsageError(f"--metric must be cosine or l2, got {self.metric!r}")
         if self.gpu not in ("auto", "on", "off"):
-            raise ValueError(f"--gpu must be auto, on or off, got {self.gpu!r}")
+            raise UsageError(f"--gpu must be auto, on or off, got {self.gpu!r}")
         if self.train_rows < 1 or self.batch_rows < 1:
-            raise ValueError("--train-rows and batch size must be >= 1")
+            raise UsageError("--train-rows and batch size must be >= 1")
         if not self.factory or not self.factory.strip():
-            raise ValueError("--factory is empty; use e.g. Flat or IVF1024,PQ32")
+            raise UsageError("--factory is empty; use e.g. Flat or IVF1024,PQ32")
 
 
 def _iter_rows(cfg: IndexConfig, fdir: Path, fman: dict[str, Any], meta: pd.DataFrame,

@@ -30,13 +30,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["AuditParams", "FINDING_COLUMNS", "FINDING_TYPES", "audit_knn", "summarise_findings", "run_dataset_audit",
-           "read_findings"]
+from storage.audits import FINDING_COLUMNS, FINDING_TYPES
+from storage.errors import UsageError
+
+__all__ = ["AuditParams", "audit_knn", "summarise_findings", "run_dataset_audit", "audit_dataset", "summarise"]
 
 log = logging.getLogger(__name__)
-FINDING_TYPES = ("exact-duplicate", "near-duplicate", "leakage", "label-disagreement", "outlier")
-FINDING_COLUMNS = ("finding", "rank", "score", "cluster", "image_id", "path", "label", "split", "other_image_id",
-                   "other_path", "other_label", "other_split", "suggested_label", "detail")
 
 
 @dataclass
@@ -50,11 +49,11 @@ class AuditParams:
 
     def validate(self) -> None:
         if self.k < 1:
-            raise ValueError(f"-k must be >= 1, got {self.k}")
+            raise UsageError(f"-k must be >= 1, got {self.k}")
         if not -1.0 <= self.dup_threshold <= 1.0:
-            raise ValueError(f"--dup-threshold is a cosine similarity in [-1, 1], got {self.dup_threshold}")
+            raise UsageError(f"--dup-threshold is a cosine similarity in [-1, 1], got {self.dup_threshold}")
         if self.min_label_votes < 1:
-            raise ValueError("--min-label-votes must be >= 1")
+            raise UsageError("--min-label-votes must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,7 +95,7 @@ def audit_knn(idmap: pd.DataFrame, graph: pd.DataFrame, params: AuditParams = Au
     idmap = idmap.sort_values("row").reset_index(drop=True)
     n = len(idmap)
     if n and not (idmap["row"].to_numpy() == np.arange(n)).all():
-        raise ValueError("id map rows must be 0..N-1")
+        raise UsageError("id map rows must be 0..N-1")
     recs = idmap.to_dict("records")
     g = graph[graph["rank"] <= params.k]
     q = g["row"].to_numpy(np.int64)
@@ -237,12 +236,12 @@ def run_dataset_audit(store: str, artefact: str | None = None, index_id: str | N
     if index_id:
         aid_i, im = s.resolve("indexes", index_id)
         if im.get("space") != "feature" or im.get("metric") != "cosine":
-            raise ValueError(f"index {aid_i} is a {im.get('space')}-space {im.get('metric')} index; the dataset audit "
+            raise UsageError(f"index {aid_i} is a {im.get('space')}-space {im.get('metric')} index; the dataset audit "
                              "needs a feature-space cosine index (omit --index to use / build the exact one)")
         fman = read_manifest(s.artefact_dir("features", im["source"]["artefact_id"]))
         stale = stale_message(im, fman)
         if stale:
-            raise ValueError(f"{stale} (the audit refuses a stale index)")
+            raise UsageError(f"{stale} (the audit refuses a stale index)")
     else:
         im = build_index(IndexConfig(store=store, artefact=artefact, space="feature", factory="Flat", metric="cosine", gpu=gpu))
         aid_i = im["artefact_id"]
@@ -275,17 +274,15 @@ def run_dataset_audit(store: str, artefact: str | None = None, index_id: str | N
     return published
 
 
-def read_findings(store: str, audit_id: str | None = None) -> pd.DataFrame:
-    """The verified findings table of a dataset-audit artefact (newest when ``audit_id`` is None)."""
-    from storage.errors import StoreError
-    from storage.features import read_part
-    from storage.paths import Store
+def audit_dataset(store: str, artefact: str | None = None, **params: Any) -> dict[str, Any]:
+    """Plain entry point (demo, scripts): run the audit in-process with default thresholds; returns the summary."""
+    gpu = params.pop("gpu", "auto")
+    index_id = params.pop("index_id", None)
+    return summarise(run_dataset_audit(store, artefact, index_id, AuditParams(**params), gpu))
 
-    s = Store(store)
-    items = [(a, m) for a, m in s.iter_artefacts("audits") if m.get("kind") == "dataset-audit"
-             and (audit_id is None or a == audit_id or a.startswith(audit_id))]
-    if not items:
-        raise StoreError(f"no dataset-audit artefact in {s.root}; run `convlens audit-dataset --store {s.root}` first")
-    aid, m = max(items, key=lambda it: (it[1].get("created", ""), it[0]))
-    entry = next(e for e in m["files"] if e.get("role") == "findings")
-    return read_part(s.artefact_dir("audits", aid), entry).to_pandas()
+
+def summarise(m: dict[str, Any]) -> dict[str, Any]:
+    """Small record of a published dataset audit (what the CLI prints and flows return)."""
+    return {"artefact_id": m["artefact_id"], "index": m["source"]["index"], "features": m["source"]["features"],
+            "images": m["images"], "rows": m["rows"], "counts": m["counts"], "params": m["params"],
+            "findings_file": m["files"][0]["name"], "summary": m["summary"], "reused": bool(m.get("reused"))}

@@ -21,14 +21,14 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from storage.errors import StoreError
+from storage.errors import StoreError, UsageError
 from storage.features import iter_feature_batches
 from storage.index_store import KnnGraphWriter, load_index_bytes, publish_index_manifest, read_idmap, read_knn_graph
 from storage.locks import artefact_lock
 from storage.manifest import read_manifest
 from storage.paths import Store
 from tasks.core.faiss_index import deserialize_index, prepare_vectors, search_index, set_nprobe, to_device
-from tasks.core.images import DecodeLimits, RejectedImage, decode_image, read_file_bytes
+from tasks.core.images import DecodeLimits, RejectedImage, decode_image, read_file_bytes, stored_image_location
 from tasks.core.pixels import load_pixel_vector, pixel_vector
 
 __all__ = [
@@ -135,10 +135,10 @@ def _row_for_id(oi: OpenIndex, image_id: str) -> int:
     if not len(hit) and len(image_id) >= 8:
         hit = oi.idmap.index[ids.str.startswith(image_id)]
         if len(set(ids[hit])) > 1:
-            raise ValueError(f"image_id prefix {image_id!r} matches {len(set(ids[hit]))} images; give more digits")
+            raise UsageError(f"image_id prefix {image_id!r} matches {len(set(ids[hit]))} images; give more digits")
     if not len(hit):
         hint = f" ({oi.stale})" if oi.stale else ""
-        raise ValueError(f"unknown image_id {image_id!r}: not in index {oi.artefact_id} ({len(oi.idmap)} images){hint}. "
+        raise UsageError(f"unknown image_id {image_id!r}: not in index {oi.artefact_id} ({len(oi.idmap)} images){hint}. "
                          "Pass a stored image_id (sha256 of the file), --path, or --image FILE for a new image")
     return int(oi.idmap.at[int(hit[0]), "row"])
 
@@ -159,7 +159,7 @@ def _row_for_path(oi: OpenIndex, path: str) -> int:
         if len(hit):
             return int(oi.idmap.at[int(hit[0]), "row"])
     hint = f" ({oi.stale})" if oi.stale else ""
-    raise ValueError(f"path {path!r} is not in index {oi.artefact_id} (paths are relative to {root}){hint}; "
+    raise UsageError(f"path {path!r} is not in index {oi.artefact_id} (paths are relative to {root}){hint}; "
                      "pass a stored path, or --image FILE to embed a new image")
 
 
@@ -172,11 +172,11 @@ def _vector_for_row(oi: OpenIndex, row: int) -> np.ndarray:
             pass
     path = oi.idmap.at[int(row), "path"]
     if oi.space == "pixel":
-        root = Path(oi.manifest["source"]["dataset_root"])
+        where = stored_image_location(oi.manifest["source"]["dataset_root"], path)
         try:
-            return load_pixel_vector(root / path, int(oi.manifest.get("pixel_size") or 32)).reshape(1, -1)
+            return load_pixel_vector(where, int(oi.manifest.get("pixel_size") or 32)).reshape(1, -1)
         except RejectedImage as exc:
-            raise ValueError(f"cannot read {root / path} to query the pixel index: {exc}") from None
+            raise UsageError(f"cannot read {where} to query the pixel index: {exc}") from None
     if oi.fmanifest is None:
         raise StoreError(f"feature artefact {oi.features_id} is gone; cannot look up the query vector")
     for meta, feats in iter_feature_batches(oi.fdir, oi.fmanifest):
@@ -196,12 +196,12 @@ def embed_image_file(oi: OpenIndex, file: str | Path, weights: str | None = None
     try:
         img = decode_image(read_file_bytes(file, DecodeLimits()), file.name, DecodeLimits(strict_extension=False))
     except RejectedImage as exc:
-        raise ValueError(f"--image {file} is not a usable image ({exc}); pass a JPEG/PNG/BMP/GIF/WebP/TIFF file") from None
+        raise UsageError(f"--image {file} is not a usable image ({exc}); pass a JPEG/PNG/BMP/GIF/WebP/TIFF file") from None
     if oi.space == "pixel":
         return pixel_vector(img, int(oi.manifest.get("pixel_size") or 32)).reshape(1, -1)
     if oi.fmanifest is None:
         raise StoreError(f"feature artefact {oi.features_id} is gone; cannot rebuild its model to embed {file}")
-    from tasks.extract.features import embed_images
+    from tasks.core.forward import embed_images
     from tasks.core.hooks import LayerRef
     from tasks.core.models import Preprocess, load_model
 
@@ -209,11 +209,11 @@ def embed_image_file(oi: OpenIndex, file: str | Path, weights: str | None = None
     w = spec.get("weights", "none")
     if w not in ("imagenet", "none"):
         if not weights:
-            raise ValueError(f"the features were extracted with the weights file {w!r}; pass --weights PATH to that file to embed a new image")
+            raise UsageError(f"the features were extracted with the weights file {w!r}; pass --weights PATH to that file to embed a new image")
         w = weights
     lm = load_model(spec["arch"], w, int(spec.get("seed") or 0))
     if spec.get("weights_sha256") and lm.spec.get("weights_sha256") != spec.get("weights_sha256"):
-        raise ValueError(f"weights {w} have sha256 {str(lm.spec.get('weights_sha256'))[:16]}…, but the features were "
+        raise UsageError(f"weights {w} have sha256 {str(lm.spec.get('weights_sha256'))[:16]}…, but the features were "
                          f"extracted with {spec['weights_sha256'][:16]}…; pass the same weights file")
     pre = oi.fmanifest.get("preprocessing")
     if pre:
@@ -228,11 +228,11 @@ def embed_image_file(oi: OpenIndex, file: str | Path, weights: str | None = None
 def query_vectors(oi: OpenIndex, vecs: np.ndarray, k: int, exclude_rows: list[int] | None = None) -> list[pd.DataFrame]:
     """Top-``k`` neighbours of each raw query vector ``(Q, D)``; one result DataFrame per query."""
     if k < 1:
-        raise ValueError(f"-k must be >= 1, got {k}")
+        raise UsageError(f"-k must be >= 1, got {k}")
     exclude = set(exclude_rows or [])
     kk = min(int(oi.index.ntotal), k + len(exclude))
     if vecs.shape[1] != oi.index.d:
-        raise ValueError(f"query vectors are {vecs.shape[1]}-d but index {oi.artefact_id} is {oi.index.d}-d")
+        raise UsageError(f"query vectors are {vecs.shape[1]}-d but index {oi.artefact_id} is {oi.index.d}-d")
     idx, dist = search_index(oi.index, prepare_vectors(vecs, oi.metric), kk, oi.metric)
     out = []
     for i_row, d_row in zip(idx, dist):
@@ -257,7 +257,7 @@ def neighbors(store: str, *, image_id: str | None = None, path: str | None = Non
     """
     given = [x for x in (image_id, path, image) if x]
     if len(given) != 1:
-        raise ValueError("give exactly one of --id IMAGE_ID, --path P or --image FILE")
+        raise UsageError("give exactly one of --id IMAGE_ID, --path P or --image FILE")
     oi = open_index(store, space, index_id, artefact, gpu, nprobe)
     exclude: list[int] = []
     if image:
@@ -319,12 +319,12 @@ def knn_graph(store: str, k: int = 10, space: str = "feature", index_id: str | N
     O(block x (D + k)). Returns ``{"index", "k", "rows", "file", "seconds", "stale"}``.
     """
     if k < 1:
-        raise ValueError(f"-k must be >= 1, got {k}")
+        raise UsageError(f"-k must be >= 1, got {k}")
     t0 = time.perf_counter()
     oi = open_index(store, space, index_id, artefact, gpu, nprobe, metric)
     n = int(oi.cpu_index.ntotal)
     if n < 2:
-        raise ValueError(f"index {oi.artefact_id} holds {n} image(s); a kNN graph needs at least 2")
+        raise UsageError(f"index {oi.artefact_id} holds {n} image(s); a kNN graph needs at least 2")
     k_eff = min(k, n - 1)
     ids = oi.idmap["image_id"].to_numpy(dtype=object)
     paths = oi.idmap["path"].to_numpy(dtype=object)

@@ -24,6 +24,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from storage.errors import UsageError
+
 __all__ = [
     "GRID_BACKGROUND",
     "MISSING_GREY",
@@ -32,7 +34,6 @@ __all__ = [
     "assign_grid",
     "load_thumbnail",
     "render_grid",
-    "render_scatter",
     "grid_names",
     "make_grid",
 ]
@@ -53,13 +54,13 @@ def parse_size(size: str | Sequence[int] | None) -> tuple[int, int] | None:
         try:
             vals = [int(p) for p in parts]
         except ValueError:
-            raise ValueError(f"--size must look like 32x32 (rows x cols), got {size!r}") from None
+            raise UsageError(f"--size must look like 32x32 (rows x cols), got {size!r}") from None
         if len(vals) == 1:
             vals = vals * 2
     else:
         vals = [int(v) for v in size]
     if len(vals) != 2 or min(vals) < 1 or max(vals) > 512:
-        raise ValueError(f"--size must be ROWSxCOLS with 1..512 each, got {size!r}")
+        raise UsageError(f"--size must be ROWSxCOLS with 1..512 each, got {size!r}")
     return vals[0], vals[1]
 
 
@@ -98,11 +99,11 @@ def assign_grid(xy: np.ndarray, rows: int, cols: int, method: str = "auto",
 
     xy = np.asarray(xy)
     if xy.ndim != 2 or xy.shape[1] < 2:
-        raise ValueError(f"expected (N, 2) map coordinates, got shape {xy.shape}")
+        raise UsageError(f"expected (N, 2) map coordinates, got shape {xy.shape}")
     if not np.isfinite(xy).all():
-        raise ValueError("map coordinates contain NaN or Inf; rebuild the map with `convlens project --force`")
+        raise UsageError("map coordinates contain NaN or Inf; rebuild the map with `convlens project --force`")
     if method not in ("auto", "lap", "greedy"):
-        raise ValueError(f"assignment must be auto, lap or greedy, got {method!r}")
+        raise UsageError(f"assignment must be auto, lap or greedy, got {method!r}")
     n_cells = rows * cols
     n = len(xy)
     out = np.full(n_cells, -1, np.int64)
@@ -159,19 +160,18 @@ def assign_grid(xy: np.ndarray, rows: int, cols: int, method: str = "auto",
     return out, total / n_cells
 
 
-def load_thumbnail(path: str | os.PathLike[str], size: int):
-    """A ``size x size`` RGB thumbnail (centre crop) of the image file, or ``None`` (logged) if unusable."""
-    from PIL import Image, ImageOps  # noqa: PLC0415
+def load_thumbnail(root: str | os.PathLike[str] | None, rel: str, size: int):
+    """A ``size x size`` RGB thumbnail (centre crop) of the stored image ``root`` + ``rel``, or ``None`` (logged)
+    if unusable."""
+    from PIL import Image, ImageOps
 
-    from tasks.core.images import RejectedImage, decode_image, read_file_bytes  # noqa: PLC0415
+    from tasks.core.images import RejectedImage, open_stored_image
 
     try:
-        img = decode_image(read_file_bytes(path), str(path))
+        img = open_stored_image(root, rel)
         return ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR)
     except RejectedImage as exc:
-        log.warning("grid: cannot use %s (%s); leaving its cell grey", path, exc)
-    except OSError as exc:
-        log.warning("grid: cannot read %s (%s); leaving its cell grey", path, exc)
+        log.warning("grid: cannot use %s (%s); leaving its cell grey", rel, exc)
     return None
 
 
@@ -187,17 +187,14 @@ def render_grid(cell_to_row: np.ndarray, paths: Sequence[str], dataset_root: str
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     if thumb < 4 or thumb > 512:
-        raise ValueError(f"thumbnail size must be 4..512 px, got {thumb}")
+        raise UsageError(f"thumbnail size must be 4..512 px, got {thumb}")
     canvas = Image.new("RGB", (cols * thumb, rows * thumb), GRID_BACKGROUND)
     missing = np.zeros(rows * cols, bool)
-    root = Path(dataset_root) if dataset_root else None
     for cell in tqdm(range(rows * cols), desc="grid: thumbnails", unit="cell", disable=not progress):
         i = int(cell_to_row[cell])
         if i < 0:
             continue
-        p = Path(paths[i])
-        full = p if p.is_absolute() or root is None else root / p
-        tile = load_thumbnail(full, thumb)
+        tile = load_thumbnail(dataset_root, paths[i], thumb)
         r, c = divmod(cell, cols)
         if tile is None:
             missing[cell] = True
@@ -206,46 +203,6 @@ def render_grid(cell_to_row: np.ndarray, paths: Sequence[str], dataset_root: str
     buf = io.BytesIO()
     canvas.save(buf, format="PNG", optimize=False)
     return buf.getvalue(), missing
-
-
-def render_scatter(xy: np.ndarray, labels: Sequence[Any] | None = None, title: str = "",
-                   size_px: int = 900, max_legend: int = 20) -> bytes:
-    """A scatter of ``xy`` (N, 2) coloured by label (grey for none), PNG bytes; matplotlib Agg, no pyplot state.
-
-    Up to ``max_legend`` labels get a legend; beyond that colours cycle through tab20 without one.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
-    from matplotlib.figure import Figure  # noqa: PLC0415
-    from matplotlib import colormaps  # noqa: PLC0415
-
-    xy = np.asarray(xy, np.float64)
-    n = len(xy)
-    labs = [None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in (labels if labels is not None else [None] * n)]
-    uniq = sorted({v for v in labs if v is not None})
-    cmap = colormaps["tab10" if len(uniq) <= 10 else "tab20"]
-    dpi = 100
-    fig = Figure(figsize=(size_px / dpi, size_px / dpi), dpi=dpi)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    s = float(np.clip(20000.0 / max(n, 1), 1.0, 30.0))
-    lab_arr = np.array(labs, object)
-    none_mask = np.array([v is None for v in labs], bool)
-    if none_mask.any():
-        ax.scatter(xy[none_mask, 0], xy[none_mask, 1], s=s, c="#999999", linewidths=0, alpha=0.7, label="(no label)")
-    for j, name in enumerate(uniq):
-        m = lab_arr == name
-        ax.scatter(xy[m, 0], xy[m, 1], s=s, color=cmap(j % cmap.N), linewidths=0, alpha=0.8, label=name)
-    if 0 < len(uniq) <= max_legend:
-        ax.legend(loc="best", fontsize=8, markerscale=max(1.0, 6.0 / math.sqrt(s)), frameon=True)
-    ax.set_aspect("equal", adjustable="datalim")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
 
 
 def grid_names(rows: int, cols: int) -> tuple[str, str]:
@@ -296,8 +253,8 @@ def make_grid(store: str | os.PathLike[str], map_id: str | None = None, size: st
     from storage.errors import StoreError  # noqa: PLC0415
     from storage.locks import artefact_lock  # noqa: PLC0415
     from storage.manifest import file_entry, read_manifest, safe_member, utc_now, verify_files, write_manifest  # noqa: PLC0415
+    from storage.maps import read_coords, resolve_map  # noqa: PLC0415
     from storage.paths import Store  # noqa: PLC0415
-    from tasks.maps.projection import read_coords, resolve_map  # noqa: PLC0415
 
     aid, manifest = resolve_map(store, map_id, method=None if map_id else "tsne")
     adir = Store(store).artefact_dir("maps", aid)

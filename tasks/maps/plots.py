@@ -17,9 +17,9 @@ def render_scatter(xy: np.ndarray, labels: Sequence[Any] | None = None, title: s
 
     Up to ``max_legend`` labels get a legend; beyond that colours cycle through tab20 without one.
     """
+    from matplotlib import colormaps  # noqa: PLC0415
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
     from matplotlib.figure import Figure  # noqa: PLC0415
-    from matplotlib import colormaps  # noqa: PLC0415
 
     xy = np.asarray(xy, np.float64)
     n = len(xy)

@@ -20,9 +20,8 @@ The layout is documented in ``docs/maps.md``.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,10 +29,11 @@ import numpy as np
 import pandas as pd
 
 from storage.atomic import atomic_write_bytes
-from storage.errors import ChecksumError, StoreError
+from storage.errors import StoreError, UsageError
 from storage.features import iter_feature_batches
 from storage.locks import artefact_lock
-from storage.manifest import CODE_VERSION, MANIFEST_NAME, file_entry, read_manifest, safe_member, write_manifest
+from storage.manifest import CODE_VERSION, MANIFEST_NAME, file_entry, read_manifest, write_manifest
+from storage.maps import COORDS_NAME
 from storage.paths import Store, artefact_id
 
 __all__ = [
@@ -53,15 +53,11 @@ __all__ = [
     "MapConfig",
     "map_key",
     "build_map",
-    "read_coords",
-    "resolve_map",
-    "config_dict",
 ]
 
 log = logging.getLogger(__name__)
 
 MAP_FORMAT = 1  # bump when the stored layout or the maths behind it changes (part of every map's cache key)
-COORDS_NAME = "coords.parquet"
 SCATTER_NAME = "scatter.png"
 _AXES = ("x", "y", "z")
 _EXACT_PCA_MAX_DIM = 4096          # exact (covariance) PCA up to this D: the D x D float64 matrix is <= 128 MiB
@@ -79,7 +75,7 @@ def check_finite(x: np.ndarray, what: str = "features", paths: Sequence[str] | N
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
         where = f" (first: {paths[first]!r})" if paths is not None else f" (first: row {first})"
-        raise ValueError(
+        raise UsageError(
             f"{int(bad.sum())} of {len(x)} {what} rows contain NaN or Inf{where}; a map cannot be computed from them. "
             "Re-extract the features (check the model/weights, e.g. fp16 overflow) or drop those images"
         )
@@ -88,9 +84,9 @@ def check_finite(x: np.ndarray, what: str = "features", paths: Sequence[str] | N
 def clamp_perplexity(perplexity: float, n: int) -> tuple[float, int]:
     """``(effective perplexity, k neighbours)`` for ``n`` points: perplexity <= (n - 1) / 3, k = min(n - 1, 3 P)."""
     if not perplexity > 0:
-        raise ValueError(f"perplexity must be > 0, got {perplexity}")
+        raise UsageError(f"perplexity must be > 0, got {perplexity}")
     if n < 4:
-        raise ValueError(f"t-SNE needs at least 4 points, got {n}; use --method pca for so few images")
+        raise UsageError(f"t-SNE needs at least 4 points, got {n}; use --method pca for so few images")
     eff = min(float(perplexity), (n - 1) / 3.0)
     k = int(min(n - 1, max(1, int(3 * eff))))
     return eff, k
@@ -153,7 +149,7 @@ class PCAAccumulator:
     def add(self, batch: np.ndarray) -> None:
         b = np.asarray(batch, np.float64)
         if b.ndim != 2 or b.shape[1] != self.dim:
-            raise ValueError(f"expected a (n, {self.dim}) batch, got shape {b.shape}")
+            raise UsageError(f"expected a (n, {self.dim}) batch, got shape {b.shape}")
         if not len(b):
             return
         if self.shift is None:
@@ -165,10 +161,10 @@ class PCAAccumulator:
 
     def result(self, n_components: int) -> PCAResult:
         if self.n < 2:
-            raise ValueError(f"PCA needs at least 2 rows, got {self.n}")
+            raise UsageError(f"PCA needs at least 2 rows, got {self.n}")
         k = int(n_components)
         if not 1 <= k <= min(self.n, self.dim):
-            raise ValueError(f"n_components={k} must be between 1 and min(rows, dim) = {min(self.n, self.dim)}")
+            raise UsageError(f"n_components={k} must be between 1 and min(rows, dim) = {min(self.n, self.dim)}")
         from scipy.linalg import eigh  # noqa: PLC0415
 
         m = self.s1 / self.n
@@ -188,7 +184,7 @@ def _randomized_pca(x: np.ndarray, k: int, seed: int, n_total: int | None = None
     from sklearn.decomposition import PCA  # noqa: PLC0415
 
     if len(x) < 2:
-        raise ValueError(f"PCA needs at least 2 rows, got {len(x)}")
+        raise UsageError(f"PCA needs at least 2 rows, got {len(x)}")
     k = min(k, len(x), x.shape[1])
     pca = PCA(n_components=k, svd_solver="randomized", random_state=seed).fit(np.asarray(x, np.float64))
     total = float(np.var(np.asarray(x, np.float64), axis=0, ddof=1).sum())
@@ -201,7 +197,7 @@ def _randomized_pca(x: np.ndarray, k: int, seed: int, n_total: int | None = None
 def choose_pca_solver(solver: str, n: int, d: int) -> str:
     """``exact`` for D <= 4096 while N * D^2 stays moderate, else ``randomized`` (on a row sample)."""
     if solver not in ("auto", "exact", "randomized"):
-        raise ValueError(f"PCA solver must be auto, exact or randomized, got {solver!r}")
+        raise UsageError(f"PCA solver must be auto, exact or randomized, got {solver!r}")
     if solver != "auto":
         return solver
     return "exact" if d <= _EXACT_PCA_MAX_DIM and float(n) * d * d <= _EXACT_PCA_MAX_FLOPS else "randomized"
@@ -215,7 +211,7 @@ def fit_pca(x: np.ndarray, n_components: int, solver: str = "exact", seed: int =
     """
     x = np.asarray(x)
     if x.ndim != 2:
-        raise ValueError(f"expected a (N, D) matrix, got shape {x.shape}")
+        raise UsageError(f"expected a (N, D) matrix, got shape {x.shape}")
     check_finite(x)
     solver = choose_pca_solver(solver, *x.shape)
     if solver == "randomized":
@@ -302,10 +298,10 @@ def tsne_embed(x: np.ndarray, dim: int = 2, perplexity: float = 30.0, seed: int 
 
     x = np.ascontiguousarray(x, np.float32)
     if x.ndim != 2:
-        raise ValueError(f"expected a (N, d) matrix, got shape {x.shape}")
+        raise UsageError(f"expected a (N, d) matrix, got shape {x.shape}")
     check_finite(x, "t-SNE input")
     if dim < 1:
-        raise ValueError(f"dim must be >= 1, got {dim}")
+        raise UsageError(f"dim must be >= 1, got {dim}")
     n = len(x)
     rng = np.random.default_rng(seed)
     if n > max_fit:
@@ -328,7 +324,7 @@ def tsne_embed(x: np.ndarray, dim: int = 2, perplexity: float = 30.0, seed: int 
     else:
         init = np.asarray(init, np.float64)
         if init.shape != (n, dim):
-            raise ValueError(f"init must have shape {(n, dim)}, got {init.shape}")
+            raise UsageError(f"init must have shape {(n, dim)}, got {init.shape}")
         init_full = init[fit_idx]
     if init_full.shape[1] < dim:  # fewer input dims than map dims: pad with tiny seeded noise
         pad = rng.normal(0, 1e-4, (len(xf), dim - init_full.shape[1]))
@@ -463,19 +459,19 @@ class MapConfig:
 
     def validate(self) -> None:
         if self.method not in ("pca", "tsne"):
-            raise ValueError(f"--method must be pca or tsne, got {self.method!r}")
+            raise UsageError(f"--method must be pca or tsne, got {self.method!r}")
         if self.dim not in (2, 3):
-            raise ValueError(f"--dim must be 2 or 3 for a map, got {self.dim}")
+            raise UsageError(f"--dim must be 2 or 3 for a map, got {self.dim}")
         if self.pca_first < 0:
-            raise ValueError(f"--pca-first must be >= 0 (0 = no PCA before t-SNE), got {self.pca_first}")
+            raise UsageError(f"--pca-first must be >= 0 (0 = no PCA before t-SNE), got {self.pca_first}")
         if self.method == "tsne" and 0 < self.pca_first < self.dim:
-            raise ValueError(f"--pca-first {self.pca_first} is smaller than --dim {self.dim}")
+            raise UsageError(f"--pca-first {self.pca_first} is smaller than --dim {self.dim}")
         if not self.perplexity > 0:
-            raise ValueError(f"--perplexity must be > 0, got {self.perplexity}")
+            raise UsageError(f"--perplexity must be > 0, got {self.perplexity}")
         if self.max_fit < 10:
-            raise ValueError(f"max_fit must be >= 10, got {self.max_fit}")
+            raise UsageError(f"max_fit must be >= 10, got {self.max_fit}")
         if self.quality_sample < 0 or self.quality_k < 1:
-            raise ValueError("quality_sample must be >= 0 and quality_k >= 1")
+            raise UsageError("quality_sample must be >= 0 and quality_k >= 1")
         choose_pca_solver(self.pca_solver, 1, 1)
 
 
@@ -488,36 +484,6 @@ def map_key(cfg: MapConfig, source_id: str, source_manifest: dict[str, Any]) -> 
                        "n_jobs": cfg.n_jobs})
     return {"source": source_id, "source_created": source_manifest.get("created"), "params": params,
             "map_format": MAP_FORMAT, "code_version": CODE_VERSION}
-
-
-def resolve_map(store: str | os.PathLike[str], map_id: str | None = None, method: str | None = None) -> tuple[str, dict[str, Any]]:
-    """A published map: ``map_id`` (or unique prefix), else the newest one (of ``method`` when given)."""
-    s = Store(store)
-    if map_id:
-        return s.resolve("maps", map_id)
-    items = [(aid, m) for aid, m in s.iter_artefacts("maps") if method is None or m.get("method") == method]
-    if not items:
-        what = f"{method} map" if method else "map"
-        raise StoreError(f"no published {what} in store {s.root}; run `convlens project --store {store} "
-                         f"--method {method or 'tsne'}` first")
-    return max(items, key=lambda it: (it[1].get("created", ""), it[0]))
-
-
-def read_coords(map_dir: str | os.PathLike[str], manifest: dict[str, Any] | None = None) -> pd.DataFrame:
-    """The map's coordinate table (checksum verified): ``row, image_id, path, label, x, y[, z]``."""
-    import pyarrow.parquet as pq  # noqa: PLC0415
-
-    from storage.atomic import sha256_file  # noqa: PLC0415
-
-    manifest = manifest or read_manifest(map_dir)
-    entry = next((f for f in manifest.get("files", []) if f.get("role") == "coords"), None)
-    if entry is None:
-        raise StoreError(f"map {map_dir} lists no coords file; rebuild it with `convlens project`")
-    path = safe_member(map_dir, entry["name"])
-    if not path.is_file() or sha256_file(path) != entry["sha256"]:
-        raise ChecksumError(f"{path} is missing or does not match its manifest sha256; rebuild the map "
-                            "with `convlens project ... --force`")
-    return pq.read_table(path).to_pandas()
 
 
 def _coords_parquet(meta: pd.DataFrame, coords: np.ndarray) -> bytes:
@@ -640,7 +606,7 @@ def build_map(cfg: MapConfig, progress: bool = False) -> dict[str, Any]:
     d = int(fman.get("dim", 0))
     min_rows = 4 if cfg.method == "tsne" else 2
     if n < min_rows:
-        raise ValueError(f"feature artefact {fid} has {n} rows; a {cfg.method} map needs at least {min_rows}")
+        raise UsageError(f"feature artefact {fid} has {n} rows; a {cfg.method} map needs at least {min_rows}")
     adir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with artefact_lock(adir):
@@ -678,7 +644,7 @@ def build_map(cfg: MapConfig, progress: bool = False) -> dict[str, Any]:
         atomic_write_bytes(adir / COORDS_NAME, _coords_parquet(meta, coords))
         files = [file_entry(adir, COORDS_NAME, role="coords", rows=n)]
         if cfg.scatter:
-            from tasks.maps.grid import render_scatter  # noqa: PLC0415
+            from tasks.maps.plots import render_scatter  # noqa: PLC0415
 
             title = f"{cfg.method.upper()} of {fman.get('model', {}).get('arch', '?')} {fman.get('layer', {}).get('name', '')}"
             png = render_scatter(coords[:, :2], labels, title=f"{title} ({n} images)")
@@ -730,7 +696,3 @@ def _quality(coords: np.ndarray, qfeats: np.ndarray, quality_idx: np.ndarray, fu
         out["knn_label_agreement_full"] = knn_label_agreement(coords, labels, kk, quality_idx, full_nbrs)
     return out
 
-
-def config_dict(cfg: MapConfig) -> dict[str, Any]:
-    """``asdict`` for logging / Prefect parameters."""
-    return asdict(cfg)

@@ -15,9 +15,20 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from storage.errors import UsageError
+from tasks.core.forward import pick_device
 from tasks.neurons.common import (
-    Source, forward_to, label_strip, load_images, open_source, pick_device, publish, select_rows, tile_grid, to_uint8,
-    write_png, write_table,
+    Source,
+    forward_to,
+    label_strip,
+    load_images,
+    open_source,
+    publish,
+    select_rows,
+    tile_grid,
+    to_uint8,
+    write_png,
+    write_table,
 )
 
 __all__ = ["activation_maps", "colormap", "activation_panel", "run_activations"]
@@ -31,7 +42,7 @@ def activation_maps(model: torch.nn.Module, x: torch.Tensor, layer: str) -> torc
     if a.dim() == 2:
         a = a[:, :, None, None]
     if a.dim() != 4:
-        raise ValueError(f"layer {layer!r} outputs shape {tuple(a.shape)}; activation maps need (N, C, h, w)")
+        raise UsageError(f"layer {layer!r} outputs shape {tuple(a.shape)}; activation maps need (N, C, h, w)")
     return a
 
 
@@ -72,11 +83,11 @@ def run_activations(store: str | Path, layer: str, features_id: str | None = Non
     net = src.wrapped(dev)
     if src.features_dir is not None:
         rows = select_rows(src.meta(), n_images, images)
-        files_in = [src.dataset_root / p for p in rows["path"]]
+        files_in = [src.image_file(p) for p in rows["path"]]
         ids, paths = list(rows["image_id"]), list(rows["path"])
     else:
         if not images:
-            raise ValueError("pass image files with --image when no feature artefact is used")
+            raise UsageError("pass image files with --image when no feature artefact is used")
         files_in = [Path(p) for p in images]
         ids, paths = [None] * len(files_in), [str(p) for p in files_in]
     params = {"layer": layer, "images": paths, "channels": list(channels) if channels else None, "max_channels": max_channels}
@@ -91,7 +102,7 @@ def run_activations(store: str | Path, layer: str, features_id: str | None = Non
             chans = list(channels) if channels else [int(c) for c in torch.argsort(means, descending=True)[:max_channels]]
             bad = [c for c in chans if not 0 <= c < a.shape[0]]
             if bad:
-                raise ValueError(f"channel {bad[0]} out of range: layer {layer} has {a.shape[0]} channels")
+                raise UsageError(f"channel {bad[0]} out of range: layer {layer} has {a.shape[0]} channels")
             name = f"act-{k:03d}.png"
             files.append(write_png(adir, name, activation_panel(x[k], a, chans), image_id=ids[k], path=paths[k]))
             pngs.append(name)

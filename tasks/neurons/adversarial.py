@@ -21,9 +21,20 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from storage.errors import UsageError
+from tasks.core.forward import pick_device
 from tasks.neurons.common import (
-    Normalised, Source, label_strip, load_images, open_source, pick_device, publish, resolve_class, select_rows, tile_grid,
-    to_uint8, write_png, write_table,
+    Source,
+    label_strip,
+    load_images,
+    open_source,
+    publish,
+    resolve_class,
+    select_rows,
+    tile_grid,
+    to_uint8,
+    write_png,
+    write_table,
 )
 
 __all__ = ["AdvConfig", "margin_loss", "fgsm", "pgd", "eps_grid", "min_flip_eps", "run_adversarial"]
@@ -43,7 +54,7 @@ class AdvConfig:
 def eps_grid(lo: float, hi: float, n: int) -> list[float]:
     """``n`` geometrically spaced eps values from ``lo`` to ``hi`` (pixel units)."""
     if not 0 < lo <= hi or n < 1:
-        raise ValueError(f"need 0 < eps_min <= eps_max and grid >= 1, got {lo}, {hi}, {n}")
+        raise UsageError(f"need 0 < eps_min <= eps_max and grid >= 1, got {lo}, {hi}, {n}")
     return [float(v) for v in np.geomspace(lo, hi, n)] if n > 1 else [hi]
 
 
@@ -104,7 +115,7 @@ def min_flip_eps(net: torch.nn.Module, x: torch.Tensor, cfg: AdvConfig = AdvConf
     adv (1,3,H,W) tensor or None}``.
     """
     if cfg.method not in ("fgsm", "pgd"):
-        raise ValueError(f"method must be fgsm or pgd, got {cfg.method!r}")
+        raise UsageError(f"method must be fgsm or pgd, got {cfg.method!r}")
     pred, prob = _predict(net, x)
     orig = int(pred[0])
     cls_val = target if target is not None else orig
@@ -166,15 +177,15 @@ def run_adversarial(store: str | Path, features_id: str | None = None, images: S
     mod = src.lm.module
     n_cls = [m for m in mod.modules() if isinstance(m, torch.nn.Linear)]
     if not n_cls:
-        raise ValueError("adversarial attacks need a classifier (a final nn.Linear)")
+        raise UsageError("adversarial attacks need a classifier (a final nn.Linear)")
     target = resolve_class(cfg.target, cats, n_cls[-1].out_features)[0] if cfg.target is not None else None
     if src.features_dir is not None:
         rows = select_rows(src.meta(), n_images, images)
-        files_in, ids, paths = [src.dataset_root / p for p in rows["path"]], list(rows["image_id"]), list(rows["path"])
+        files_in, ids, paths = [src.image_file(p) for p in rows["path"]], list(rows["image_id"]), list(rows["path"])
         labels = list(rows["label"])
     else:
         if not images:
-            raise ValueError("pass image files with --image when no feature artefact is used")
+            raise UsageError("pass image files with --image when no feature artefact is used")
         files_in, ids, paths, labels = [Path(p) for p in images], [None] * len(images), [str(p) for p in images], [None] * len(images)
     params = {**asdict(cfg), "target": target, "images": paths, "n_examples": n_examples}
 

@@ -23,9 +23,20 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
+from storage.errors import UsageError
+from tasks.core.forward import pick_device
 from tasks.neurons.common import (
-    Source, gaussian_blur, jitter_roll, label_strip, open_source, pick_device, publish, resolve_class, tile_grid, to_uint8,
-    write_png, write_table,
+    Source,
+    gaussian_blur,
+    jitter_roll,
+    label_strip,
+    open_source,
+    publish,
+    resolve_class,
+    tile_grid,
+    to_uint8,
+    write_png,
+    write_table,
 )
 
 __all__ = ["ClassVizConfig", "class_visualisation", "run_class_viz"]
@@ -47,12 +58,12 @@ class ClassVizConfig:
 
     def validate(self) -> None:
         if self.init not in ("zero", "noise"):
-            raise ValueError(f"init must be 'zero' or 'noise', got {self.init!r}")
+            raise UsageError(f"init must be 'zero' or 'noise', got {self.init!r}")
         if self.steps < 1 or self.size < 8:
-            raise ValueError("steps must be >= 1 and size >= 8 pixels")
+            raise UsageError("steps must be >= 1 and size >= 8 pixels")
         for name in ("clip_value_pct", "clip_grad_pct"):
             if not 0 <= getattr(self, name) < 100:
-                raise ValueError(f"{name} is a percentile in [0, 100), got {getattr(self, name)}")
+                raise UsageError(f"{name} is a percentile in [0, 100), got {getattr(self, name)}")
 
 
 def class_visualisation(model: torch.nn.Module, target: int, mean: Sequence[float], std: Sequence[float],
@@ -117,7 +128,7 @@ def run_class_viz(store: str | Path, targets: Sequence[int | str], features_id: 
     n_cls = _num_classes(mod)
     resolved = [resolve_class(t, src.categories, n_cls) for t in targets]
     if not resolved:
-        raise ValueError("pass at least one target class (--target INDEX|NAME)")
+        raise UsageError("pass at least one target class (--target INDEX|NAME)")
     params = {"targets": [i for i, _ in resolved], **asdict(cfg)}
 
     def build(adir: Path):
@@ -148,7 +159,7 @@ def _num_classes(mod: torch.nn.Module) -> int:
         if isinstance(m, torch.nn.Linear):
             last = m
     if last is None:
-        raise ValueError("class visualisation needs a classifier (a final nn.Linear)")
+        raise UsageError("class visualisation needs a classifier (a final nn.Linear)")
     return last.out_features
 
 

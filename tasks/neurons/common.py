@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from storage.atomic import atomic_write_bytes
-from storage.errors import StoreError
+from storage.errors import StoreError, UsageError
 from storage.features import read_meta, remove_garbage
 from storage.locks import artefact_lock
 from storage.manifest import CODE_VERSION, MANIFEST_NAME, file_entry, read_manifest, write_manifest
@@ -39,7 +39,6 @@ __all__ = [
     "Normalised",
     "Source",
     "open_source",
-    "pick_device",
     "load_images",
     "preprocess_pil",
     "to_uint8",
@@ -49,10 +48,8 @@ __all__ = [
     "png_bytes",
     "write_png",
     "write_table",
-    "read_table",
     "publish",
     "forward_to",
-    "layer_output",
     "default_conv_layer",
     "conv_layers",
     "gaussian_blur",
@@ -69,15 +66,6 @@ log = logging.getLogger(__name__)
 
 # Bump when a technique's maths or stored layout changes: it is part of every artefact id.
 NEURONS_VERSION = 2
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when present, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for but no CUDA device is available; use --device cpu")
-    return torch.device(device)
 
 
 class Normalised(nn.Module):
@@ -121,13 +109,8 @@ def forward_to(model: nn.Module, x: torch.Tensor, ref: LayerRef | str, grad: boo
         finally:
             handle.remove()
     if ref.alias not in acts:
-        raise ValueError(f"layer {ref.name!r} was not reached by the forward pass; pick another layer")
+        raise UsageError(f"layer {ref.name!r} was not reached by the forward pass; pick another layer")
     return acts[ref.alias]
-
-
-def layer_output(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
-    """Activation of ``layer`` for ``x``, keeping the graph (shorthand for ``forward_to(..., grad=True)``)."""
-    return forward_to(model, x, layer, grad=True)
 
 
 def conv_layers(model: nn.Module) -> list[str]:
@@ -143,7 +126,7 @@ def default_conv_layer(model: nn.Module, fraction: float = 0.6) -> str:
         return f"features.{min(len(feats) - 1, int(round(fraction * (len(feats) - 1))))}"
     convs = conv_layers(model)
     if not convs:
-        raise ValueError("the model has no Conv2d layer; pass --layer explicitly")
+        raise UsageError("the model has no Conv2d layer; pass --layer explicitly")
     return convs[min(len(convs) - 1, int(round(fraction * (len(convs) - 1))))]
 
 
@@ -153,7 +136,7 @@ def default_conv_layer(model: nn.Module, fraction: float = 0.6) -> str:
 @dataclass
 class Source:
     """What a technique runs on: a loaded model (+ its preprocessing) and optionally a feature artefact
-    whose images (``dataset_root / path``) are the image set."""
+    whose images (``dataset_root`` + ``path``, local or URL) are the image set."""
 
     lm: LoadedModel
     preprocess: Preprocess
@@ -182,14 +165,21 @@ class Source:
     def meta(self) -> pd.DataFrame:
         """The feature artefact's rows (image_id, path, label, split, ...); raises if there is none."""
         if self.features_dir is None:
-            raise ValueError("this technique needs images: pass --features ID (a feature artefact) or --image PATH")
+            raise UsageError("this technique needs images: pass --features ID (a feature artefact) or --image PATH")
         return read_meta(self.features_dir, self.features_manifest)
 
     @property
-    def dataset_root(self) -> Path:
+    def dataset_root(self) -> str:
+        """The feature artefact's dataset root: a local folder or an fsspec URL."""
         if self.features_manifest is None:
-            raise ValueError("no feature artefact given")
-        return Path(self.features_manifest["dataset_root"])
+            raise UsageError("no feature artefact given")
+        return str(self.features_manifest["dataset_root"])
+
+    def image_file(self, rel: str) -> str:
+        """Where the stored image ``rel`` (a feature-table path) lives (:func:`tasks.core.images.stored_image_location`)."""
+        from tasks.core.images import stored_image_location
+
+        return stored_image_location(self.dataset_root, rel)
 
     @property
     def categories(self) -> list[str] | None:
@@ -229,13 +219,13 @@ def select_rows(meta: pd.DataFrame, n: int | None = None, paths: Sequence[str] |
     if paths:
         missing = [p for p in paths if p not in set(meta["path"])]
         if missing:
-            raise ValueError(f"{len(missing)} image path(s) are not in the feature artefact, e.g. {missing[0]!r}; "
+            raise UsageError(f"{len(missing)} image path(s) are not in the feature artefact, e.g. {missing[0]!r}; "
                              "paths are relative to the dataset root")
         return meta.set_index("path").loc[list(paths)].reset_index()
     if n is None or n >= len(meta):
         return meta
     if n < 1:
-        raise ValueError(f"number of images must be >= 1, got {n}")
+        raise UsageError(f"number of images must be >= 1, got {n}")
     idx = np.unique(np.linspace(0, len(meta) - 1, n).round().astype(int))
     return meta.iloc[idx].reset_index(drop=True)
 
@@ -246,7 +236,7 @@ def select_rows(meta: pd.DataFrame, n: int | None = None, paths: Sequence[str] |
 def preprocess_pil(img, pre: Preprocess, size: int | None = None) -> torch.Tensor:
     """PIL RGB -> ``(3, S, S) float32 in [0, 1]``: the model's resize + centre crop, or a plain square
     resize + crop to ``size`` pixels when given."""
-    from tasks.extract.features import preprocess_uint8
+    from tasks.core.forward import preprocess_uint8
 
     if size is not None:
         pre = Preprocess(resize=size, crop=size, mean=pre.mean, std=pre.std, interpolation=pre.interpolation)
@@ -258,17 +248,17 @@ def load_images(paths: Sequence[str | Path], pre: Preprocess, size: int | None =
 
     Raises ``ValueError`` naming a file that cannot be decoded.
     """
-    from tasks.core.images import RejectedImage, decode_image, read_file_bytes
+    from tasks.core.images import REOPEN_LIMITS, RejectedImage, decode_image, read_file_bytes
 
     out = []
     for p in paths:
         try:
-            img = decode_image(read_file_bytes(p), str(p))
+            img = decode_image(read_file_bytes(p, REOPEN_LIMITS), str(p), REOPEN_LIMITS)
         except RejectedImage as exc:
-            raise ValueError(f"cannot use image {p}: {exc}") from None
+            raise UsageError(f"cannot use image {p}: {exc}") from None
         out.append(preprocess_pil(img, pre, size))
     if not out:
-        raise ValueError("no images given")
+        raise UsageError("no images given")
     return torch.stack(out)
 
 
@@ -303,7 +293,7 @@ def tile_grid(tiles: Sequence[np.ndarray], ncol: int, pad: int = 2, pad_value: i
     from PIL import Image
 
     if not tiles:
-        raise ValueError("no tiles to arrange")
+        raise UsageError("no tiles to arrange")
     th, tw = tile_size or tiles[0].shape[:2]
     ncol = max(1, min(ncol, len(tiles)))
     nrow = math.ceil(len(tiles) / ncol)
@@ -349,19 +339,6 @@ def write_table(adir: Path, name: str, df: pd.DataFrame, **extra: Any) -> dict[s
     pq.write_table(pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False), sink, compression="zstd")
     atomic_write_bytes(Path(adir) / name, sink.getvalue().to_pybytes())
     return file_entry(adir, name, role="table", rows=int(len(df)), **extra)
-
-
-def read_table(adir: str | Path, manifest: dict[str, Any] | None = None, name: str | None = None) -> pd.DataFrame:
-    """Read a neurons artefact's table (the first ``role == "table"`` file, or ``name``), sha256-checked."""
-    from storage.manifest import verify_files
-
-    adir = Path(adir)
-    manifest = manifest or read_manifest(adir)
-    entries = [f for f in manifest.get("files", []) if (f["name"] == name if name else f.get("role") == "table")]
-    if not entries:
-        raise StoreError(f"{adir} lists no table{' ' + name if name else ''}")
-    verify_files(adir, {"files": entries})
-    return pd.read_parquet(adir / entries[0]["name"])
 
 
 def publish(store: str | Path, technique: str, readable: str, key: dict[str, Any],
@@ -433,23 +410,23 @@ def resolve_class(target: int | str, categories: Sequence[str] | None, num_class
         target = int(target)
     if isinstance(target, int):
         if not 0 <= target < num_classes:
-            raise ValueError(f"class index {target} is out of range [0, {num_classes})")
+            raise UsageError(f"class index {target} is out of range [0, {num_classes})")
         return target, (categories[target] if categories and target < len(categories) else str(target))
     if not categories:
-        raise ValueError(f"class {target!r} given by name but the model has no category names; pass an index")
+        raise UsageError(f"class {target!r} given by name but the model has no category names; pass an index")
     low = [c.lower() for c in categories]
     t = target.lower().strip()
     if t in low:
         i = low.index(t)
         return i, categories[i]
     close = [c for c in categories if t in c.lower()][:5]
-    raise ValueError(f"unknown class {target!r}" + (f"; did you mean {', '.join(close)}?" if close else "; pass an index"))
+    raise UsageError(f"unknown class {target!r}" + (f"; did you mean {', '.join(close)}?" if close else "; pass an index"))
 
 
 def stack_panels(panels: Sequence[np.ndarray], axis: int = 0, pad: int = 4) -> np.ndarray:
     """Stack ``(h,w,3) uint8`` panels vertically (``axis=0``) or horizontally (``axis=1``), padding with white."""
     if not panels:
-        raise ValueError("no panels to stack")
+        raise UsageError("no panels to stack")
     other = 1 - axis
     size = max(p.shape[other] for p in panels)
     out = []

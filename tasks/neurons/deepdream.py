@@ -16,9 +16,22 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from storage.errors import UsageError
+from tasks.core.forward import pick_device
 from tasks.neurons.common import (
-    Normalised, Source, forward_to, jitter_roll, label_strip, load_images, open_source, pick_device, publish, select_rows,
-    tile_grid, to_uint8, write_png, write_table,
+    Normalised,
+    Source,
+    forward_to,
+    jitter_roll,
+    label_strip,
+    load_images,
+    open_source,
+    publish,
+    select_rows,
+    tile_grid,
+    to_uint8,
+    write_png,
+    write_table,
 )
 
 __all__ = ["DreamConfig", "deepdream", "run_deepdream"]
@@ -40,7 +53,7 @@ def deepdream(net: Normalised, x: torch.Tensor, layer: str, cfg: DreamConfig = D
     """Dream on ``x (1,3,H,W)`` in [0,1]. Returns ``(dream (3,H,W) in [0,1], history)`` with rows
     octave, step, size (pixels), objective (before the step)."""
     if cfg.octaves < 1 or cfg.steps_per_octave < 1 or cfg.octave_scale <= 1:
-        raise ValueError("need octaves >= 1, steps_per_octave >= 1 and octave_scale > 1")
+        raise UsageError("need octaves >= 1, steps_per_octave >= 1 and octave_scale > 1")
     g = torch.Generator().manual_seed(cfg.seed)
     h, w = x.shape[2:]
     sizes = [(max(8, int(round(h / cfg.octave_scale ** o))), max(8, int(round(w / cfg.octave_scale ** o))))
@@ -58,7 +71,7 @@ def deepdream(net: Normalised, x: torch.Tensor, layer: str, cfg: DreamConfig = D
             a = forward_to(net, xj, layer, grad=True).float()
             if cfg.channel is not None:
                 if not 0 <= cfg.channel < a.shape[1]:
-                    raise ValueError(f"channel {cfg.channel} out of range: {layer} has {a.shape[1]} channels")
+                    raise UsageError(f"channel {cfg.channel} out of range: {layer} has {a.shape[1]} channels")
                 a = a[:, cfg.channel]
             obj = 0.5 * a.pow(2).mean()
             grad, = torch.autograd.grad(obj, xj)
@@ -84,10 +97,10 @@ def run_deepdream(store: str | Path, layer: str, features_id: str | None = None,
     src = source or open_source(store, features_id, model, weights)
     if src.features_dir is not None:
         rows = select_rows(src.meta(), n_images, images)
-        files_in, ids, paths = [src.dataset_root / p for p in rows["path"]], list(rows["image_id"]), list(rows["path"])
+        files_in, ids, paths = [src.image_file(p) for p in rows["path"]], list(rows["image_id"]), list(rows["path"])
     else:
         if not images:
-            raise ValueError("pass image files with --image when no feature artefact is used")
+            raise UsageError("pass image files with --image when no feature artefact is used")
         files_in, ids, paths = [Path(p) for p in images], [None] * len(images), [str(p) for p in images]
     params = {"layer": layer, "images": paths, **asdict(cfg)}
 

@@ -50,7 +50,8 @@ def run_default_neurons(store: str | Path, features_id: str | None = None, devic
         timed("class_viz", lambda: run_class_viz(store, [target], cfg=viz, device=device, source=src), classes=None)
         confident = None
         if "prob_top5" in meta.columns and len(meta):
-            m2 = meta.drop_duplicates("image_id").assign(p1=[float(p[0]) if p is not None else 0.0 for p in meta.drop_duplicates("image_id")["prob_top5"]])
+            uniq = meta.drop_duplicates("image_id")
+            m2 = uniq.assign(p1=[float(p[0]) if p is not None else 0.0 for p in uniq["prob_top5"]])
             confident = list(m2.sort_values(["p1", "path"], ascending=[False, True])["path"].iloc[:1])
         # PGD: one-step FGSM often fails on confidently classified images (its linearisation misleads)
         adv = AdvConfig(method="pgd", grid=4, steps=3, eps_min=0.25 / 255, eps_max=4 / 255)

@@ -15,12 +15,22 @@ import pandas as pd
 import torch
 
 from storage.atomic import sha256_file
+from storage.errors import UsageError
+from tasks.core.forward import pick_device
 from tasks.core.models import load_model
 from tasks.neurons.common import (
-    Normalised, Source, default_conv_layer, label_strip, open_source, pick_device, preprocess_pil, publish, stack_panels,
-    write_png, write_table,
+    Normalised,
+    Source,
+    default_conv_layer,
+    label_strip,
+    open_source,
+    preprocess_pil,
+    publish,
+    stack_panels,
+    write_png,
+    write_table,
 )
-from tasks.neurons.filters import conv_weight, filter_grid, channel_grid, first_conv_layer
+from tasks.neurons.filters import channel_grid, conv_weight, filter_grid, first_conv_layer
 from tasks.neurons.max_activations import _decode, hits_table, max_activation_pass, patch_grid
 from tasks.neurons.receptive_field import receptive_field
 
@@ -39,13 +49,13 @@ def run_evolution(store: str | Path, checkpoints: Sequence[str], arch: str | Non
     (:func:`tasks.neurons.max_activations.hits_table` columns) plus checkpoint (index) and checkpoint_label.
     """
     if len(checkpoints) < 1:
-        raise ValueError("pass at least one --checkpoint file (two or more to see an evolution)")
+        raise UsageError("pass at least one --checkpoint file (two or more to see an evolution)")
     for c in checkpoints:
         if not Path(c).is_file():
-            raise ValueError(f"checkpoint {c} does not exist")
+            raise UsageError(f"checkpoint {c} does not exist")
     labels = list(labels) if labels else [Path(c).stem for c in checkpoints]
     if len(labels) != len(checkpoints):
-        raise ValueError("give one label per checkpoint")
+        raise UsageError("give one label per checkpoint")
     src = source or open_source(store, features_id, need_features=True)
     arch = arch or src.lm.spec.get("arch")
     meta = src.meta().drop_duplicates("image_id").sort_values("path").reset_index(drop=True)
@@ -58,7 +68,7 @@ def run_evolution(store: str | Path, checkpoints: Sequence[str], arch: str | Non
     def build(adir: Path):
         dev = pick_device(device)
         files, tables, rows = [], [], []
-        files_in = [src.dataset_root / p for p in meta["path"]]
+        files_in = [src.image_file(p) for p in meta["path"]]
         crop_cache: dict[str, torch.Tensor] = {}
         used_layer = used_filter = None
         for i, (ck, lab) in enumerate(zip(checkpoints, labels)):
@@ -76,7 +86,7 @@ def run_evolution(store: str | Path, checkpoints: Sequence[str], arch: str | Non
                                                        rf=rf, min_inside=0.5)
             bad = [c for c in channels if not 0 <= c < top.values.shape[0]]
             if bad:
-                raise ValueError(f"channel {bad[0]} out of range: {used_layer} has {top.values.shape[0]} channels")
+                raise UsageError(f"channel {bad[0]} out of range: {used_layer} has {top.values.shape[0]} channels")
             hits = hits_table(top, used_layer, rf, src.preprocess.crop, list(meta["image_id"]), list(meta["path"]),
                               list(meta["label"]))
             hits.insert(0, "checkpoint_label", lab)
@@ -84,7 +94,7 @@ def run_evolution(store: str | Path, checkpoints: Sequence[str], arch: str | Non
             tables.append(hits)
             for p in sorted(set(hits[hits["channel"].isin(list(channels))]["path"])):
                 if p not in crop_cache:
-                    crop_cache[p] = preprocess_pil(_decode(src.dataset_root / p), src.preprocess)
+                    crop_cache[p] = preprocess_pil(_decode(src.image_file(p)), src.preprocess)
             pimg = patch_grid(hits, list(channels), crop_cache, rf, k, 48)
             row = label_strip(stack_panels([fimg, pimg], axis=1, pad=12), f"{lab}: filters {used_filter} | patches {used_layer}")
             name = f"evolution-{i:02d}.png"

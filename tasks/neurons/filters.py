@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from storage.errors import UsageError
 from tasks.neurons.common import Source, normalise_each, open_source, publish, tile_grid, to_uint8, write_png, write_table
 
 __all__ = ["first_conv_layer", "conv_weight", "filter_tiles", "filter_grid", "channel_grid", "filter_stats", "run_filters"]
@@ -29,19 +30,19 @@ def first_conv_layer(model: nn.Module) -> str:
     for n, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             return n
-    raise ValueError("the model has no Conv2d layer")
+    raise UsageError("the model has no Conv2d layer")
 
 
 def conv_weight(model: nn.Module, layer: str) -> torch.Tensor:
     """Weight ``(C_out, C_in/groups, kh, kw) float32`` of Conv2d ``layer`` (a container resolves to its first conv)."""
     mods = dict(model.named_modules())
     if layer not in mods:
-        raise ValueError(f"unknown layer {layer!r}; pass a Conv2d module name (e.g. {first_conv_layer(model)})")
+        raise UsageError(f"unknown layer {layer!r}; pass a Conv2d module name (e.g. {first_conv_layer(model)})")
     m = mods[layer]
     if not isinstance(m, nn.Conv2d):
         convs = [c for c in m.modules() if isinstance(c, nn.Conv2d)]
         if not convs:
-            raise ValueError(f"layer {layer!r} is a {type(m).__name__}, not a Conv2d, and holds none")
+            raise UsageError(f"layer {layer!r} is a {type(m).__name__}, not a Conv2d, and holds none")
         m = convs[0]
     return m.weight.detach().float().cpu()
 
@@ -49,7 +50,7 @@ def conv_weight(model: nn.Module, layer: str) -> torch.Tensor:
 def filter_tiles(weight: torch.Tensor, upscale: int = 0) -> list[np.ndarray]:
     """``(O, 3, kh, kw)`` -> O RGB tiles ``(kh*u, kw*u, 3) uint8``, min-max normalised per filter."""
     if weight.dim() != 4 or weight.shape[1] != 3:
-        raise ValueError(f"an RGB filter grid needs weights (O, 3, kh, kw), got {tuple(weight.shape)}; use channel_grid")
+        raise UsageError(f"an RGB filter grid needs weights (O, 3, kh, kw), got {tuple(weight.shape)}; use channel_grid")
     w = normalise_each(weight)
     u = upscale or max(1, 32 // max(weight.shape[2:]))
     w = w.repeat_interleave(u, dim=2).repeat_interleave(u, dim=3)

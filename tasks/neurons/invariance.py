@@ -16,9 +16,19 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
+from storage.errors import UsageError
+from tasks.core.forward import pick_device
 from tasks.core.hooks import capture, resolve_layer
 from tasks.neurons.common import (
-    Normalised, Source, line_chart, load_images, open_source, pick_device, publish, select_rows, stack_panels, write_png,
+    Normalised,
+    Source,
+    line_chart,
+    load_images,
+    open_source,
+    publish,
+    select_rows,
+    stack_panels,
+    write_png,
     write_table,
 )
 
@@ -38,11 +48,11 @@ def transform_image(x: torch.Tensor, kind: str, value: float) -> torch.Tensor:
     from torchvision.transforms import functional as TF
 
     if kind not in _IDENTITY:
-        raise ValueError(f"unknown transform {kind!r}; expected translate, scale or rotate")
+        raise UsageError(f"unknown transform {kind!r}; expected translate, scale or rotate")
     if float(value) == _IDENTITY[kind]:
         return x
     if kind == "scale" and value <= 0:
-        raise ValueError("scale factors must be > 0")
+        raise UsageError("scale factors must be > 0")
     args = {"angle": 0.0, "translate": [0, 0], "scale": 1.0, "shear": [0.0, 0.0]}
     if kind == "translate":
         args["translate"] = [int(round(value)), 0]
@@ -102,7 +112,7 @@ def run_invariance(store: str | Path, features_id: str | None = None, layer: str
     def build(adir: Path):
         dev = pick_device(device)
         net = src.wrapped(dev)
-        x = load_images([src.dataset_root / p for p in rows["path"]], src.preprocess).to(dev)
+        x = load_images([src.image_file(p) for p in rows["path"]], src.preprocess).to(dev)
         df = invariance_curves(net, x, layer, transforms)
         df.insert(0, "layer", ref.name)
         df.insert(0, "label", [rows["label"].iloc[i] for i in df["image"]])

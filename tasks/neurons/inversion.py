@@ -16,9 +16,22 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
+from storage.errors import UsageError
+from tasks.core.forward import pick_device
 from tasks.neurons.common import (
-    Normalised, Source, forward_to, label_strip, load_images, open_source, pick_device, publish, select_rows, tile_grid,
-    to_uint8, total_variation, write_png, write_table,
+    Normalised,
+    Source,
+    forward_to,
+    label_strip,
+    load_images,
+    open_source,
+    publish,
+    select_rows,
+    tile_grid,
+    to_uint8,
+    total_variation,
+    write_png,
+    write_table,
 )
 
 __all__ = ["InversionConfig", "invert_features", "run_inversion"]
@@ -42,7 +55,7 @@ def invert_features(net: Normalised, x0: torch.Tensor, layer: str, cfg: Inversio
     feature_distance (relative squared distance ‖φ(x)−φ(x0)‖²/‖φ(x0)‖² before the step), tv, loss.
     """
     if cfg.steps < 1:
-        raise ValueError("steps must be >= 1")
+        raise UsageError("steps must be >= 1")
     dev = x0.device
     with torch.no_grad():
         target = forward_to(net, x0, layer).float()
@@ -78,14 +91,14 @@ def run_inversion(store: str | Path, layers: Sequence[str], features_id: str | N
     ``inversion.parquet``: image_id, path, layer, step, feature_distance, tv, loss.
     """
     if not layers:
-        raise ValueError("pass at least one --layer to invert")
+        raise UsageError("pass at least one --layer to invert")
     src = source or open_source(store, features_id, model, weights)
     if src.features_dir is not None:
         rows = select_rows(src.meta(), n_images, images)
-        files_in, ids, paths = [src.dataset_root / p for p in rows["path"]], list(rows["image_id"]), list(rows["path"])
+        files_in, ids, paths = [src.image_file(p) for p in rows["path"]], list(rows["image_id"]), list(rows["path"])
     else:
         if not images:
-            raise ValueError("pass image files with --image when no feature artefact is used")
+            raise UsageError("pass image files with --image when no feature artefact is used")
         files_in, ids, paths = [Path(p) for p in images], [None] * len(images), [str(p) for p in images]
     params = {"layers": list(layers), "images": paths, **asdict(cfg)}
 

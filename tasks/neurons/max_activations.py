@@ -1,6 +1,6 @@
 """Max-activating images and patches per channel over a whole dataset (Zeiler & Fergus, CS231n).
 
-One streamed pass over a feature artefact's images (``dataset_root / path``, decoded with
+One streamed pass over a feature artefact's images (``dataset_root`` + ``path``, local or fsspec URL, decoded with
 :func:`tasks.core.images.decode_image`, preprocessed with the artefact's own resize + centre crop): the forward pass
 stops at the layer, each channel's spatial maximum and its location are taken per image, and a running top-k
 per channel is merged batch by batch. Memory: O(k x channels) for the running top-k plus O(batch x layer
@@ -24,10 +24,21 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from storage.errors import UsageError
+from tasks.core.forward import pick_device
 from tasks.core.models import Preprocess
 from tasks.neurons.common import (
-    Normalised, Source, forward_to, label_strip, open_source, pick_device, preprocess_pil, publish, tile_grid, to_uint8,
-    write_png, write_table,
+    Normalised,
+    Source,
+    forward_to,
+    label_strip,
+    open_source,
+    preprocess_pil,
+    publish,
+    tile_grid,
+    to_uint8,
+    write_png,
+    write_table,
 )
 from tasks.neurons.receptive_field import ReceptiveField, receptive_field
 
@@ -58,7 +69,6 @@ class TopK:
         if valid is not None and not bool(valid.all()):
             act = act.masked_fill(~valid.to(act.device), float("-inf"))
         vals, idx = act.reshape(b, c, h * w).max(dim=2)  # (B, C)
-        k = self.values.shape[1]
         all_v = torch.cat([self.values, vals.t().float().cpu()], dim=1)
         all_r = torch.cat([self.rows, rows.view(1, b).expand(c, b).cpu()], dim=1)
         idx = idx.t().cpu()
@@ -93,11 +103,12 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        from tasks.extract.features import preprocess_uint8
-        from tasks.core.images import RejectedImage, decode_image, read_file_bytes
+        from tasks.core.forward import preprocess_uint8
+        from tasks.core.images import REOPEN_LIMITS, RejectedImage, decode_image, read_file_bytes
 
         try:
-            return i, preprocess_uint8(decode_image(read_file_bytes(self.files[i]), str(self.files[i])), self.pre)
+            img = decode_image(read_file_bytes(self.files[i], REOPEN_LIMITS), str(self.files[i]), REOPEN_LIMITS)
+            return i, preprocess_uint8(img, self.pre)
         except RejectedImage as exc:
             return i, str(exc)
 
@@ -123,7 +134,7 @@ def valid_units(rf: ReceptiveField | None, h: int, w: int, crop: int, min_inside
     return mask if bool(mask.any()) else torch.ones(h, w, dtype=torch.bool)
 
 
-def max_activation_pass(net: Normalised, files: Sequence[Path], pre: Preprocess, layer: str, k: int = 9,
+def max_activation_pass(net: Normalised, files: Sequence[str | Path], pre: Preprocess, layer: str, k: int = 9,
                         batch_size: int = 32, device: torch.device | None = None, num_workers: int | None = None,
                         progress: bool = False, rf: ReceptiveField | None = None,
                         min_inside: float = 0.0) -> tuple[TopK, tuple[int, int], list[int]]:
@@ -136,6 +147,8 @@ def max_activation_pass(net: Normalised, files: Sequence[Path], pre: Preprocess,
     valid = None
     device = device or next(net.parameters()).device
     workers = num_workers if num_workers is not None else (min(2, os.cpu_count() or 1) if len(files) > 2 * batch_size else 0)
+    if files and "://" in str(files[0]):
+        workers = 0  # fsspec filesystems (s3fs, ...) are not fork-safe: decode in-process, as extraction does
     loader = torch.utils.data.DataLoader(ImageFiles(files, pre), batch_size=batch_size, shuffle=False,
                                          num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda")
     top: TopK | None = None
@@ -159,7 +172,7 @@ def max_activation_pass(net: Normalised, files: Sequence[Path], pre: Preprocess,
                 if act.dim() == 2:
                     act = act[:, :, None, None]
                 if act.dim() != 4:
-                    raise ValueError(f"layer {layer!r} outputs {tuple(act.shape)}; need (N, C, h, w) or (N, D)")
+                    raise UsageError(f"layer {layer!r} outputs {tuple(act.shape)}; need (N, C, h, w) or (N, D)")
                 if top is None:
                     top = TopK.empty(act.shape[1], k)
                     size = (int(act.shape[2]), int(act.shape[3]))
@@ -171,7 +184,7 @@ def max_activation_pass(net: Normalised, files: Sequence[Path], pre: Preprocess,
         if bar is not None:
             bar.close()
     if top is None:
-        raise ValueError("no image could be decoded; nothing to rank")
+        raise UsageError("no image could be decoded; nothing to rank")
     return top, size, skipped
 
 
@@ -255,19 +268,19 @@ def run_max_activations(store: str | Path, layer: str | None = None, features_id
         net = src.wrapped(dev)
         crop = src.preprocess.crop
         rf = receptive_field(src.lm.module, layer, crop)
-        files_in = [src.dataset_root / p for p in meta["path"]]
+        files_in = [src.image_file(p) for p in meta["path"]]
         top, size, skipped = (scan or max_activation_pass)(net, files_in, src.preprocess, layer, k, batch_size, dev,
                                                            progress=progress, rf=rf, min_inside=min_inside)
         hits = hits_table(top, layer, rf, crop, list(meta["image_id"]), list(meta["path"]), list(meta["label"]))
         if channels:
             bad = [c for c in channels if not 0 <= c < top.values.shape[0]]
             if bad:
-                raise ValueError(f"channel {bad[0]} out of range: {layer} has {top.values.shape[0]} channels")
+                raise UsageError(f"channel {bad[0]} out of range: {layer} has {top.values.shape[0]} channels")
             chans = list(channels)
         else:
             chans = [int(c) for c in torch.argsort(top.values[:, 0], descending=True)[:png_channels]]
         need = sorted(set(hits[hits["channel"].isin(chans)]["path"]))
-        crops = {p: preprocess_pil(_decode(src.dataset_root / p), src.preprocess) for p in need}
+        crops = {p: preprocess_pil(_decode(src.image_file(p)), src.preprocess) for p in need}
         files = [write_table(adir, "max_activations.parquet", hits)]
         pngs = []
         for g in range(0, len(chans), per_png):
@@ -283,7 +296,7 @@ def run_max_activations(store: str | Path, layer: str | None = None, features_id
     return publish(store, "max_activations", src.readable, {**src.key, "params": params}, build, force)
 
 
-def _decode(path: Path):
-    from tasks.core.images import decode_image, read_file_bytes
+def _decode(path: str):
+    from tasks.core.images import REOPEN_LIMITS, decode_image, read_file_bytes
 
-    return decode_image(read_file_bytes(path), str(path))
+    return decode_image(read_file_bytes(path, REOPEN_LIMITS), str(path), REOPEN_LIMITS)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from storage.errors import UsageError
+
 __all__ = ["ReceptiveField", "receptive_field", "analytic_receptive_field", "empirical_receptive_field", "unit_box"]
 
 log = logging.getLogger(__name__)
@@ -243,14 +245,14 @@ def analytic_receptive_field(model: nn.Module, layer: str) -> ReceptiveField:
     graph. Raises ``ValueError`` if the layer is unknown or the graph has an op the walk cannot follow."""
     names = dict(model.named_modules())
     if layer not in names or not layer:
-        raise ValueError(f"unknown layer {layer!r}; pass a module name from named_modules()")
+        raise UsageError(f"unknown layer {layer!r}; pass a module name from named_modules()")
     found: dict[str, _T] = {}
     try:
         _module_transform(model, "", layer, found)
     except _Unsupported as exc:
-        raise ValueError(f"analytic receptive field not available for {layer!r}: {exc}") from None
+        raise UsageError(f"analytic receptive field not available for {layer!r}: {exc}") from None
     if "rf" not in found:
-        raise ValueError(f"layer {layer!r} was not found on the traced path from the input")
+        raise UsageError(f"layer {layer!r} was not found on the traced path from the input")
     t = found["rf"]
     if t is None:
         return ReceptiveField(None, (1, 1), (0, 0), "analytic-fx", layer)
@@ -283,7 +285,7 @@ def empirical_receptive_field(model: nn.Module, layer: str, input_size: int = 22
                 ys += [int(nz[:, 0].min()), int(nz[:, 0].max())]
                 xs += [int(nz[:, 1].min()), int(nz[:, 1].max())]
         if not ys:
-            raise ValueError(f"no input gradient reaches layer {layer!r}; cannot measure its receptive field")
+            raise UsageError(f"no input gradient reaches layer {layer!r}; cannot measure its receptive field")
         return min(ys), min(xs), max(ys), max(xs)
 
     with torch.enable_grad():

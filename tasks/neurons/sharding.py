@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import replace
-from typing import Any, Sequence
+import logging
+from typing import Any, Callable, Sequence
 
+from storage.errors import ConvlensError, UsageError
 from tasks.core.sharding import RunShards, ShardJob, check_model, in_daemon, load_shard_model, model_fingerprint, run_serially, shard_bounds
 
 __all__ = ["MaxActShard", "max_activation_shard", "merge_max_activations", "sharded_max_activation_scan"]
+
+log = logging.getLogger(__name__)
 
 
 class MaxActShard(ShardJob):
@@ -71,7 +73,7 @@ def merge_max_activations(results: Sequence[dict[str, Any]]) -> tuple[Any, tuple
         else:
             top.merge(part)
     if top is None:
-        raise ValueError("no image could be decoded; nothing to rank")
+        raise UsageError("no image could be decoded; nothing to rank")
     return top, size, skipped
 
 

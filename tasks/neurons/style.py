@@ -18,11 +18,23 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
-from tasks.neurons.common import (
-    Normalised, Source, conv_layers, label_strip, load_images, open_source, pick_device, publish, tile_grid,
-    to_uint8, total_variation, write_png, write_table,
-)
+from storage.errors import UsageError
+from tasks.core.forward import pick_device
 from tasks.core.hooks import LayerRef, capture, resolve_layer
+from tasks.neurons.common import (
+    Normalised,
+    Source,
+    conv_layers,
+    label_strip,
+    load_images,
+    open_source,
+    publish,
+    tile_grid,
+    to_uint8,
+    total_variation,
+    write_png,
+    write_table,
+)
 
 __all__ = ["StyleConfig", "gram", "style_losses", "style_transfer", "default_style_layers", "run_style"]
 
@@ -53,7 +65,7 @@ def default_style_layers(model: torch.nn.Module) -> tuple[str, list[str]]:
     """``(content_layer, style_layers)``: four convs spread over the first 60 % of the network, content at ~40 %."""
     convs = conv_layers(model)
     if len(convs) < 2:
-        raise ValueError("style transfer needs a model with at least two Conv2d layers")
+        raise UsageError("style transfer needs a model with at least two Conv2d layers")
     upto = max(2, int(len(convs) * 0.6))
     idx = sorted({int(round(i)) for i in torch.linspace(0, upto - 1, 4).tolist()})
     return convs[int(len(convs) * 0.4)], [convs[i] for i in idx]
@@ -86,9 +98,9 @@ def style_transfer(net: Normalised, content: torch.Tensor, style: torch.Tensor, 
     Returns ``(image (3,H,W) in [0,1], history)`` with rows step, content, style (Gram loss), tv, total.
     """
     if cfg.optimizer not in ("lbfgs", "adam"):
-        raise ValueError(f"optimizer must be lbfgs or adam, got {cfg.optimizer!r}")
+        raise UsageError(f"optimizer must be lbfgs or adam, got {cfg.optimizer!r}")
     if cfg.steps < 1:
-        raise ValueError("steps must be >= 1")
+        raise UsageError("steps must be >= 1")
     c_layer, s_layers = default_style_layers(net.model)
     c_layer = cfg.content_layer or c_layer
     s_layers = list(cfg.style_layers) or s_layers
@@ -147,7 +159,7 @@ def run_style(store: str | Path, content: str, style: str, model: str | None = N
     src = source or open_source(store, features_id, model or (None if features_id else "mobilenet_v2"), weights)
     for p in (content, style):
         if not Path(p).is_file():
-            raise ValueError(f"image file {p} does not exist")
+            raise UsageError(f"image file {p} does not exist")
     c_layer, s_layers = default_style_layers(src.lm.module)
     cfg_used = StyleConfig(**{**asdict(cfg), "content_layer": cfg.content_layer or c_layer,
                               "style_layers": tuple(cfg.style_layers) or tuple(s_layers)})

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from storage.errors import UsageError
 from storage.features import load_features
 from storage.paths import Store
 from tasks.core.faiss_index import knn_search
@@ -81,9 +82,9 @@ def compare_spaces(xa: np.ndarray, xb: np.ndarray, labels: np.ndarray | None, sp
                    k: int = 10) -> pd.DataFrame:
     """Metrics table: rows ``metric``, ``space`` (``a``, ``b`` or ``a~b``), ``value``, ``detail``."""
     if len(xa) != len(xb):
-        raise ValueError("the two feature sets must have the same rows")
+        raise UsageError("the two feature sets must have the same rows")
     if len(xa) < 3:
-        raise ValueError(f"need at least 3 shared images to compare, got {len(xa)}")
+        raise UsageError(f"need at least 3 shared images to compare, got {len(xa)}")
     k = min(k, len(xa) - 1)
     na, nb = knn_neighbours(xa, k), knn_neighbours(xb, k)
     recs = [{"metric": "neighbour_overlap", "space": "a~b", "value": neighbour_overlap(na, nb), "detail": f"k={k}"}]
@@ -104,7 +105,7 @@ def run_compare(store: str | Path, features_a: str, features_b: str, k: int = 10
     aid_a, ma = s.resolve("features", features_a)
     aid_b, mb = s.resolve("features", features_b)
     if aid_a == aid_b:
-        raise ValueError("compare needs two different feature artefacts (--a and --b are the same)")
+        raise UsageError("compare needs two different feature artefacts (--a and --b are the same)")
     key = {"features_a": aid_a, "created_a": ma.get("created"), "features_b": aid_b, "created_b": mb.get("created"),
            "params": {"k": k}}
 

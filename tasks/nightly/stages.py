@@ -30,16 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from storage.errors import ConvlensError
+from storage.artefacts import artefacts_of
+from storage.errors import ConvlensError, UsageError
 from storage.manifest import read_manifest, write_manifest
 from storage.paths import Store
+from storage.runs import RUN_KIND, previous_run, snapshot_dir
 
 __all__ = [
     "NightlyConfig",
-    "RUN_KIND",
-    "snapshot_dir",
     "is_transient",
-    "previous_run",
     "publish_run",
     "stage_extract",
     "stage_index",
@@ -53,7 +52,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-RUN_KIND = "nightly-run"
 
 
 @dataclass
@@ -83,13 +81,13 @@ class NightlyConfig:
 
     def validate(self) -> None:
         if not self.data:
-            raise ValueError("nightly: DATA is empty; pass the dataset folder / CSV / Parquet list to audit")
+            raise UsageError("nightly: DATA is empty; pass the dataset folder / CSV / Parquet list to audit")
         if self.n < 0:
-            raise ValueError(f"nightly: --n must be >= 0 (0 = no attribution audit), got {self.n}")
+            raise UsageError(f"nightly: --n must be >= 0 (0 = no attribution audit), got {self.n}")
         if self.keep_runs < 1:
-            raise ValueError(f"nightly: --keep-runs must be >= 1, got {self.keep_runs}")
+            raise UsageError(f"nightly: --keep-runs must be >= 1, got {self.keep_runs}")
         if self.batch_size < 1:
-            raise ValueError(f"nightly: --batch-size must be >= 1, got {self.batch_size}")
+            raise UsageError(f"nightly: --batch-size must be >= 1, got {self.batch_size}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -127,23 +125,6 @@ def _utc_stamp() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
 
 
-def snapshot_dir(store: str | os.PathLike[str], run_id: str) -> Path:
-    """``runs/<run_id>/<run_id>/``: the run's features snapshot, named after the run so that the report's drift
-    section ("compared with ...") names the previous run."""
-    return Store(store).artefact_dir("runs", run_id) / run_id
-
-
-def previous_run(store: str | os.PathLike[str], features_id: str) -> tuple[str, dict[str, Any], Path] | None:
-    """Newest published nightly run record of ``features_id``: ``(run id, manifest, snapshot dir)`` or None."""
-    s = Store(store)
-    found = [(m.get("created", ""), rid, m) for rid, m in s.iter_artefacts("runs")
-             if m.get("kind") == RUN_KIND and m.get("features", {}).get("id") == features_id]
-    if not found:
-        return None
-    _, rid, m = max(found)
-    return rid, m, snapshot_dir(store, rid)
-
-
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -173,8 +154,7 @@ def publish_run(store: str | os.PathLike[str], run_id: str, features_id: str, fm
                 "features": {"id": features_id, "created": fman.get("created"), "rows": fman.get("rows")},
                 **record}
     published = write_manifest(rdir, manifest)
-    runs = sorted(((m.get("created", ""), rid) for rid, m in s.iter_artefacts("runs")
-                   if m.get("kind") == RUN_KIND and m.get("features", {}).get("id") == features_id), reverse=True)
+    runs = [(m.get("created", ""), rid) for rid, m, _ in artefacts_of(s, RUN_KIND, features_id)]  # newest first
     kept_reports = {str(read_manifest(s.artefact_dir("runs", rid)).get("report")) for _, rid in runs[:keep_runs]}
     for _, rid in runs[keep_runs:]:
         log.info("removing old nightly run record %s (keeping %d)", rid, keep_runs)
@@ -257,7 +237,7 @@ def _prune_superseded(store: str, features_id: str, created: str) -> list[str]:
 
 def stage_dataset_audit(store: str, features_id: str) -> dict[str, Any]:
     """kNN dataset audit (duplicates, leakage, label disagreement, outliers); reused when the index is unchanged."""
-    from flows.dataset_audit import audit_dataset
+    from tasks.index.dataset_audit import audit_dataset
 
     r = audit_dataset(store, features_id)
     return {"artefact_id": r["artefact_id"], "reused": bool(r.get("reused")), "images": r["images"],
@@ -266,7 +246,7 @@ def stage_dataset_audit(store: str, features_id: str) -> dict[str, Any]:
 
 def stage_maps(store: str, features_id: str, created: str, seed: int = 0) -> dict[str, Any]:
     """PCA + t-SNE maps and the t-SNE grid; reused when the features are unchanged (superseded ones removed)."""
-    from flows.project import make_default_maps
+    from tasks.maps.defaults import make_default_maps
 
     r = make_default_maps(store, features_id, seed=seed)
     pruned = _prune_superseded(store, features_id, created)

@@ -16,6 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from storage.errors import UsageError
+from tasks.core.faiss_index import AUTO_EXACT_MAX_ROWS
 from tasks.index.build import IndexConfig, build_default_indexes, build_index
 from tasks.index.neighbors import knn_graph, neighbors
 
@@ -46,7 +47,8 @@ def build_index_flow(cfg: IndexConfig, knn_k: int | None = None) -> dict[str, An
 
 def summarise(m: dict[str, Any]) -> dict[str, Any]:
     b = m.get("build", {})
-    return {"artefact_id": m["artefact_id"], "space": m["space"], "factory": m["factory"], "metric": m["metric"],
+    return {"artefact_id": m["artefact_id"], "space": m["space"], "factory": m["factory"],
+            "exact": bool(m.get("exact", m.get("index_kind") == "flat")), "metric": m["metric"],
             "rows": m["rows"], "dim": m["dim"], "mode": b.get("mode"), "added": b.get("added"),
             "seconds": b.get("seconds"), "device": b.get("device"), "features": m["source"]["artefact_id"],
             "skipped": m.get("skipped", 0), "nprobe": m.get("nprobe")}
@@ -60,8 +62,8 @@ def _index_cli(args: argparse.Namespace) -> int:
     from flows.runners import run_stage
 
     cfg = IndexConfig(store=args.store, artefact=args.artefact, space=args.space, factory=args.factory,
-                      metric=args.metric, gpu=args.gpu, train_rows=args.train_rows, nprobe=args.nprobe,
-                      rebuild=args.rebuild, progress=not args.json)
+                      exact_max_rows=args.exact_max_rows, metric=args.metric, gpu=args.gpu, train_rows=args.train_rows,
+                      nprobe=args.nprobe, rebuild=args.rebuild, progress=not args.json)
     r = run_stage(args, build_index_flow, lambda: summarise(build_index(cfg)), cfg=cfg)
     text = (f"index {r['artefact_id']}: {r['space']} space, {r['factory']} / {r['metric']}, {r['rows']} rows (D={r['dim']}), "
             f"{r['mode']}" + (f" (+{r['added']} rows)" if r["mode"] == "incremental" else "")
@@ -92,7 +94,8 @@ def _neighbors_cli(args: argparse.Namespace) -> int:
                            f"in {r['seconds']}s on {r['device']}")
         return 0
     df = neighbors(args.store, image_id=args.id, path=args.path, image=args.image, k=args.k, space=args.space,
-                   index_id=args.index, artefact=args.artefact, gpu=args.gpu, nprobe=args.nprobe, weights=args.weights)
+                   index_id=args.index, artefact=args.artefact, gpu=args.gpu, nprobe=args.nprobe, weights=args.weights,
+                   model=args.model)
     if df.attrs.get("stale"):
         say(f"note: {df.attrs['stale']}", err=True)
     if args.json:
@@ -116,8 +119,12 @@ def register(sub) -> None:
     p.add_argument("--artefact", default=None, help="feature artefact id or unique prefix (default: newest)")
     p.add_argument("--space", choices=["feature", "pixel"], default="feature",
                    help="index the stored features (default) or downsampled 32x32x3 pixels of the same images")
-    p.add_argument("--factory", default="Flat",
-                   help="FAISS index-factory string: Flat (exact, default), IVF4096,PQ64 (large sets; trained on a sample) ...")
+    p.add_argument("--factory", default="auto",
+                   help="auto (default): exact Flat up to --exact-max-rows rows, above it IVF<nlist>,PQ<m>x4fs,RFlat "
+                        "(approximate candidates, exact re-rank); Flat forces exact search; or any FAISS "
+                        "index-factory string, e.g. IVF4096,PQ64 (trained on a sample)")
+    p.add_argument("--exact-max-rows", type=int, default=AUTO_EXACT_MAX_ROWS,
+                   help=f"--factory auto: exact up to this many rows (default {AUTO_EXACT_MAX_ROWS:,})")
     p.add_argument("--metric", choices=["cosine", "l2"], default=None, help="default cosine (feature), l2 (pixel)")
     p.add_argument("--gpu", choices=["auto", "on", "off"], default="auto", help="GPU FAISS when available (auto)")
     p.add_argument("--train-rows", type=int, default=100_000, help="training sample size for IVF / PQ factories")
@@ -139,7 +146,11 @@ def register(sub) -> None:
     q.add_argument("--index", default=None, help="index artefact id (default: newest index of --space for the features)")
     q.add_argument("--nprobe", type=int, default=None, help="IVF lists to probe (default: stored with the index)")
     q.add_argument("--gpu", choices=["auto", "on", "off"], default="auto")
-    q.add_argument("--weights", default=None, help="weights file, when the features came from --weights PATH (for --image)")
+    q.add_argument("--weights", default=None,
+                   help="for --image: the weights file (default: the path the features recorded; sha256-checked)")
+    q.add_argument("--model", default=None,
+                   help="for --image: the features' model, to allow a factory (module:factory) or TorchScript model "
+                        "to run (they run code; a store's manifest alone never does)")
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.set_defaults(func=_neighbors_cli)
 

@@ -35,7 +35,8 @@ def run_demo(store: str = "convlens-store", data_dir: str = "demo-data", device:
 
     results: dict[str, Any] = {}
     counts = _stage("dataset", lambda: build_demo_dataset(data_dir), results, say)
-    say(f"  demo dataset {data_dir}: {counts['digits']} digits (train/test), {counts['photos']} photos")
+    say(f"  demo dataset {data_dir}: {counts['digits']} digits (train/test), {counts['photos']} photos, "
+        f"{counts.get('planted_copies', 0)} planted near-copies, {counts.get('planted_flips', 0)} planted label flips")
     manifest = _stage("extract", lambda: run_extraction(ExtractConfig(data=data_dir, store=store, device=device)), results, say)
     fid = manifest["artefact_id"]
     run = manifest["run"]
@@ -60,6 +61,8 @@ def run_demo(store: str = "convlens-store", data_dir: str = "demo-data", device:
         say(f"  nearest to {p} (feature space): " + ", ".join(str(x) for x in list(df["path"])[:5]))
     audit_ds = _stage("dataset-audit", lambda: audit_dataset(store), results, say)
     say(f"  dataset audit: {_short(audit_ds)}")
+    if audit_ds.get("near_copy_rule"):
+        say(f"  {audit_ds['near_copy_rule']}")
     maps = _stage("maps", lambda: make_default_maps(store, fid), results, say)
     say(f"  maps: {_short(maps)}")
     att = _stage("attribution", lambda: run_default_audit(store, n=4), results, say)

@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.runners import shard_setting, submit_shards
+from tasks.core.datasets import ListLimits
 from tasks.extract.features import ExtractConfig, run_extraction
 from tasks.extract.sharding import ExtractShard, extract_shard, run_sharded_extraction
 
@@ -77,12 +78,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader decode workers")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="forward precision: auto = bf16 autocast on CUDA, fp32 on CPU (features stored float32)")
+    p.add_argument("--decode", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="where images are decoded: auto = gpu on CUDA, else cpu; gpu = JPEGs batch-decoded by nvJPEG and "
+                        "resized on the GPU (other formats on the CPU); cpu = PIL in DataLoader workers")
+    p.add_argument("--full-decode", action="store_true",
+                   help="CPU decode: decode JPEGs at full size (default: at the largest 1/2, 1/4, 1/8 DCT reduction "
+                        "that keeps the shorter side >= the resize target; recorded as preprocessing decode=jpeg-draft)")
     p.add_argument("--part-rows", type=int, default=None,
                    help="rows per Parquet part (default: about 64 MB of features); smaller parts resume finer after a crash")
     p.add_argument("--max-reject-rate", type=float, default=0.2, help="fail (publish nothing) above this reject rate")
     p.add_argument("--seed", type=int, default=0, help="seed for --weights none")
     p.add_argument("--root", default=None, help="resolve list paths against this folder (default: the list's folder)")
-    p.add_argument("--allow-outside-root", action="store_true", help="accept list entries outside the root")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept list entries, and symlinked files / folders in a DATA folder, that resolve outside the "
+                        "root (default: each is an 'outside-root' reject row)")
+    p.add_argument("--max-list-rows", type=int, default=ListLimits.max_rows,
+                   help=f"refuse a CSV/Parquet list with more rows (default {ListLimits.max_rows:,})")
+    p.add_argument("--max-list-bytes", type=int, default=ListLimits.max_bytes,
+                   help="refuse a CSV/Parquet list whose file, or Parquet uncompressed / decoded size, is larger "
+                        f"(bytes; default {ListLimits.max_bytes:,} = 2 GiB)")
     p.add_argument("--resize", type=int, default=None, help="override: shorter-side resize (px)")
     p.add_argument("--crop", type=int, default=None, help="override: centre-crop size (px)")
     p.add_argument("--mean", type=_triple, default=None, help="override: normalisation mean R,G,B")
@@ -107,7 +121,9 @@ def config_from_args(a: argparse.Namespace) -> ExtractConfig:
                          max_reject_rate=a.max_reject_rate, seed=a.seed, root=a.root,
                          allow_outside_root=a.allow_outside_root, strict_extension=not a.allow_extension_mismatch,
                          weights_prefix=a.weights_prefix, resize=a.resize, crop=a.crop, mean=a.mean, std=a.std,
-                         interpolation=a.interpolation, part_rows=a.part_rows, precision=a.precision, progress=True)
+                         interpolation=a.interpolation, part_rows=a.part_rows, precision=a.precision, progress=True,
+                         decode=a.decode, full_decode=a.full_decode,
+                         max_list_rows=a.max_list_rows, max_list_bytes=a.max_list_bytes)
 
 
 def _cli(args: argparse.Namespace) -> int:

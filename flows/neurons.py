@@ -55,7 +55,8 @@ def neurons(technique: str, store: str = "convlens-store", params: dict[str, Any
         from tasks.neurons.sharding import sharded_max_activation_scan
 
         params = dict(params or {})
-        scan = sharded_max_activation_scan(store, params.get("features_id"), submit_shards(max_act_shard_task), size)
+        scan = sharded_max_activation_scan(store, params.get("features_id"), submit_shards(max_act_shard_task), size,
+                                           model=params.get("model"), weights=params.get("weights"))
         out = summarise(technique, run_technique(technique, store, {**params, "scan": scan}))
         get_run_logger().info("neurons %s: %s", technique, out.get("artefact_id", out))
         return out
@@ -76,9 +77,10 @@ def _floats(text: str) -> list[float]:
 
 
 def _params(cmd: str, a: argparse.Namespace) -> dict[str, Any]:
-    src = {"features_id": getattr(a, "features", None)}
-    if getattr(a, "model", None):
-        src.update(model=a.model, weights=a.weights)
+    src: dict[str, Any] = {"features_id": getattr(a, "features", None)}
+    for name in ("model", "weights"):  # only when given: the technique's own defaults apply otherwise
+        if getattr(a, name, None):
+            src[name] = getattr(a, name)
     dev = {"device": getattr(a, "device", "auto")}
     force = {"force": getattr(a, "force", False)}
     if cmd == "filters":
@@ -87,14 +89,17 @@ def _params(cmd: str, a: argparse.Namespace) -> dict[str, Any]:
         return {**src, **dev, **force, "layer": a.layer, "images": a.image or None, "n_images": a.n_images,
                 "channels": _ints(a.channels), "max_channels": a.max_channels}
     if cmd == "max-act":
-        return {"features_id": a.features, **dev, **force, "layer": a.layer, "k": a.k, "channels": _ints(a.channels),
+        return {**src, **dev, **force, "layer": a.layer, "k": a.k, "channels": _ints(a.channels),
                 "png_channels": a.png_channels, "batch_size": a.batch_size, "limit": a.limit, "min_inside": a.min_inside,
                 "progress": True}
     if cmd == "class-viz":
         cfg = {"size": a.size, "steps": a.steps, "lr": a.lr, "l2": a.l2, "jitter": a.jitter, "blur_every": a.blur_every,
                "blur_sigma": a.blur_sigma, "clip_value_pct": a.clip_value_pct, "clip_grad_pct": a.clip_grad_pct,
-               "init": a.init, "seed": a.seed}
+               "init": a.init, "seed": a.seed, "param": a.param, "batch": a.batch}
         return {**src, **dev, **force, "targets": a.target, "cfg": cfg}
+    if cmd == "channel-viz":
+        cfg = {"size": a.size, "steps": a.steps, "lr": a.lr, "jitter": a.jitter, "seed": a.seed, "batch": a.batch}
+        return {**src, **dev, **force, "layer": a.layer, "channels": _ints(a.channels), "cfg": cfg}
     if cmd == "invert":
         cfg = {"steps": a.steps, "lr": a.lr, "tv_weight": a.tv_weight, "size": a.size}
         return {**src, **dev, **force, "layers": a.layer, "images": a.image or None, "n_images": a.n_images, "cfg": cfg}
@@ -112,7 +117,7 @@ def _params(cmd: str, a: argparse.Namespace) -> dict[str, Any]:
                "grid": a.grid, "steps": a.steps}
         return {**src, **dev, **force, "images": a.image or None, "n_images": a.n_images, "n_examples": a.examples, "cfg": cfg}
     if cmd == "evolution":
-        return {"features_id": a.features, **dev, **force, "checkpoints": a.checkpoint, "arch": a.arch, "layer": a.layer,
+        return {**src, **dev, **force, "checkpoints": a.checkpoint, "arch": a.arch, "layer": a.layer,
                 "channels": _ints(a.channels) or [0, 1, 2, 3], "k": a.k, "limit": a.limit, "labels": a.label or None}
     if cmd == "invariance":
         tr = {}
@@ -120,12 +125,12 @@ def _params(cmd: str, a: argparse.Namespace) -> dict[str, Any]:
             v = getattr(a, kind)
             if v:
                 tr[kind] = _floats(v)
-        return {"features_id": a.features, **dev, **force, "layer": a.layer, "n_images": a.n_images,
+        return {**src, **dev, **force, "layer": a.layer, "n_images": a.n_images,
                 "images": a.image or None, "transforms": tr or None}
     if cmd == "compare":
         return {"features_a": a.a, "features_b": a.b, "k": a.k, **force}
     if cmd == "defaults":
-        return {"features_id": a.features, **dev}
+        return {**src, **dev}
     raise UsageError(cmd)
 
 
@@ -152,9 +157,17 @@ def _common(p: argparse.ArgumentParser, model: bool = True, device: bool = True)
 
     add_store_argument(p)
     p.add_argument("--features", default=None, help="feature artefact id (or prefix) giving model + images (default newest)")
+    allow = ("the feature artefact's model: needed to run a factory (module:factory) or TorchScript model it names, "
+             "since those run code and a store's manifest alone never chooses code (or list it in your trust file)")
     if model:
-        p.add_argument("--model", default=None, help="run on this torchvision model instead of a feature artefact's")
-        p.add_argument("--weights", default="imagenet", help="with --model: imagenet | none | PATH")
+        p.add_argument("--model", default=None, help="without --features: run on this model instead of a feature "
+                       f"artefact's (torchvision name, timm:NAME, module:factory, TorchScript file); with --features: {allow}")
+        p.add_argument("--weights", default=None, help="with --model alone: imagenet (default) | none | PATH; with "
+                       "features: the weights file (default: the path they recorded; sha256-checked)")
+    else:
+        p.add_argument("--model", default=None, help=allow)
+        p.add_argument("--weights", default=None,
+                       help="the features' weights file (default: the path they recorded; sha256-checked)")
     if device:
         p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--force", action="store_true", help="rebuild even if an identical artefact exists")
@@ -207,7 +220,23 @@ def register(sub) -> None:
     q.add_argument("--blur-sigma", type=float, default=0.5)
     q.add_argument("--clip-value-pct", type=float, default=0.0)
     q.add_argument("--clip-grad-pct", type=float, default=0.0)
-    q.add_argument("--init", choices=["zero", "noise"], default="zero")
+    q.add_argument("--init", choices=["zero", "noise"], default="zero", help="pixel method's start image")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--param", choices=["fourier", "pixel"], default="fourier",
+                   help="fourier (default): decorrelated Fourier image + random jitter / scale / rotation each step; "
+                        "pixel: the seeds' pixel-space ascent with L2 / blur / clipping")
+    q.add_argument("--batch", type=int, default=1, help="fourier: transformed copies per step")
+
+    q = ns.add_parser("channel-viz", help="channel visualisation (the class viz optimiser on a channel's mean "
+                      "activation), shown beside the channel's max-activating patches")
+    _common(q)
+    q.add_argument("--layer", default=None, help="module name (default: the newest max-act artefact's layer)")
+    q.add_argument("--channels", default=None, help="comma list (default: the channels that max-act artefact drew)")
+    q.add_argument("--size", type=int, default=128)
+    q.add_argument("--steps", type=int, default=128)
+    q.add_argument("--lr", type=float, default=0.05)
+    q.add_argument("--jitter", type=int, default=8)
+    q.add_argument("--batch", type=int, default=1)
     q.add_argument("--seed", type=int, default=0)
 
     q = ns.add_parser("invert", help="feature inversion: reconstruct images from a layer's features")

@@ -1,9 +1,10 @@
-"""Flow: maps of feature space — PCA / t-SNE coordinates of a feature artefact, plus the t-SNE image grid.
+"""Flow: maps of feature space — PCA / t-SNE / UMAP coordinates of a feature artefact, plus the t-SNE image grid.
 
 Parameters mirror ``convlens project`` and ``convlens grid``. Steps (tasks pass store paths and ids):
-project (stream features -> PCA -> t-SNE -> quality numbers -> publish a ``maps`` artefact with
-``coords.parquet`` + ``scatter.png``) -> grid (thumbnails of the images nearest each grid cell, added to the
-map artefact). A rerun with the same source and parameters reuses the published map.
+project (stream features -> PCA -> t-SNE / UMAP on a sample, the other rows placed into it -> quality numbers
+-> publish a ``maps`` artefact with ``coords.parquet`` + ``reference.npz`` + ``scatter.png``; with
+``--previous`` only the new rows are placed into an earlier map) -> grid (thumbnails of the images nearest each
+grid cell, added to the map artefact). A rerun with the same source and parameters reuses the published map.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def grid_task(store: str, map_id: str | None, size: str | None, thumb: int, assi
 
 @flow(name="project", log_prints=False)
 def project_flow(cfg: MapConfig) -> dict[str, Any]:
-    """One PCA or t-SNE map of a feature artefact (``cfg.features_id``, default: the newest)."""
+    """One PCA, t-SNE or UMAP map of a feature artefact (``cfg.features_id``, default: the newest)."""
     summary = project_task(cfg)
     get_run_logger().info("map %(map_id)s (%(method)s, %(rows)d rows), trustworthiness %(trustworthiness)s", summary)
     return summary
@@ -79,8 +80,9 @@ def _project_cli(args: argparse.Namespace) -> int:
     from flows.runners import run_stage
 
     cfg = MapConfig(store=args.store, features_id=args.artefact, method=args.method, dim=args.dim,
-                    pca_first=args.pca_first, perplexity=args.perplexity, seed=args.seed, pca_solver=args.pca_solver,
-                    max_fit=args.max_fit, n_jobs=args.n_jobs, force=args.force)
+                    pca_first=args.pca_first, perplexity=args.perplexity, n_neighbors=args.n_neighbors,
+                    min_dist=args.min_dist, seed=args.seed, pca_solver=args.pca_solver, max_fit=args.max_fit,
+                    n_jobs=args.n_jobs, force=args.force, previous=args.previous)
     cfg.validate()
     result = run_stage(args, project_flow, lambda: summarise(build_map(cfg, progress=True)), cfg=cfg)
     evr = result["explained_variance_ratio"]
@@ -90,6 +92,9 @@ def _project_cli(args: argparse.Namespace) -> int:
         f"{result['source']}, {result['rows']} rows\n"
         f"explained variance ratio: {evr_txt}"
         + (f"; perplexity {_fmt(result['effective_perplexity'])}" if result["effective_perplexity"] else "") + "\n"
+        + (f"placed into {result['incremental']['previous']}: {result['incremental']['kept']} rows kept, "
+           f"{result['incremental']['placed']} placed, {result['incremental']['dropped']} dropped\n"
+           if result.get("incremental") else "") +
         f"trustworthiness {_fmt(result['trustworthiness'])}, kNN label agreement map {_fmt(result['knn_label_agreement_map'])}"
         f" vs full space {_fmt(result['knn_label_agreement_full'])}"))
     return 0
@@ -117,18 +122,23 @@ def _grid_cli(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     from flows.cli import add_store_argument
 
-    p = sub.add_parser("project", help="PCA / t-SNE map of a feature artefact (coordinates + scatter)",
+    p = sub.add_parser("project", help="PCA / t-SNE / UMAP map of a feature artefact (coordinates + scatter)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_store_argument(p)
     p.add_argument("--artefact", default=None, help="feature artefact id or prefix (default: the newest)")
-    p.add_argument("--method", choices=["pca", "tsne"], default="tsne")
+    p.add_argument("--method", choices=["pca", "tsne", "umap"], default="tsne")
     p.add_argument("--dim", type=int, default=2, choices=[2, 3], help="map dimensions (default 2)")
-    p.add_argument("--pca-first", type=int, default=50, help="t-SNE input: PCA to this many dims first (0 = off)")
+    p.add_argument("--pca-first", type=int, default=50, help="t-SNE / UMAP input: PCA to this many dims first (0 = off)")
     p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (clamped to (N-1)/3)")
+    p.add_argument("--n-neighbors", type=int, default=15, help="UMAP neighbours (clamped to N-1)")
+    p.add_argument("--min-dist", type=float, default=0.1, help="UMAP min_dist")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pca-solver", choices=["auto", "exact", "randomized"], default="auto")
     p.add_argument("--max-fit", type=int, default=200_000,
-                   help="t-SNE: fit on a sample of this many rows, place the rest with openTSNE transform")
+                   help="t-SNE / UMAP: fit on a sample of this many rows, place the rest into it (transform)")
+    p.add_argument("--previous", default=None, metavar="MAP_ID|auto",
+                   help="place only the rows new since this earlier map (same method and parameters) into it; old "
+                        "rows keep their coordinates. 'auto': the newest such map of this features artefact")
     p.add_argument("--n-jobs", type=int, default=1, help="t-SNE threads (part of the map's identity)")
     p.add_argument("--force", action="store_true", help="recompute even if an identical map is published")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -26,14 +26,16 @@ import numpy as np
 import pandas as pd
 
 from reports.figures import PALETTE, clean_text, pca2, safe_json, thumbnail
-from reports.sections import core, stored
-from reports.sections.attribution import attribution_view, fmt_auc
+from reports.scatter_data import encode_scatter, scatter_json
+from reports.sections import core, per_image, stored
+from reports.sections.attribution import attach_sanity, attribution_view, fmt_auc
 from reports.sections.findings import findings_view
-from reports.sections.neurons import neuron_view
+from reports.sections.neurons import attach_channel_viz, neuron_view
+from reports.streamed import feature_knn, pixel_knn
 from storage.artefacts import artefacts_of, features_source
 from storage.atomic import atomic_write_bytes
 from storage.errors import StoreError, UsageError
-from storage.features import load_features, part_entries, read_part
+from storage.features import load_features, part_entries, read_meta, read_part
 from storage.manifest import CODE_VERSION, read_manifest, safe_member, utc_now, verify_files
 from storage.paths import Store
 
@@ -48,6 +50,7 @@ MISSING = {
     "attribution": "run `convlens audit --store STORE` to compute occlusion / saliency / Grad-CAM galleries",
     "neurons": "run `convlens neurons ... --store STORE` (filters, max-activating patches, class visualisation, ...)",
     "drift": "pass `--compare PREVIOUS` (a features artefact id, a store path or an artefact folder)",
+    "images": "the feature artefact has no rows",
 }
 
 
@@ -62,7 +65,7 @@ class ReportOptions:
     k: int = 6                           # neighbours shown per clicked point
     examples: int = 6                    # example images per label / confusion
     max_neighbor_queries: int = 20_000   # points whose neighbours are embedded (others: sampled)
-    max_points: int = 200_000            # points in the scatter (sampled above)
+    max_points: int = 2_000_000          # points in the scatter (sampled above; binary payload, WebGL: scatter.js)
     workers: int = 4                     # decode threads for thumbnails
     seed: int = 0
     title: str | None = None
@@ -282,8 +285,17 @@ def build_report(store: str | Path, features_id: str | None = None, compare: str
     s = Store(store)
     fid, fman = s.resolve("features", features_id)
     fdir = s.artefact_dir("features", fid)
-    meta, feats = load_features(fdir, fman, verify=True)
+    # the features themselves are streamed (reports/streamed.py) or loaded only where a section needs them all
+    meta = read_meta(fdir, fman, verify=True)
     n = len(meta)
+    loaded: list[np.ndarray] = []
+
+    def all_feats() -> np.ndarray:
+        """(N, D) float32, loaded once on first use (drift, the PCA fallback). Memory O(N x D)."""
+        if not loaded:
+            loaded.append(load_features(fdir, fman, verify=False)[1])
+        return loaded[0]
+
     categories = _categories(fdir, fman)
     rejects = _rejects(fdir, fman)
     root = fman.get("dataset_root")
@@ -306,10 +318,12 @@ def build_report(store: str | Path, features_id: str | None = None, compare: str
     audit_cards = _views(s, "dataset-audit", fid, path_rows, needed, findings_view)
     attr_cards = _views(s, "attribution", fid, path_rows, needed, attribution_view)
     _sort_attribution([c for c in attr_cards if c["view"] == "card"])
+    attach_sanity(attr_cards, s)  # the model-randomisation verdicts (tasks/attribution/sanity.py)
     arch = (fman.get("model") or {}).get("arch")
     neuron_cards = _views(s, "neurons", fid, path_rows, needed, neuron_view, include_unrelated=True, limit=40,
                           select=lambda m: _same_model(m, fid, arch))
     neuron_cards.sort(key=lambda c: c.get("order", 99))
+    attach_channel_viz(neuron_cards)  # each channel's visualisation beside its max-activating patches
     flags = _audit_flags(audit_cards, s, fid, path_rows)
     timings["stored artefacts"] = time.perf_counter() - t1
 
@@ -320,12 +334,19 @@ def build_report(store: str | Path, features_id: str | None = None, compare: str
         t2 = time.perf_counter()
         pid, pman, pdir = resolve_compare(s, compare)
         pmeta, pfeats = load_features(pdir, pman, verify=True)
-        drift = core.drift_section((fid, fman, meta, feats), (pid, pman, pmeta, pfeats), categories,
+        drift = core.drift_section((fid, fman, meta, all_feats()), (pid, pman, pmeta, pfeats), categories,
                                    _categories(pdir, pman), seed=opts.seed)
         needed.update(drift["new_examples"])
         needed.update(c["row"] for c in drift["changed"])
+        drift["findings"] = core.findings_drift(core.current_findings(s, fid), core.previous_findings(s, pid, pdir), meta)
+        needed.update(core.drift_rows(drift))
         prev_info = pid
         timings["drift"] = time.perf_counter() - t2
+
+    # one row per image, every finding joined; stored as an image-table artefact (reports/sections/per_image.py)
+    t6 = time.perf_counter()
+    images = per_image.report_view(s, fid, fman, meta, categories, drift, needed)
+    timings["per-image table"] = time.perf_counter() - t6
 
     # scatter points (sampled above max_points)
     rng = np.random.default_rng(opts.seed)
@@ -336,7 +357,7 @@ def build_report(store: str | Path, features_id: str | None = None, compare: str
     projections = dict(maps["projections"])
     if not projections and n:
         t3 = time.perf_counter()
-        projections["PCA (computed for this report)"] = pca2(feats, seed=opts.seed)
+        projections["PCA (computed for this report)"] = pca2(all_feats(), seed=opts.seed)
         timings["pca2"] = time.perf_counter() - t3
 
     # thumbnails + pixel vectors (one decode per image), needed rows first
@@ -363,35 +384,36 @@ def build_report(store: str | Path, features_id: str | None = None, compare: str
         if stored_nb is not None:
             nbr_feat, knn_source = stored_nb, "stored kNN graph"
         else:
-            nbr_feat, knn_source = _knn_rows(feats, queries, k, "cosine"), "exact cosine kNN (FAISS, computed for this report)"
-        pix = pixels.astype(np.float32) / 255.0
-        pix[~has_pix] = 1e3  # unreadable images never appear as neighbours
-        nbr_pix = _knn_rows(pix, queries, k, "l2")
+            nbr_feat, knn_source = feature_knn(fdir, fman, queries, k), "exact cosine kNN (FAISS, computed for this report)"
+        nbr_pix = pixel_knn(pixels, has_pix, queries, k)  # unreadable images never appear as neighbours
     timings["neighbours"] = time.perf_counter() - t5
 
     colorings = _colorings(meta, names, acc, flags)
     labels_txt = ["" if v is None or (isinstance(v, float) and np.isnan(v)) else clean_text(v) for v in meta["label"]]
+    # every shown point as uint16 coordinates + uint8 colour codes, drawn by static/scatter.js (reports/scatter_data.py)
+    scatter = encode_scatter(projections, colorings, shown if len(shown) < n else None)
     points = {
-        "n": int(n), "shown": shown.tolist() if len(shown) < n else None,
-        "proj": {name: {"x": np.round(xy[shown, 0], 4).tolist(), "y": np.round(xy[shown, 1], 4).tolist()}
-                 for name, xy in projections.items()},
-        "color": colorings, "palette": list(PALETTE),
+        "n": int(n), "shown": shown.tolist() if len(shown) < n else None, "bin": True,
+        "proj": {name: None for name in projections},
+        "color": {name: {"cats": c["cats"], "counts": c["counts"]} for name, c in colorings.items()},
+        "palette": list(PALETTE),
         "path": [clean_text(p) for p in paths_text], "label": labels_txt,
         "pred": [clean_text(x) if x is not None else "" for x in names],
         "q": queries.tolist(), "k": int(nbr_feat.shape[1]) if nbr_feat.ndim == 2 else 0,
         "nf": nbr_feat.reshape(-1).tolist(), "np": nbr_pix.reshape(-1).tolist(), "knn_source": knn_source,
     }
-    sections = _sections(summary, acc, maps, audit_cards, attr_cards, neuron_cards, drift, flags)
+    sections = _sections(summary, acc, maps, audit_cards, attr_cards, neuron_cards, drift, flags, images)
     timings["total"] = time.perf_counter() - t0
     return {
         "title": clean_text(opts.title or f"convlens model review — {fid}"),
         "fid": clean_text(fid), "generated": utc_now(), "code_version": CODE_VERSION,
         "compare": clean_text(prev_info) if prev_info else None,
         "sections": sections, "summary": summary, "acc": acc, "maps": maps, "audit_cards": audit_cards,
-        "attr_cards": attr_cards, "neuron_cards": neuron_cards, "drift": drift, "missing": MISSING,
+        "attr_cards": attr_cards, "neuron_cards": neuron_cards, "drift": drift, "missing": MISSING, "images": images,
         "n_points": int(n), "n_shown": int(len(shown)), "n_thumbs": len(thumbs), "n_queries": int(len(queries)),
         "knn_source": knn_source,
         "points_json": safe_json(points),
+        "scatter_json": scatter_json(scatter),
         "thumbs_json": safe_json({str(i): u for i, u in thumbs.items()}),
         "timings": {k_: round(v, 3) for k_, v in timings.items()},
         "projections": list(projections),
@@ -450,7 +472,7 @@ def _sort_attribution(cards: list[dict[str, Any]]) -> None:
             t["rows"].sort(key=val)
 
 
-def _sections(summary, acc, maps, audit_cards, attr_cards, neuron_cards, drift, flags) -> list[dict[str, Any]]:
+def _sections(summary, acc, maps, audit_cards, attr_cards, neuron_cards, drift, flags, images) -> list[dict[str, Any]]:
     return [
         {"id": "summary", "title": "Run summary", "present": True},
         {"id": "accuracy", "title": "Accuracy" if acc.get("mode") != "distribution" else "Predictions per label",
@@ -459,6 +481,7 @@ def _sections(summary, acc, maps, audit_cards, attr_cards, neuron_cards, drift, 
         {"id": "tsne_grid", "title": "t-SNE image grid", "present": bool(maps["grids"]), "missing": MISSING["tsne_grid"]},
         {"id": "audit", "title": "Dataset audit", "present": bool(audit_cards), "missing": MISSING["audit"]},
         {"id": "attribution", "title": "Attribution galleries", "present": bool(attr_cards), "missing": MISSING["attribution"]},
+        {"id": "images", "title": "One row per image", "present": bool(images.get("present")), "missing": MISSING["images"]},
         {"id": "neurons", "title": "Inside the network", "present": bool(neuron_cards), "missing": MISSING["neurons"]},
         {"id": "drift", "title": "Drift vs previous run", "present": bool(drift.get("present")), "missing": MISSING["drift"]},
     ]
@@ -497,6 +520,8 @@ def render_html(ctx: dict[str, Any]) -> str:
         **ctx,
         plotly_js=Markup(_inline_js(_static("plotly.min.js"))),
         report_js=Markup(_inline_js(_static("report.js"))),
+        scatter_js=Markup(_inline_js(_static("scatter.js"))),
+        scatter_script=Markup(ctx.get("scatter_json", "null")),
         report_css=Markup(_static("report.css").replace("</style", "<\\/style")),
         points_script=Markup(ctx["points_json"]),
         thumbs_script=Markup(ctx["thumbs_json"]),

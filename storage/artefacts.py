@@ -1,7 +1,7 @@
 """Artefacts by the ``kind`` their manifest declares, and the feature artefact each was built from.
 
 Every writer puts ``kind`` in its manifest (``features``, ``index``, ``maps``, ``dataset-audit``,
-``attribution``, ``neurons``, ``nightly-run``) and records its feature source in one known field. Readers
+``attribution``, ``attribution-sanity``, ``image-table``, ``neurons``, ``nightly-run``) and records its feature source in one known field. Readers
 select artefacts here, by that field, instead of guessing from names or columns. The per-kind readers
 (:mod:`storage.features`, :mod:`storage.index_store`, :mod:`storage.maps`, :mod:`storage.audits`,
 :mod:`storage.neurons`, :mod:`storage.runs`) build on these two functions.
@@ -24,6 +24,8 @@ DIRECTORY_OF = {
     "maps": "maps",
     "dataset-audit": "audits",
     "attribution": "audits",
+    "attribution-sanity": "audits",
+    "image-table": "audits",
     "neurons": "neurons",
     "nightly-run": "runs",
 }
@@ -34,6 +36,8 @@ _HOW_TO_MAKE = {
     "maps": "convlens project --method tsne",
     "dataset-audit": "convlens audit-dataset",
     "attribution": "convlens audit",
+    "attribution-sanity": "convlens audit-sanity",
+    "image-table": "convlens report",
     "neurons": "convlens neurons ...",
     "nightly-run": "convlens nightly DATA",
 }
@@ -51,7 +55,7 @@ def features_source(manifest: dict[str, Any]) -> str | None:
         return src if isinstance(src, str) else None
     if kind == "dataset-audit":
         return (src or {}).get("features")
-    if kind in ("attribution", "nightly-run"):
+    if kind in ("attribution", "nightly-run", "attribution-sanity", "image-table"):
         return (manifest.get("features") or {}).get("id")
     if kind == "neurons":
         return (src or {}).get("features_id")

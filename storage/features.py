@@ -9,6 +9,17 @@ Feature table columns (one row per listed path; ``image_id`` may repeat for iden
 Parts are named after their content hash (``part-<sha16>.parquet``), written atomically; a part becomes
 trusted only when a manifest lists it. While a run is in progress, finished parts are recorded in
 ``journal.json`` so a killed run resumes without redoing them; readers never look at the journal.
+:class:`PartWriter` also records in each part's entry what the publish's quality gate needs (``nonfinite``
+rows, ``nonzero``), so a publish never re-reads a part it keeps.
+
+Cheap re-checks (:class:`FileStamps`): a full sha256 of every listed file on every run is O(store bytes). A stamp
+records, per listed file, the ``(size, mtime_ns, inode)`` it had when its sha256 was last known to match the
+manifest (a full check, or the writer's own bytes); while the file still has that stamp it is trusted without
+re-reading it, and a file whose stamp changed is hashed in full. A file modified within
+:data:`STAMP_RACY_NS` of being stamped is hashed again (mtime granularity: the "racy git" rule). What a stamp cannot
+see is a change that keeps size, mtime and inode (bit rot on the medium, or a deliberate rewrite that restores the
+mtime): ``convlens verify`` (full sha256 of everything) finds those, and any read that fails to parse drops the
+part just the same.
 """
 
 from __future__ import annotations
@@ -16,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -31,6 +44,7 @@ from storage.manifest import MANIFEST_NAME, read_manifest, safe_member
 
 __all__ = [
     "META_COLUMNS",
+    "COMPUTED_COLUMNS",
     "JOURNAL_NAME",
     "feature_schema",
     "rejects_schema",
@@ -45,10 +59,17 @@ __all__ = [
     "load_features",
     "iter_feature_batches",
     "remove_garbage",
+    "STAMP_RACY_NS",
+    "FileStamps",
+    "part_gate",
+    "read_part_columns",
 ]
 
 log = logging.getLogger(__name__)
 META_COLUMNS = ("image_id", "path", "label", "split", "width", "height")
+# Columns the extraction computes (every feature_schema column except the listed path / label / split): an image
+# list may not carry a column of one of these names (tasks.core.datasets refuses it, in any letter case).
+COMPUTED_COLUMNS = ("image_id", "width", "height", "feature", "pred_top5", "prob_top5")
 JOURNAL_NAME = "journal.json"
 _KEEP = {MANIFEST_NAME, LOCK_NAME, JOURNAL_NAME}
 
@@ -87,7 +108,9 @@ def write_part(directory: Path, table: pa.Table, prefix: str = "part") -> dict[s
     digest = sha256_bytes(data)
     name = f"{prefix}-{digest[:16]}.parquet"
     path = directory / name
-    if not (path.is_file() and path.stat().st_size == len(data)):
+    # Same name = same content: keep an existing file only if its bytes really are these (a corrupted file of the
+    # same size must be rewritten, or a repair would list it again under the right checksum).
+    if not (path.is_file() and path.stat().st_size == len(data) and sha256_file(path) == digest):
         from storage.atomic import atomic_write_bytes
 
         atomic_write_bytes(path, data)
@@ -150,9 +173,13 @@ class PartWriter:
         for c in self.extra_columns:
             cols[c] = [None if m.get(c) is None else str(m.get(c)) for m in meta]
         table = pa.table(cols, schema=self.schema)
+        head = feats[:n]
+        nonfinite = int((~np.isfinite(head)).any(axis=1).sum()) if n else 0
+        nonzero = bool(np.any(head != 0))
         self._feats = [rest_feats] if len(rest_feats) else []
         self._n -= n
         entry = write_part(self.directory, table)
+        entry.update(nonfinite=nonfinite, nonzero=nonzero)  # the publish's quality gate reads these, not the part
         self.entries.append(entry)
         if self.on_part is not None:
             self.on_part(entry)
@@ -266,3 +293,113 @@ def remove_garbage(directory: Path, manifest: dict[str, Any], keep: Iterable[str
     if removed:
         fsync_dir(directory)
     return removed
+
+
+def read_part_columns(directory: Path, entry: dict[str, Any], columns: Sequence[str]) -> pa.Table:
+    """Some columns of a part, without its checksum (the caller trusts it: a :class:`FileStamps` check or the
+    manifest it is listed in). Columns the part lacks are left out. Raises :class:`StoreError` when the file is
+    gone or does not parse. Memory O(rows x the columns asked)."""
+    path = safe_member(directory, entry["name"])
+    try:
+        pf = pq.ParquetFile(path)
+        have = set(pf.schema_arrow.names)
+        return pf.read(columns=[c for c in columns if c in have])
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from None
+
+
+def part_gate(directory: Path, entry: dict[str, Any], rows: Sequence[int] | None = None) -> tuple[int, bool]:
+    """``(rows with a NaN / Inf feature, any feature value != 0)`` of a part's ``rows`` (all when None): from the
+    entry when :class:`PartWriter` recorded them and all rows are meant, else read from the ``feature`` column."""
+    if rows is None and "nonfinite" in entry and "nonzero" in entry:
+        return int(entry["nonfinite"]), bool(entry["nonzero"])
+    t = read_part_columns(directory, entry, ["feature"])
+    col = t.column("feature").combine_chunks()
+    feats = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+    if rows is not None:
+        feats = feats[np.asarray(rows, np.int64)]
+    if not len(feats):
+        return 0, False
+    return int((~np.isfinite(feats)).any(axis=1).sum()), bool(np.any(feats != 0))
+
+
+STAMP_RACY_NS = 2_000_000_000
+"""A file whose mtime lies within this long before it was stamped may still change within the same mtime tick
+(coarse kernel clocks, 1-2 s on some filesystems): it is hashed in full next time and stamped again."""
+
+
+class FileStamps:
+    """Per artefact: for each listed file name, the ``(bytes, mtime_ns, inode, sha256, stamped_ns)`` it had when its
+    content was last known to match ``sha256``. Stored as JSON at ``path`` (in the store's ``cache/``, outside
+    every artefact, so ``convlens verify`` and readers never see it); written atomically by :meth:`save`.
+
+    :meth:`check` trusts a file whose stamp is current and not racy, else hashes it in full (raising
+    :class:`ChecksumError` on a mismatch, :class:`StoreError` when it is missing) and stamps it. Stamps are an
+    optimisation: a missing or unreadable stamp file only means full hashes. Memory O(listed files).
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.data: dict[str, list[Any]] = {}
+        self.changed = False
+        self.hashed = 0
+        if self.path is not None and self.path.is_file():
+            try:
+                raw = json.loads(self.path.read_text("utf-8"))
+                self.data = {str(k): list(v) for k, v in raw.get("files", {}).items() if isinstance(v, list) and len(v) == 5}
+            except (OSError, ValueError, AttributeError):
+                log.warning("ignoring unreadable stamp file %s (files are hashed in full)", self.path)
+
+    def trusted(self, directory: Path, entry: dict[str, Any]) -> bool:
+        """True when ``entry``'s file has the stamp recorded for its ``sha256`` and the stamp is not racy."""
+        stamp = self.data.get(entry["name"])
+        if stamp is None or stamp[3] != entry.get("sha256"):
+            return False
+        try:
+            st = os.stat(safe_member(directory, entry["name"]))
+        except OSError:
+            return False
+        return (st.st_size, st.st_mtime_ns, st.st_ino) == tuple(stamp[:3]) and st.st_mtime_ns < int(stamp[4]) - STAMP_RACY_NS
+
+    def record(self, directory: Path, entry: dict[str, Any]) -> None:
+        """Stamp ``entry``'s file as holding ``entry["sha256"]`` now (the caller just hashed or wrote it)."""
+        try:
+            st = os.stat(safe_member(directory, entry["name"]))
+        except OSError:
+            return
+        self.data[entry["name"]] = [st.st_size, st.st_mtime_ns, st.st_ino, entry.get("sha256"), time.time_ns()]
+        self.changed = True
+
+    def check(self, directory: Path, entry: dict[str, Any]) -> None:
+        """Make sure ``entry``'s file holds its ``sha256``: by its stamp, else by hashing it in full (then stamped)."""
+        if self.trusted(directory, entry):
+            return
+        path = safe_member(directory, entry["name"])
+        try:
+            digest = sha256_file(path)
+        except FileNotFoundError:
+            raise ChecksumError(f"{path} is listed in the manifest but missing; rebuild the artefact") from None
+        except OSError as exc:
+            raise StoreError(f"{path}: {exc.strerror or exc}") from None
+        self.hashed += 1
+        if digest != entry.get("sha256"):
+            raise ChecksumError(f"checksum mismatch for {path}: the file was modified or corrupted")
+        self.record(directory, entry)
+
+    def keep_only(self, names: Iterable[str]) -> None:
+        """Forget stamps of files no longer listed."""
+        keep = set(names)
+        gone = [n for n in self.data if n not in keep]
+        for n in gone:
+            del self.data[n]
+        self.changed = self.changed or bool(gone)
+
+    def save(self) -> None:
+        if self.path is None or not self.changed:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.path, {"version": 1, "files": self.data})
+            self.changed = False
+        except OSError as exc:  # an optimisation only: the next run hashes in full
+            log.warning("could not write the stamp file %s: %s", self.path, exc)

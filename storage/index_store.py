@@ -9,8 +9,9 @@ Layout of ``<store>/indexes/<artefact_id>/`` (every data file listed in ``manife
 - ``knn-k<K>-<sha16>.parquet`` (role ``knn``, ``k`` = K): the all-rows kNN graph written by
   ``convlens neighbors --all -k K`` (columns in :data:`KNN_COLUMNS`).
 
-File names carry their content hash, so an update writes new files and publishes a new manifest last; a reader
-of the previous manifest keeps valid files until garbage removal.
+File names carry their content hash, so an update writes new files and publishes a new manifest last. A reader
+of the previous manifest keeps valid files until the publish after that one: garbage removal only deletes files
+listed by neither the new manifest nor the one it replaced (:func:`publish_index_manifest`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 from storage.atomic import TMP_PREFIX, atomic_write_bytes, fsync_dir, sha256_bytes, sha256_file
 from storage.errors import ChecksumError, StoreError, UsageError
 from storage.features import remove_garbage
-from storage.manifest import safe_member, write_manifest
+from storage.manifest import MANIFEST_NAME, read_manifest, safe_member, write_manifest
 
 __all__ = [
     "IDMAP_COLUMNS",
@@ -37,6 +38,8 @@ __all__ = [
     "write_index_file",
     "write_idmap",
     "load_index_bytes",
+    "index_file_path",
+    "publish_index_file",
     "read_idmap",
     "KnnGraphWriter",
     "read_knn_graph",
@@ -127,6 +130,29 @@ def load_index_bytes(adir: Path, manifest: dict[str, Any]) -> bytes:
     return data
 
 
+def index_file_path(adir: Path, manifest: dict[str, Any]) -> Path:
+    """The index file's path after verifying its sha256 (streamed: no copy of the index in memory); the caller
+    reads it with FAISS (``tasks.core.faiss_index.read_index_file``). :class:`ChecksumError` on a mismatch."""
+    entry = file_with_role(manifest, "index")
+    if entry is None:
+        raise StoreError(f"index artefact {adir} lists no index file; rebuild it with `convlens index --rebuild`")
+    return _verified(Path(adir), entry, "index")
+
+
+def publish_index_file(adir: Path, tmp: Path) -> dict[str, Any]:
+    """Name a fully written temp index file ``index-<sha16>.faiss`` (fsync, hash streamed, rename); return its
+    manifest entry. Memory O(1)."""
+    tmp = Path(tmp)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    digest = sha256_file(tmp)
+    name = f"index-{digest[:16]}.faiss"
+    size = tmp.stat().st_size
+    os.replace(tmp, Path(adir) / name)
+    fsync_dir(adir)
+    return _entry(name, size, digest, role="index")
+
+
 def read_idmap(adir: Path, manifest: dict[str, Any]) -> pd.DataFrame:
     """The verified id map as a DataFrame sorted by ``row``."""
     entry = file_with_role(manifest, "idmap")
@@ -170,8 +196,11 @@ class KnnGraphWriter:
             self.tmp.unlink()
 
 
-def read_knn_graph(adir: Path, manifest: dict[str, Any], k: int | None = None) -> pd.DataFrame:
+def read_knn_graph(adir: Path, manifest: dict[str, Any], k: int | None = None,
+                   columns: tuple[str, ...] | None = None) -> pd.DataFrame:
     """A verified kNN graph of the index: the one with exactly ``k`` (or the largest K >= k, cut to ranks <= k).
+    ``columns``: read only these (e.g. the numeric ``row, rank, neighbor_row, distance``: ~24 B per edge instead of
+    ~400 B with the id and path strings); ``rank`` is read too when a cut is needed.
 
     Raises :class:`StoreError` when none is stored (build it with ``convlens neighbors --all -k K``).
     """
@@ -183,15 +212,37 @@ def read_knn_graph(adir: Path, manifest: dict[str, Any], k: int | None = None) -
                          f"run `convlens neighbors --all -k {k or 10} --store ...`")
     entry = min(usable, key=lambda e: int(e["k"])) if k is not None else max(usable, key=lambda e: int(e["k"]))
     path = _verified(Path(adir), entry, "kNN graph")
-    df = pq.read_table(path).to_pandas()
-    if k is not None and int(entry["k"]) > k:
+    cut = k is not None and int(entry["k"]) > k
+    cols = None if columns is None else list(dict.fromkeys([*columns, *(["rank"] if cut else [])]))
+    df = pq.read_table(path, columns=cols).to_pandas()
+    if cut:
         df = df[df["rank"] <= k].reset_index(drop=True)
+        if columns is not None and "rank" not in columns:
+            df = df.drop(columns="rank")
     return df
 
 
 def publish_index_manifest(adir: Path, manifest: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Publish ``manifest`` (atomically, last) and remove files it no longer lists. Caller holds the lock."""
+    """Publish ``manifest`` (atomically, last) and remove the files neither it nor the manifest it replaces
+    lists. Caller holds the lock.
+
+    A reader that read the previous manifest just before this publish can still open every file that manifest
+    lists: those files stay until the next publish after this one (garbage = listed by neither the new nor the
+    previous manifest, plus leftovers of interrupted runs).
+    """
+    adir = Path(adir)
+    previous = _listed_names(adir)
     out = write_manifest(adir, manifest)
-    remove_garbage(Path(adir), out, keep=keep)
+    remove_garbage(adir, out, keep=(*keep, *previous))
     return out
+
+
+def _listed_names(adir: Path) -> list[str]:
+    """File names the currently published manifest of ``adir`` lists (none when absent or unreadable)."""
+    if not (adir / MANIFEST_NAME).is_file():
+        return []
+    try:
+        return [e["name"] for e in read_manifest(adir).get("files", [])]
+    except StoreError:  # unreadable (torn or edited): nobody can be reading it; its files are garbage
+        return []
 

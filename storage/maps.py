@@ -1,4 +1,7 @@
-"""Reader of ``maps`` artefacts (PCA / t-SNE coordinates written by :mod:`tasks.maps.projection`)."""
+"""Reader of ``maps`` artefacts (PCA / t-SNE / UMAP coordinates written by :mod:`tasks.maps.projection`).
+
+A map holds ``coords.parquet`` (role ``coords``) and, since map format 2, ``reference.npz`` (role ``reference``:
+what placing new rows into the map needs; read by :mod:`tasks.maps.projection`)."""
 
 from __future__ import annotations
 
@@ -14,9 +17,10 @@ from storage.errors import ChecksumError, StoreError
 from storage.manifest import read_manifest, safe_member
 from storage.paths import Store
 
-__all__ = ["COORDS_NAME", "resolve_map", "read_coords"]
+__all__ = ["COORDS_NAME", "REFERENCE_NAME", "resolve_map", "read_coords"]
 
 COORDS_NAME = "coords.parquet"
+REFERENCE_NAME = "reference.npz"
 
 
 def resolve_map(store: str | os.PathLike[str], map_id: str | None = None, method: str | None = None) -> tuple[str, dict[str, Any]]:

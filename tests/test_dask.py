@@ -163,7 +163,8 @@ def test_dask_max_activations_equal_local(local_and_dask):
     from storage.neurons import read_table
 
     root, _, _ = local_and_dask
-    params = {"layer": "conv", "k": 4, "batch_size": 16, "png_channels": 2}  # 30 images: in-process decode
+    params = {"layer": "conv", "k": 4, "batch_size": 16, "png_channels": 2,  # 30 images: in-process decode
+              "model": MODEL}  # the features name a factory: the user names it to let it run
     local = neurons(technique="max-act", store=str(root / "local"), params=params)
     dask = neurons.with_options(task_runner=dask_runner())(technique="max-act", store=str(root / "dask"), params=params)
     tables = []
@@ -210,7 +211,7 @@ def test_dask_attribution_audit_equals_local(local_and_dask):
     from tasks.attribution.audit import AuditConfig
 
     kw = dict(methods=("occlusion", "saliency", "guided", "gradcam"), select="random", n=12, window=112, stride=112,
-              faith_steps=2, batch_size=16, device="cpu")
+              faith_steps=2, batch_size=16, device="cpu", model=MODEL)
     local = attribution_audit(AuditConfig(store=str(root / "local"), **kw))
     dask = attribution_audit.with_options(task_runner=dask_runner())(AuditConfig(store=str(root / "dask"), **kw),
                                                                       shard_size=8)

@@ -118,7 +118,7 @@ def test_preprocessing_override_recorded(small_data, store_dir):
     m = extract(small_data, store_dir, model="resnet18", resize=80, crop=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
                 interpolation="bicubic")
     assert m["preprocessing"] == {"resize": 80, "crop": 64, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
-                                  "interpolation": "bicubic"}
+                                  "interpolation": "bicubic", "decode": "jpeg-draft"}
     with pytest.raises(ValueError, match="larger than"):
         extract(small_data, store_dir, model="resnet18", resize=32, crop=64)
 

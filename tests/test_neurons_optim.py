@@ -33,7 +33,7 @@ def test_class_viz_raises_target_score_by_a_large_factor():
     for p in m.parameters():
         p.requires_grad_(False)
     cfg = ClassVizConfig(size=32, steps=30, lr=0.05, l2=1e-4, jitter=2, blur_every=10, blur_sigma=0.5,
-                         clip_value_pct=5, clip_grad_pct=5)
+                         clip_value_pct=5, clip_grad_pct=5, param="pixel")  # the seeds' method
     img, hist = class_visualisation(m, 0, (0, 0, 0), (1, 1, 1), cfg)
     start, end = hist["score"].iloc[0], hist["score"].iloc[-1]
     assert 0.05 < start < 0.07  # zero image: the biases only
@@ -41,8 +41,98 @@ def test_class_viz_raises_target_score_by_a_large_factor():
     assert img.shape == (3, 32, 32) and float(img.min()) >= 0 and float(img.max()) <= 1
     # the class is "red": the optimised image is redder than it is green or blue
     assert float(img[0].mean()) > float(img[1].mean()) and float(img[0].mean()) > float(img[2].mean())
-    noise_img, noise_hist = class_visualisation(m, 0, (0, 0, 0), (1, 1, 1), ClassVizConfig(size=32, steps=10, init="noise"))
+    noise_img, noise_hist = class_visualisation(m, 0, (0, 0, 0), (1, 1, 1),
+                                                ClassVizConfig(size=32, steps=10, init="noise", param="pixel"))
     assert noise_hist["score"].iloc[-1] > noise_hist["score"].iloc[0]
+
+
+def test_fourier_image_is_a_valid_decorrelated_image_with_a_1_over_f_spectrum():
+    from tasks.neurons.param import COLOR_CORRELATION_SVD_SQRT, FourierImage, TransformConfig, random_transform, rfft2d_freqs
+
+    assert rfft2d_freqs(6, 7).shape == (6, 4) and rfft2d_freqs(6, 8)[0, 0] == 0 and rfft2d_freqs(8, 8)[4, 4] == np.sqrt(0.5)
+    img = FourierImage(20, 24, batch=2, generator=torch.Generator().manual_seed(0))
+    x = img()
+    assert x.shape == (2, 3, 20, 24) and float(x.detach().min()) > 0 and float(x.detach().max()) < 1
+    assert abs(float(x.detach().mean()) - 0.5) < 0.02  # starts as near-uniform grey
+    # a unit impulse at a frequency f shows up with amplitude ~ 1/f: low frequencies get the larger steps
+    assert img.scale[0, 0, 1, 0, 0] > 4 * img.scale[0, 0, 8, 0, 0]
+    assert img.scale[0, 0, 0, 0, 0] == pytest.approx(24.0)  # DC capped at 1 / (1 / max side)
+    # the colour matrix mixes channels (ImageNet's colour correlation): one decorrelated channel -> all of R, G, B
+    assert (COLOR_CORRELATION_SVD_SQRT[:, 0] > 0.2).all()
+    y = random_transform(x, TransformConfig(pad=4, jitter=2, scale_range=(0.9, 1.1), degrees=10, jitter_after=1),
+                         torch.Generator().manual_seed(1))
+    assert y.shape[:2] == (2, 3) and abs(y.shape[-1] - 29) <= 4 and float(y.detach().min()) >= 0 and float(y.detach().max()) <= 1
+    y.sum().backward()
+    assert img.spectrum.grad is not None and float(img.spectrum.grad.abs().sum()) > 0
+
+
+def test_class_viz_is_recognised_after_small_transforms_and_is_not_noise():
+    """The embedded MobileNetV2 (offline), 128 px, 100 steps: the picture of a class stays its top-1 under 8
+    random small shifts / zooms / rotations and keeps most of its power at low frequencies. The seeds' pixel
+    method (the code before the Fourier parameterisation) leaves ~60 % of the power above 0.25 cycles/px."""
+    from tasks.core.models import load_model
+    from tasks.neurons.class_viz import ClassVizConfig, class_visualisation, robust_top1
+    from tasks.neurons.param import high_frequency_share
+
+    lm = load_model("mobilenet_v2", "imagenet")
+    m = lm.module.eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    mean, std = lm.preprocess.mean, lm.preprocess.std
+    cfg = ClassVizConfig(size=128, steps=100)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared 2-core machine OpenMP spin-waits make 2 threads many times slower
+    try:
+        for target in (1, 130):  # goldfish, flamingo
+            img, hist = class_visualisation(m, target, mean, std, cfg)
+            r = robust_top1(m, img, target, mean, std, n=8)
+            assert r["top1"] and r["hits"] == 8, (lm.categories[target], r)
+            assert high_frequency_share(img) < 0.3, lm.categories[target]
+            assert hist["score"].iloc[-1] > hist["score"].iloc[0] + 20 and hist["prob"].iloc[-1] > 0.9
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_channel_visualisation_excites_the_channel():
+    from tasks.neurons.class_viz import ClassVizConfig, channel_visualisation
+
+    m = Tiny().eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    # normalised grey = 0: the red detector (R - G - B + 0.01) is alive at the grey start image
+    img, hist = channel_visualisation(m, "features.3", 0, (0.5,) * 3, (0.5,) * 3, ClassVizConfig(size=32, steps=40, lr=0.1))
+    assert hist["score"].iloc[-1] > 5 * max(hist["score"].iloc[0], 1e-3)
+    r, g, b = (float(c.mean()) for c in img)
+    assert img.shape == (3, 32, 32) and r > g + 0.05 and r > b + 0.05  # channel 0 is the red detector
+    with pytest.raises(ValueError, match="out of range"):
+        channel_visualisation(m, "features.3", 9, (0, 0, 0), (1, 1, 1), ClassVizConfig(size=32, steps=1))
+
+
+def test_channel_viz_sits_beside_its_max_activating_patches_in_the_report(tmp_path):
+    from reports.render import build_report, render_html
+    from storage.paths import Store
+    from tasks.extract.features import ExtractConfig, run_extraction
+    from tasks.neurons.class_viz import ClassVizConfig, run_channel_viz
+    from tasks.neurons.common import Source
+    from tasks.neurons.max_activations import run_max_activations
+    from tests.neurons_helpers import PRE64, make_square_dataset, tiny_lm
+
+    make_square_dataset(tmp_path / "data", per_class=2)
+    store = tmp_path / "store"
+    lm = tiny_lm()
+    fm = run_extraction(ExtractConfig(data=str(tmp_path / "data"), store=str(store), model="tiny", weights="none",
+                                      progress=False, num_workers=0), lm=lm)
+    src = Source(lm, PRE64, fm["artefact_id"], Store(store).artefact_dir("features", fm["artefact_id"]), fm)
+    mx = run_max_activations(store, layer="features.3", k=2, channels=[0, 1], source=src)
+    cv = run_channel_viz(store, cfg=ClassVizConfig(size=32, steps=5), source=src)  # channels from the max-act artefact
+    assert cv["layer"] == "features.3" and [c["channel"] for c in cv["channels"]] == [0, 1]
+    assert {"channel-0.png", "channel-1.png", "channel_viz.parquet"} <= {f["name"] for f in cv["files"]}
+    ctx = build_report(store, fm["artefact_id"])
+    card = next(c for c in ctx["neuron_cards"] if c["technique"] == "max_activations")
+    rows = next(b for b in card["blocks"] if b["type"] == "channels")["rows"]
+    assert [r["channel"] for r in rows] == [0, 1] and all(r["viz"].startswith("data:image/png;base64,") for r in rows)
+    html = render_html(ctx)
+    assert html.count('class="chviz"') == 2 and mx["artefact_id"] in html
 
 
 def test_inversion_lowers_feature_distance_monotonically_on_average():

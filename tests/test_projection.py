@@ -176,7 +176,7 @@ def test_build_tsne_map_artefact(cluster_store):
     assert 0.9 <= q["trustworthiness"] <= 1.0
     assert m["pca"]["n_components"] == 50 and m["tsne"]["effective_perplexity"] == 30.0
     roles = {f["role"] for f in m["files"]}
-    assert roles == {"coords", "scatter"}
+    assert roles == {"coords", "scatter", "reference"}
     assert m["library_versions"]["openTSNE"] and m["seed"] == 0
     # rerun: same id, reused, nothing recomputed; forced rebuild: identical coordinates (seeded)
     again = build_map(MapConfig(store=str(store), method="tsne", seed=0))
@@ -247,3 +247,144 @@ def test_maps_flow_through_prefect(prefect_server, tmp_path):
     assert out["grid"]["filled"] == 36 and out["grid"]["missing_images"] == 0
     m = read_manifest(Store(tmp_path / "store").artefact_dir("maps", out["tsne"]["map_id"]), verify=True)
     assert {"coords", "scatter", "grid", "grid-cells"} <= {f["role"] for f in m["files"]}
+
+
+# ------------------------------------------------------------- sample + placement, incremental maps, UMAP
+
+
+def _publish(store, feats, labels, paths, created, aid="nightly-features"):
+    """Publish ``feats`` as the feature artefact ``aid`` with an explicit ``created`` (a later night's
+    republication of the same artefact, as the nightly run does). No images."""
+    from storage.features import PartWriter
+    from storage.manifest import write_manifest
+
+    n, d = feats.shape
+    adir = Store(store).artefact_dir("features", aid, create=True)
+    w = PartWriter(adir, d, False, part_rows=max(1, (n + 2) // 3))
+    w.add([{"image_id": f"id-{p}", "path": p, "label": lab, "split": None, "width": 16, "height": 16}
+           for p, lab in zip(paths, labels)], np.ascontiguousarray(feats, np.float32))
+    files = [dict(e, role="part") for e in w.close()]
+    write_manifest(adir, {"kind": "features", "artefact_id": aid, "dataset_root": str(store), "dim": d, "rows": n,
+                          "with_preds": False, "extra_columns": [], "model": {"arch": "synthetic", "weights": "none"},
+                          "layer": {"alias": None, "name": "synthetic", "side": "output"}, "files": files,
+                          "created": created})
+    return aid
+
+
+def _reference(store, m):
+    from tasks.maps.projection import MapReference
+
+    entry = next(f for f in m["files"] if f["role"] == "reference")
+    return MapReference.from_bytes((Store(store).artefact_dir("maps", m["artefact_id"]) / entry["name"]).read_bytes())
+
+
+@pytest.mark.parametrize("method", ["tsne", "umap"])
+def test_sample_fit_places_every_row_and_keeps_the_fitted_coordinates(tmp_path, method):
+    from tasks.maps.projection import umap_available
+
+    if method == "umap" and not umap_available():
+        pytest.skip("umap-learn is not installed")
+    x, lab = clusters(n_per=60, k=4, d=24)
+    write_features(tmp_path / "store", x, lab, images=False)
+    m = build_map(MapConfig(store=str(tmp_path / "store"), method=method, max_fit=100, pca_first=10, seed=0))
+    df = read_coords(Store(tmp_path / "store").artefact_dir("maps", m["artefact_id"]), m)
+    xy = df[["x", "y"]].to_numpy()
+    assert len(df) == len(x) and np.isfinite(xy).all()
+    info = m[method]
+    assert info["fitted_rows"] == 100 and info["transformed_rows"] == len(x) - 100
+    ref = _reference(tmp_path / "store", m)
+    assert ref.method == method and len(ref.fit_rows) == 100 and ref.fit_x.shape == (100, 10)
+    # the fitted rows sit exactly where the fit put them; the placed rows land among their own cluster
+    np.testing.assert_array_equal(xy[ref.fit_rows], ref.fit_y.astype(np.float32))
+    placed = np.setdiff1d(np.arange(len(x)), ref.fit_rows)
+    assert knn_label_agreement(xy, lab, k=10, queries=placed) >= 0.95
+    assert m["reference"]["fitted_rows"] == 100 and m["reference"]["pca"] is True
+
+
+def test_umap_map_builds_on_a_small_set(cluster_store):
+    from tasks.maps.projection import umap_available
+
+    if not umap_available():
+        pytest.skip("umap-learn is not installed")
+    store, x, lab = cluster_store
+    m = build_map(MapConfig(store=str(store), method="umap", seed=0))
+    assert m["method"] == "umap" and m["umap"]["knn"].startswith("faiss") and m["umap"]["fitted_rows"] == len(x)
+    assert m["quality"]["knn_label_agreement_map"] >= 0.95
+    df = read_coords(Store(store).artefact_dir("maps", m["artefact_id"]), m)
+    again = build_map(MapConfig(store=str(store), method="umap", seed=0, force=True))  # seeded: reproducible
+    np.testing.assert_array_equal(read_coords(Store(store).artefact_dir("maps", again["artefact_id"]))[["x", "y"]].to_numpy(),
+                                  df[["x", "y"]].to_numpy())
+
+
+@pytest.mark.parametrize("method", ["tsne", "pca", "umap"])
+def test_incremental_map_keeps_old_coordinates_bit_for_bit(tmp_path, method):
+    from tasks.maps.projection import umap_available
+
+    if method == "umap" and not umap_available():
+        pytest.skip("umap-learn is not installed")
+    store = tmp_path / "store"
+    x, lab = clusters(n_per=50, k=4, d=20, seed=1)
+    paths = [f"img/{i:04d}.png" for i in range(len(x))]
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(x))
+    night1 = np.sort(order[:160])                        # 160 images on night 1
+    gone = night1[:5]                                    # 5 of them are deleted before night 2
+    night2 = np.sort(np.r_[np.setdiff1d(night1, gone), order[160:]])  # + 40 new images
+    _publish(store, x[night1], lab[night1], [paths[i] for i in night1], "2024-01-01T00:00:00+00:00")
+    first = build_map(MapConfig(store=str(store), method=method, max_fit=120, pca_first=8, seed=0))
+    old = read_coords(Store(store).artefact_dir("maps", first["artefact_id"]), first).set_index("path")
+
+    _publish(store, x[night2], lab[night2], [paths[i] for i in night2], "2024-01-02T00:00:00+00:00")
+    inc = build_map(MapConfig(store=str(store), method=method, max_fit=120, pca_first=8, seed=0, previous="auto"))
+    assert inc["incremental"] == {"previous": first["artefact_id"], "previous_created": first["created"],
+                                  "previous_rows": 160, "kept": 155, "placed": 40, "dropped": 5}
+    new = read_coords(Store(store).artefact_dir("maps", inc["artefact_id"]), inc).set_index("path")
+    assert len(new) == len(night2) and new["row"].tolist() == list(range(len(night2)))
+    kept = new.index.intersection(old.index)
+    assert len(kept) == 155
+    for axis in ("x", "y"):  # bit for bit
+        assert new.loc[kept, axis].to_numpy().tobytes() == old.loc[kept, axis].to_numpy().tobytes()
+    added = new.index.difference(old.index)
+    assert len(added) == 40 and np.isfinite(new.loc[added, ["x", "y"]].to_numpy()).all()
+    if method != "pca":  # new images land among their own class
+        xy = new[["x", "y"]].to_numpy()
+        queries = np.flatnonzero(new.index.isin(added))
+        assert knn_label_agreement(xy, new["label"].tolist(), k=10, queries=queries) >= 0.9
+    else:  # a PCA map projects the new rows with yesterday's PCA (not a refit)
+        ref = _reference(store, first)
+        rows = [paths.index(p) for p in added]
+        np.testing.assert_allclose(new.loc[added, ["x", "y"]].to_numpy(), ref.reduce(x[rows])[:, :2], atol=1e-5)
+    assert {"coords", "reference", "scatter"} <= {f["role"] for f in inc["files"]}
+    # the same night again reuses the incremental map; an explicit --previous of other parameters is refused
+    again = build_map(MapConfig(store=str(store), method=method, max_fit=120, pca_first=8, seed=0, previous="auto"))
+    assert again["reused"] and again["artefact_id"] == inc["artefact_id"]
+    with pytest.raises(ValueError, match="same method and parameters"):
+        build_map(MapConfig(store=str(store), method=method, max_fit=120, pca_first=8, seed=1,
+                            previous=first["artefact_id"]))
+
+
+def test_incremental_auto_refits_when_the_reference_is_too_small(tmp_path):
+    store = tmp_path / "store"
+    x, lab = clusters(n_per=40, k=3, d=12)
+    paths = [f"img/{i:04d}.png" for i in range(len(x))]
+    _publish(store, x[:30], lab[:30], paths[:30], "2024-01-01T00:00:00+00:00")
+    first = build_map(MapConfig(store=str(store), method="tsne", pca_first=8, seed=0))
+    _publish(store, x, lab, paths, "2024-01-02T00:00:00+00:00")  # 4x the rows: the 30-row fit is too small
+    m = build_map(MapConfig(store=str(store), method="tsne", pca_first=8, seed=0, previous="auto"))
+    assert m["incremental"] is None and m["tsne"]["fitted_rows"] == len(x) and m["artefact_id"] != first["artefact_id"]
+
+
+def test_cli_project_umap_and_previous(cluster_store, capsys):
+    from flows.cli import main
+    from tasks.maps.projection import umap_available
+
+    store, x, _ = cluster_store
+    assert main(["--no-prefect", "project", "--store", str(store), "--method", "pca", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(["--no-prefect", "project", "--store", str(store), "--method", "tsne", "--previous", first["map_id"]]) == 2
+    assert "same method and parameters" in capsys.readouterr().err
+    if umap_available():
+        assert main(["--no-prefect", "project", "--store", str(store), "--method", "umap", "--n-neighbors", "10",
+                     "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["method"] == "umap" and out["n_neighbors"] == 10 and out["rows"] == len(x)

@@ -495,7 +495,8 @@ def test_list_escapes_rejected_manifest_escapes_refused_nothing_written_outside(
     assert {k for k in after if not k.startswith("store/")} == set(before)  # nothing written outside the store
     assert all(after[k] == v for k, v in before.items())
     m2 = extract(lists / "l.csv", store_dir / "other", allow_outside_root=True)  # explicitly allowed
-    assert m2["rejects"] == 0 and m2["rows"] == len(rows) + 3  # the two "../" spellings are one relative path
+    # the two "../" spellings are one relative path: the repeat is a duplicate-entry reject row, not a silent drop
+    assert m2["rows"] == len(rows) + 3 and rejects_of(store_dir / "other", m2) == {"imgs/../../secret/s.png": "duplicate-entry"}
     # manifest entries that escape the artefact directory are refused on read
     fdir = adir(store_dir, m)
     for evil in ("../../secret/s.png", "/etc/passwd", "..", "a/b.parquet"):

@@ -102,13 +102,14 @@ def test_report_file_is_self_contained_and_sections_present(hs, tmp_path):
     out = write_report(hs["store"], out=tmp_path / "r.html", features_id=hs["a"], compare=hs["b"])
     html = Path(out).read_text("utf-8")
     assert _sections(html) == {k: "yes" for k in ("summary", "accuracy", "map", "tsne_grid", "audit", "attribution",
-                                                 "neurons", "drift")}
+                                                 "images", "neurons", "drift")}
     # no resource is loaded from anywhere but the file itself
     markup = re.sub(r"<script[^>]*>.*?</script>", "", html, flags=re.S)
     assert not re.search(r'(src|href)\s*=\s*"(?!data:|#)', markup)
     assert "Content-Security-Policy" in html and "default-src 'none'" in html
-    # the hostile label is escaped everywhere: exactly the report's own 4 script elements close
-    assert html.count("</script>") == 4 and SCRIPT_LABEL not in html
+    # the hostile label is escaped everywhere: exactly the report's own 7 script elements close
+    # (per-image table, points, thumbnails, scatter payload, plotly, scatter.js, report.js)
+    assert html.count("</script>") == 7 and SCRIPT_LABEL not in html
     assert "<img src=x" not in html
     # embedded JSON is parseable and aligned with the feature rows
     pts = json.loads(re.search(r'<script type="application/json" id="cl-points">(.*?)</script>', html, re.S).group(1))

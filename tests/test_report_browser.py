@@ -59,8 +59,8 @@ def test_every_section_renders(page_state):
     page = page_state["page"]
     present = page.evaluate("Array.from(document.querySelectorAll('section.report-section')).map(s => [s.id, s.dataset.present])")
     assert dict(present) == {k: "yes" for k in ("summary", "accuracy", "map", "tsne_grid", "audit", "attribution",
-                                               "neurons", "drift")}
-    assert page.evaluate("window.convlens.renderer") == "scattergl"
+                                               "images", "neurons", "drift")}
+    assert page.evaluate("window.convlens.renderer") == "webgl"  # reports/static/scatter.js
     # the WebGL scatter drew and the t-SNE map's coordinates are used
     assert page.locator("#cl-scatter canvas").count() > 0
     assert "TSNE" in page.locator("#cl-proj").inner_text()

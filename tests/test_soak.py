@@ -62,7 +62,8 @@ def _cmd(stage: str, data: Path, store: Path) -> list[str]:
                        "--batch-size", "2", "--part-rows", "4", "--num-workers", "0", "--json"]
     if stage == "index":
         return base + ["index", "--store", str(store), "--json"]
-    return base + ["audit", "--store", str(store), "--methods", "saliency,gradcam", "--n", "4", "--select", "random",
+    return base + ["audit", "--store", str(store), "--model", "tiny_models:build", "--methods", "saliency,gradcam",
+                   "--n", "4", "--select", "random",
                    "--faith-steps", "4", "--json"]
 
 

@@ -24,7 +24,7 @@ from reports.figures import clean_text, image_data_uri
 from reports.sections.stored import open_verified_image, read_verified_table, table_preview
 from storage.errors import StoreError
 
-__all__ = ["METHOD_ORDER", "attribution_view", "method_summary", "fmt_auc"]
+__all__ = ["METHOD_ORDER", "attribution_view", "method_summary", "fmt_auc", "sanity_view", "attach_sanity"]
 
 log = logging.getLogger(__name__)
 METHOD_ORDER = ("occlusion", "saliency", "smoothgrad", "integrated_gradients", "guided", "deconvnet", "gradcam",
@@ -62,7 +62,7 @@ def method_summary(df: pd.DataFrame, best: pd.Series) -> list[dict[str, Any]]:
             rows.append({"target_kind": clean_text(kind), "method": clean_text(method), "n": int(len(g)),
                          "deletion": float(g["deletion_auc"].mean()), "insertion": float(g["insertion_auc"].mean()),
                          "gap": float((g["insertion_auc"] - g["deletion_auc"]).mean()),
-                         "wins": int(kwins.get(method, 0)), "believe": False})
+                         "wins": int(kwins.get(method, 0)), "believe": False, "sanity_flagged": False})
         rows.sort(key=lambda r: _method_key(r["method"]))
         if rows:
             top = max(rows, key=lambda r: (r["gap"] if math.isfinite(r["gap"]) else -np.inf))
@@ -94,7 +94,7 @@ def attribution_view(aid: str, m: dict[str, Any], adir: Path, path_rows: dict[st
         return None
     view: dict[str, Any] = {"id": clean_text(aid), "title": clean_text(m.get("technique") or m.get("kind") or "attribution"),
                             "error": None, "rows": [], "methods": [], "summary": [], "believe": None, "n_rows": 0,
-                            "raw": None, "faith": "", "facts": []}
+                            "raw": None, "faith": "", "facts": [], "sanity": None, "believe_flagged": False}
     try:
         df = pd.concat([read_verified_table(adir, e) for e in score_entries], ignore_index=True)
     except StoreError as exc:
@@ -180,3 +180,51 @@ def attribution_view(aid: str, m: dict[str, Any], adir: Path, path_rows: dict[st
                                                       ("selected by", run.get("select")),
                                                       ("device", run.get("device"))) if v is not None]
     return view
+
+
+def sanity_view(store: str | Path, attribution_id: str) -> dict[str, Any] | None:
+    """Template data of the newest sanity check (kind ``attribution-sanity``, :mod:`tasks.attribution.sanity`) of
+    the attribution audit ``attribution_id``, or None when it has none.
+
+    ``{"id", "rule", "layers", "depth", "images", "flagged": [methods], "methods": [{"method", "rho", "ssim",
+    "flagged", "verdict", "line" (sparkline of median Spearman vs layers randomised)}], "error"}``."""
+    from reports.sections.neurons import sparkline
+    from storage.audits import read_sanity
+
+    try:
+        found = read_sanity(store, attribution_id)
+    except StoreError as exc:
+        return {"id": "", "error": clean_text(str(exc)), "methods": [], "flagged": [], "rule": "", "layers": None,
+                "depth": None, "images": None}
+    if found is None:
+        return None
+    _, m = found
+    ver = m.get("verdicts") or {}
+    methods = []
+    for name in sorted(ver, key=_method_key):
+        v = ver[name]
+        curve = v.get("curve") or []
+        # x: cascade step (0 = the trained model, whose map matches itself), evenly spaced; y: median Spearman
+        line = sparkline(list(range(len(curve) + 1)), [1.0] + [c[1] for c in curve], width=160, height=48, pad=4)
+        methods.append({"method": clean_text(name), "rho": fmt_auc(v.get("median_spearman")),
+                        "ssim": fmt_auc(v.get("median_ssim")), "flagged": bool(v.get("flagged")),
+                        "verdict": clean_text(v.get("verdict", "")), "line": line,
+                        "curve": [(int(c[0]), fmt_auc(c[1])) for c in curve]})
+    return {"id": clean_text(m.get("artefact_id", "")), "rule": clean_text(m.get("rule", "")), "layers": m.get("layers"),
+            "depth": m.get("verdict_depth"), "images": m.get("images"), "error": None, "methods": methods,
+            "flagged": [x["method"] for x in methods if x["flagged"]]}
+
+
+def attach_sanity(cards: list[dict[str, Any]], store: str | Path) -> None:
+    """Add each attribution view's sanity check (``card["sanity"]``, None without one) and mark the flagged
+    methods in its per-method summary (``sanity_flagged``) and verdict (``believe_flagged``); in place."""
+    for card in cards:
+        if card.get("view") != "attribution":
+            continue
+        san = sanity_view(store, card["id"])
+        card["sanity"] = san
+        flagged = set(san["flagged"]) if san else set()
+        for r in card.get("summary", []):
+            r["sanity_flagged"] = r["method"] in flagged
+        believe = card.get("believe")
+        card["believe_flagged"] = bool(believe and believe.get("method") in flagged)

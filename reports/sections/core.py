@@ -19,6 +19,10 @@ __all__ = [
     "class_mapping",
     "accuracy_section",
     "drift_section",
+    "findings_drift",
+    "previous_findings",
+    "current_findings",
+    "drift_rows",
     "top1_names",
 ]
 
@@ -221,13 +225,19 @@ def _per_label_top1(meta: pd.DataFrame, categories: list[str] | None) -> dict[st
 def drift_section(cur: tuple[str, dict[str, Any], pd.DataFrame, np.ndarray],
                   prev: tuple[str, dict[str, Any], pd.DataFrame, np.ndarray],
                   categories: list[str] | None, prev_categories: list[str] | None,
-                  max_rows: int = 5000, seed: int = 0, max_examples: int = 24) -> dict[str, Any]:
+                  max_rows: int = 5000, seed: int = 0, max_examples: int = 24, most_different: int = 8,
+                  neighbours: int = 4, thumb_px: int = 64) -> dict[str, Any]:
     """Drift of the current feature artefact vs a previous one.
 
     ``cur``/``prev`` are ``(artefact id, manifest, meta, feats (N, D) float32)``. Returns new/removed image
     counts (by content hash), per-label accuracy (or top-1 agreement) change, mean-embedding cosine distance
     and a domain-classifier AUC (logistic regression, 3-fold, on at most ``max_rows`` sampled rows per side;
     0.5 = indistinguishable), and the images whose top-1 prediction changed (row indices of ``cur``).
+
+    ``most_different``: the new images (same model only) the domain classifier scores as most unlike the
+    previous run (its out-of-fold decision value), each with its ``neighbours`` nearest previous images by
+    cosine similarity of the features: ``[{"row", "score", "neighbours": [{"row" (a current row, or None for an
+    image no longer in the dataset), "uri" (its thumbnail then), "path", "sim"}]}]``.
     """
     cid, cman, cmeta, cfeat = cur
     pid, pman, pmeta, pfeat = prev
@@ -258,14 +268,24 @@ def drift_section(cur: tuple[str, dict[str, Any], pd.DataFrame, np.ndarray],
             # the few new rows bound the AUC's precision: 20 previous rows per new one are plenty (and cheap)
             k = min(len(pfeat), max(200, 20 * int(new_mask.sum())))
             pick = np.sort(np.random.default_rng(seed + 1).choice(len(pfeat), k, replace=False))
-            out["domain_auc"] = _domain_auc(cfeat[new_mask], pfeat[pick], max_rows, seed)
+            a_rows = np.flatnonzero(new_mask)
+            out["domain_auc"], picked, scores = _domain_scores(cfeat[new_mask], pfeat[pick], max_rows, seed)
             out["domain_auc_of"] = "new images vs the previous run"
         else:
-            out["domain_auc"] = _domain_auc(cfeat, pfeat, max_rows, seed)
+            a_rows = np.arange(len(cfeat))
+            out["domain_auc"], picked, scores = _domain_scores(cfeat, pfeat, max_rows, seed)
             out["domain_auc_of"] = "this run vs the previous run"
+        out["most_different"] = []
+        if out["same_model"] and most_different > 0 and len(picked):
+            rows = a_rows[picked]
+            keep = new_mask[rows]
+            order = np.argsort(-scores[keep], kind="stable")[:most_different]
+            out["most_different"] = _with_old_neighbours(rows[keep][order], scores[keep][order], cfeat, pfeat, cmeta, pmeta,
+                                                         pman.get("dataset_root"), neighbours, thumb_px)
     else:
         out["mean_cosine_distance"] = None
         out["domain_auc"] = None
+        out["most_different"] = []
         out["embedding_note"] = (f"feature dimensions differ ({cfeat.shape[1]} vs {pfeat.shape[1]}): embeddings "
                                  "of different layers/models are not comparable")
     # per-label change
@@ -308,20 +328,56 @@ def drift_section(cur: tuple[str, dict[str, Any], pd.DataFrame, np.ndarray],
                                 "cur": clean_text(categories[b] if categories and b < len(categories) else b)})
     out["n_changed"] = len(changed)
     out["changed"] = changed[:max_examples]
+    # for the per-image table (not rendered as such): every new image id and every changed prediction
+    out["new_ids"] = new_ids
+    out["changed_all"] = {c["row"]: (c["prev"], c["cur"]) for c in changed}
     return out
+
+
+def current_findings(store: Any, fid: str) -> pd.DataFrame | None:
+    """The findings table of the newest dataset audit of the features ``fid`` (verified), or None."""
+    from storage.audits import read_findings
+    from storage.errors import StoreError
+
+    try:
+        return read_findings(store, features_id=fid)
+    except StoreError:
+        return None
+
+
+def drift_rows(drift: dict[str, Any]) -> set[int]:
+    """Current rows the drift section shows as thumbnails (findings drift, most-different images and neighbours)."""
+    rows: set[int] = set()
+    for k in (drift.get("findings") or {}).get("kinds", []):
+        for e in k["new"] + k["resolved"]:
+            rows.update(r for r in (e["row"], e["other_row"]) if r is not None)
+    for d in drift.get("most_different") or []:
+        rows.add(d["row"])
+        rows.update(nb["row"] for nb in d["neighbours"] if nb["row"] is not None)
+    return rows
 
 
 def _domain_auc(a: np.ndarray, b: np.ndarray, max_rows: int, seed: int) -> float | None:
     """Cross-validated AUC of a logistic regression telling ``a`` rows from ``b`` rows (0.5 = no drift)."""
+    return _domain_scores(a, b, max_rows, seed)[0]
+
+
+def _domain_scores(a: np.ndarray, b: np.ndarray, max_rows: int, seed: int) -> tuple[float | None, np.ndarray, np.ndarray]:
+    """The domain classifier: ``(AUC or None, picked rows of a (K,) int64, their out-of-fold decision values (K,))``.
+
+    A logistic regression (standardised features, C = 0.1) tells ``a`` rows (label 1, e.g. the new images) from
+    ``b`` rows, on at most ``max_rows`` sampled rows per side, 3-fold; each ``a`` row's score comes from the fold
+    that did not train on it, so a high score means "unlike anything the classifier saw of ``b``"."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
     from sklearn.preprocessing import StandardScaler
 
     rng = np.random.default_rng(seed)
-    a = a[rng.choice(len(a), min(len(a), max_rows), replace=False)]
+    ia = rng.choice(len(a), min(len(a), max_rows), replace=False)
+    a = a[ia]
     b = b[rng.choice(len(b), min(len(b), max_rows), replace=False)]
     if len(a) < 3 or len(b) < 3:
-        return None
+        return None, np.zeros(0, np.int64), np.zeros(0)
     x = np.concatenate([a, b]).astype(np.float64)
     y = np.r_[np.ones(len(a), int), np.zeros(len(b), int)]
     scores = np.zeros(len(y))
@@ -330,4 +386,127 @@ def _domain_auc(a: np.ndarray, b: np.ndarray, max_rows: int, seed: int) -> float
         clf = LogisticRegression(max_iter=500, C=0.1).fit(sc.transform(x[tr]), y[tr])
         scores[te] = clf.decision_function(sc.transform(x[te]))
     auc = binary_auc(scores, y)
-    return None if np.isnan(auc) else auc
+    return (None if np.isnan(auc) else auc), ia.astype(np.int64), scores[: len(a)]
+
+
+def _with_old_neighbours(rows: np.ndarray, scores: np.ndarray, cfeat: np.ndarray, pfeat: np.ndarray,
+                         cmeta: pd.DataFrame, pmeta: pd.DataFrame, prev_root: str | None, k: int,
+                         thumb_px: int) -> list[dict[str, Any]]:
+    """Each current row with its ``k`` nearest previous rows (cosine); an old neighbour still in the dataset is
+    named by its current row (the page's thumbnail), one that is gone gets its own thumbnail from the previous
+    run's dataset root."""
+    from reports.figures import thumbnail
+
+    if not len(rows) or not len(pfeat):
+        return []
+    cur_row = {x: i for i, x in enumerate(cmeta["image_id"])}
+    pn = pfeat / np.maximum(np.linalg.norm(pfeat, axis=1, keepdims=True), 1e-12)
+    q = cfeat[rows] / np.maximum(np.linalg.norm(cfeat[rows], axis=1, keepdims=True), 1e-12)
+    sims = q @ pn.T
+    kk = min(k, len(pfeat))
+    out = []
+    for i, r in enumerate(rows):
+        top = np.argsort(-sims[i], kind="stable")[:kk]
+        nbs = []
+        for j in top:
+            iid, path = str(pmeta["image_id"].iloc[j]), str(pmeta["path"].iloc[j])
+            row = cur_row.get(iid)
+            uri = thumbnail(prev_root, path, thumb_px)[0] if row is None else None
+            nbs.append({"row": row, "uri": uri, "path": clean_text(path), "sim": float(sims[i, j])})
+        out.append({"row": int(r), "score": float(scores[i]), "neighbours": nbs})
+    return out
+
+
+_FINDING_TITLES = {"leakage": "train/test leaks", "exact-duplicate": "exact duplicates", "near-duplicate": "near-duplicates",
+                   "label-disagreement": "likely label errors", "outlier": "outliers"}
+
+
+def _finding_keys(df: pd.DataFrame | None) -> dict[tuple[str, ...], dict[str, Any]]:
+    """One key per finding: ``(kind, image_id)``, or ``(leakage, id_a, id_b)`` (sorted) for a leak pair."""
+    out: dict[tuple[str, ...], dict[str, Any]] = {}
+    if df is None or df.empty or not {"finding", "image_id"} <= set(df.columns):
+        return out
+    for r in df.to_dict("records"):
+        kind, iid = str(r["finding"]), str(r.get("image_id"))
+        other = r.get("other_image_id")
+        other = None if other is None or (isinstance(other, float) and np.isnan(other)) else str(other)
+        key = ("leakage", *sorted((iid, other or ""))) if kind == "leakage" else (kind, iid)
+        out.setdefault(key, r)
+    return out
+
+
+def findings_drift(cur: pd.DataFrame | None, prev: pd.DataFrame | None, cmeta: pd.DataFrame,
+                   max_examples: int = 12) -> dict[str, Any]:
+    """New and resolved dataset-audit findings, night over night (tables with :data:`storage.audits.FINDING_COLUMNS`).
+
+    A finding is ``(kind, image_id)`` — the same picture keeps its identity whatever its path — or, for a leak,
+    the unordered pair of image ids. Per kind: ``n_prev``, ``n_cur``, ``n_new``, ``n_resolved`` and examples
+    (``{"row" (current row or None), "path", "other_row", "other_path", "gone"}``; ``gone``: the image left the
+    dataset, which resolved it). ``by_image``: ``{"new": {image_id: [kinds]}, "resolved": {...}}`` for the
+    per-image table. ``present`` is False when either side has no dataset audit.
+    """
+    if cur is None or prev is None:
+        return {"present": False, "kinds": [], "by_image": {"new": {}, "resolved": {}},
+                "why": "no dataset audit " + ("for this run" if cur is None else "for the previous run")}
+    ck, pk = _finding_keys(cur), _finding_keys(prev)
+    row_of = {}
+    for i, x in enumerate(cmeta["image_id"].astype(str)):
+        row_of.setdefault(x, i)
+    by_image: dict[str, dict[str, list[str]]] = {"new": {}, "resolved": {}}
+
+    def entry(r: dict[str, Any]) -> dict[str, Any]:
+        iid, oid = str(r.get("image_id")), r.get("other_image_id")
+        op = r.get("other_path")
+        return {"row": row_of.get(iid), "path": clean_text(r.get("path", "")),
+                "other_row": row_of.get(str(oid)) if isinstance(oid, str) else None,
+                "other_path": clean_text(op) if isinstance(op, str) else "", "gone": iid not in row_of}
+
+    kinds = []
+    for kind in ("leakage", "exact-duplicate", "near-duplicate", "label-disagreement", "outlier"):
+        new = [k for k in ck if k[0] == kind and k not in pk]
+        res = [k for k in pk if k[0] == kind and k not in ck]
+        for side, keys in (("new", new), ("resolved", res)):
+            for k in keys:
+                for iid in k[1:]:
+                    if iid:
+                        lst = by_image[side].setdefault(iid, [])
+                        if kind not in lst:
+                            lst.append(kind)
+        kinds.append({"kind": kind, "title": _FINDING_TITLES[kind], "n_prev": sum(k[0] == kind for k in pk),
+                      "n_cur": sum(k[0] == kind for k in ck), "n_new": len(new), "n_resolved": len(res),
+                      "new": [entry(ck[k]) for k in new[:max_examples]],
+                      "resolved": [entry(pk[k]) for k in res[:max_examples]]})
+    return {"present": True, "kinds": kinds, "by_image": by_image,
+            "n_new": sum(k["n_new"] for k in kinds), "n_resolved": sum(k["n_resolved"] for k in kinds)}
+
+
+def previous_findings(store: Any, pid: str, pdir: Any) -> pd.DataFrame | None:
+    """The previous run's dataset-audit findings: the copy a nightly run record keeps beside its features
+    snapshot (``pdir`` = ``runs/<run>/<run>``; the live audit is replaced by tonight's), else the newest
+    dataset audit built from the features artefact ``pid`` in the store holding ``pdir`` or in ``store``; None
+    when there is neither.
+    Files are sha256-verified."""
+    from pathlib import Path
+
+    from storage.artefacts import artefacts_of
+    from storage.errors import StoreError
+    from storage.features import read_part
+    from storage.manifest import MANIFEST_NAME, read_manifest
+
+    run_dir = Path(pdir).parent
+    try:
+        if (run_dir / MANIFEST_NAME).is_file():
+            rm = read_manifest(run_dir)
+            if rm.get("kind") == "nightly-run":
+                entry = next((e for e in rm.get("files", []) if e.get("role") == "findings"), None)
+                return None if entry is None else read_part(run_dir, entry).to_pandas()
+        # a features folder of another store (``--compare OTHER_STORE``): its own store first
+        stores = ([Path(pdir).parent.parent] if Path(pdir).parent.name == "features" else []) + [store]
+        for st in stores:
+            for _, m, adir in artefacts_of(st, "dataset-audit", pid):
+                entry = next((e for e in m.get("files", []) if e.get("role") == "findings"), None)
+                if entry is not None:
+                    return read_part(adir, entry).to_pandas()
+    except StoreError as exc:
+        log.warning("previous findings unreadable (%s); the drift section shows no findings drift", exc)
+    return None

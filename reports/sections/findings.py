@@ -6,6 +6,10 @@ image_id, path, label, split, other_image_id, other_path, other_label, other_spl
 its columns are :data:`storage.audits.FINDING_COLUMNS`; older tables may lack optional ones. Thumbnails are
 feature rows (``<img data-thumb>``, filled lazily by the page); rows shown are added to ``needed``.
 
+The card also says what "near-copy" meant in that audit (``rule``: the manifest's ``near_copy_rule`` — the
+calibrated feature threshold, how many self-made copies it was calibrated on, and the pixel check — or, for an
+audit made before calibration existed, its fixed cosine threshold).
+
 Memory: the findings table (bounded by the audit's own limits) + the shown items.
 """
 
@@ -20,7 +24,7 @@ from reports.figures import clean_text
 from reports.sections.stored import read_verified_table, table_preview
 from storage.errors import StoreError
 
-__all__ = ["KIND_ORDER", "findings_view"]
+__all__ = ["KIND_ORDER", "findings_view", "near_copy_rule"]
 
 KIND_ORDER = ("leakage", "exact-duplicate", "near-duplicate", "label-disagreement", "outlier")
 _TITLES = {"leakage": "Train/test leaks", "exact-duplicate": "Exact duplicates", "near-duplicate": "Near-duplicate clusters",
@@ -28,7 +32,8 @@ _TITLES = {"leakage": "Train/test leaks", "exact-duplicate": "Exact duplicates",
 _EXPLAIN = {
     "leakage": "a test image whose nearest train image is (nearly) the same picture: test scores are inflated",
     "exact-duplicate": "byte-identical or identical-feature images",
-    "near-duplicate": "groups of images closer than the duplicate threshold in feature space",
+    "near-duplicate": "groups of copies of one picture (re-encoded, resized, re-lit or slightly cropped), each pair "
+                      "confirmed on the pixels",
     "label-disagreement": "the image's labelled kNN neighbours vote for another label",
     "outlier": "far from everything else (distance to the k-th neighbour, robust z-score)",
 }
@@ -50,6 +55,18 @@ def _img(rec: dict[str, Any], prefix: str, path_rows: dict[str, int], needed: se
             "id": _s(rec.get(prefix + "image_id"))}
 
 
+def near_copy_rule(m: dict[str, Any]) -> str:
+    """What "near-copy" meant in a dataset audit, as one line (empty when the manifest says nothing)."""
+    rule = m.get("near_copy_rule")
+    if rule:
+        return clean_text(rule)
+    thr = (m.get("params") or {}).get("dup_threshold")
+    if thr is not None and not m.get("calibration"):
+        return clean_text(f"near-copy = feature cosine >= {thr} (a fixed threshold, not calibrated for this model and "
+                          "not confirmed on the pixels: findings may be distinct images that look alike to the model)")
+    return ""
+
+
 def findings_view(aid: str, m: dict[str, Any], adir: Path, path_rows: dict[str, int], needed: set[int],
                   per_kind: int = 12, per_cluster: int = 12) -> dict[str, Any] | None:
     """Template data for one dataset audit, or None when it has no findings table with a kind column."""
@@ -57,7 +74,8 @@ def findings_view(aid: str, m: dict[str, Any], adir: Path, path_rows: dict[str, 
     if entry is None:
         return None
     view: dict[str, Any] = {"id": clean_text(aid), "title": "dataset audit", "error": None, "groups": [], "raw": None,
-                            "params": [(clean_text(k), clean_text(v)) for k, v in (m.get("params") or {}).items()]}
+                            "params": [(clean_text(k), clean_text(v)) for k, v in (m.get("params") or {}).items()],
+                            "rule": near_copy_rule(m)}
     try:
         df = read_verified_table(adir, entry)
     except StoreError as exc:
@@ -77,8 +95,11 @@ def findings_view(aid: str, m: dict[str, Any], adir: Path, path_rows: dict[str, 
     for kind in kinds:
         sub = df[df[kcol].astype(str) == kind]
         recs = sub.to_dict("records")
+        explain = _EXPLAIN.get(kind, "")
+        if kind == "near-duplicate" and not m.get("calibration"):
+            explain = "groups of images closer than the duplicate threshold in feature space"
         group: dict[str, Any] = {"kind": clean_text(kind), "title": clean_text(_TITLES.get(kind, kind)), "count": counts[kind],
-                                 "explain": _EXPLAIN.get(kind, ""), "mode": "singles", "entries": [], "total": 0}
+                                 "explain": explain, "mode": "singles", "entries": [], "total": 0}
         has_other = "other_path" in sub.columns and sub["other_path"].notna().any()
         clustered = "cluster" in sub.columns and (sub["cluster"].fillna(-1).astype(int) >= 0).any() and kind != "leakage"
         if clustered:

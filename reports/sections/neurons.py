@@ -22,12 +22,13 @@ from reports.figures import clean_text, image_data_uri
 from reports.sections.stored import open_verified_image, read_verified_table, table_preview
 from storage.errors import StoreError
 
-__all__ = ["neuron_view", "sparkline", "TECHNIQUE_TITLES"]
+__all__ = ["neuron_view", "sparkline", "attach_channel_viz", "TECHNIQUE_TITLES"]
 
 log = logging.getLogger(__name__)
 TECHNIQUE_TITLES = {
     "filters": "First-layer filters", "activations": "Activation maps", "max_activations": "Max-activating patches",
-    "class_viz": "Class visualisation", "adversarial": "Adversarial examples", "invariance": "Invariance curves",
+    "class_viz": "Class visualisation", "channel_viz": "Channel visualisation",
+    "adversarial": "Adversarial examples", "invariance": "Invariance curves",
     "evolution": "Feature evolution across checkpoints", "inversion": "Feature inversion", "deepdream": "DeepDream",
     "style": "Style transfer", "compare": "Frozen vs fine-tuned (transfer) comparison",
 }
@@ -138,9 +139,11 @@ def _max_acts(m, adir, df):
                                 "title": clean_text(f"{rec.get('path', '')}\nactivation {_num(rec.get('activation'))}"
                                                     f"{' · label ' + str(rec['label']) if rec.get('label') is not None else ''}")})
             top = float(hits["activation"].max()) if "activation" in hits and len(hits) else float("nan")
-            rows.append({"label": f"ch {ch}", "sub": f"max {_num(top)}", "patches": patches})
+            rows.append({"label": f"ch {ch}", "sub": f"max {_num(top)}", "patches": patches, "channel": int(ch),
+                         "layer": str(m.get("layer", "")), "viz": None})
     if rows:
-        blocks.insert(0, {"type": "channels", "rows": rows, "size": max(96, p)})
+        blocks.insert(0, {"type": "channels", "rows": rows, "size": max(96, p), "layer": str(m.get("layer", "")),
+                          "with_viz": False})
     return blocks, summary
 
 
@@ -157,15 +160,24 @@ def _class_viz(m, adir, df):
         if df is not None and {"class_index", "step", "score"} <= set(df.columns):
             g = df[df["class_index"] == idx].sort_values("step")
             line = sparkline(g["step"].tolist(), g["score"].tolist(), width=256, height=80)
+        rob = c.get("robust") or {}
         figs.append({"fig": fig, "name": clean_text(c.get("class_name", idx)), "index": idx,
                      "start": _num(c.get("score_start")), "end": _num(c.get("score_end")),
-                     "prob": _num(c.get("prob_end")), "line": line})
+                     "prob": _num(c.get("prob_end")), "line": line,
+                     "robust": (f"top-1 under {rob['hits']} of {rob['n']} random small shifts / zooms / rotations"
+                                if rob.get("n") else "")})
     if figs:
         blocks.append({"type": "classviz", "entries": figs})
-        steps = (m.get("params") or {}).get("steps")
-        summary.append(f"Gradient ascent on the class score from a {(m.get('params') or {}).get('init', '?')} image, {steps} steps "
-                       f"(L2 {(m.get('params') or {}).get('l2', '?')}, blur and small-value clipping): what the model "
-                       f"thinks each class looks like.")
+        params = m.get("params") or {}
+        steps = params.get("steps")
+        if params.get("param", "pixel") == "fourier":
+            summary.append(f"Gradient ascent on the class score, {steps} steps, over a colour-decorrelated Fourier "
+                           f"image with random jitter, scale and rotation at every step (transformation robustness): what "
+                           f"the model thinks each class looks like, as an image it still recognises when moved a little.")
+        else:
+            summary.append(f"Gradient ascent on the class score from a {params.get('init', '?')} image, {steps} steps "
+                           f"(L2 {params.get('l2', '?')}, blur and small-value clipping): what the model "
+                           f"thinks each class looks like.")
     else:
         blocks.append(_figures(adir, _images(m)))
     return blocks, summary
@@ -250,7 +262,22 @@ def _activations(m, adir, df):
         f"Layer {m.get('layer', '?')}: each image, then its most active channels (per-map min–max)."]
 
 
-_BUILDERS = {"filters": _filters, "max_activations": _max_acts, "class_viz": _class_viz, "adversarial": _adversarial,
+def _channel_viz(m, adir, df):
+    """Per channel: its visualisation (also attached to the max-activations rows by :func:`attach_channel_viz`)."""
+    entries = [e for e in _images(m) if e.get("channel") is not None]
+    by_channel = {}
+    for e in entries:
+        f = _fig(adir, e, f"ch {e['channel']}", scale_to=128)
+        if f:
+            by_channel[int(e["channel"])] = f
+    block = {"type": "figures", "entries": list(by_channel.values()), "channel_viz": {
+        "layer": str(m.get("layer", "")), "uris": {c: f["uri"] for c, f in by_channel.items()}}}
+    return [block], [f"Layer {m.get('layer', '?')}: for each channel, the image that maximises its mean activation (the "
+                     "class visualisation's optimiser: decorrelated Fourier image, random jitter / scale / rotation). "
+                     "Shown again beside each channel's max-activating patches."]
+
+
+_BUILDERS = {"filters": _filters, "max_activations": _max_acts, "class_viz": _class_viz, "channel_viz": _channel_viz, "adversarial": _adversarial,
              "invariance": _invariance, "evolution": _evolution, "inversion": _inversion, "deepdream": _deepdream,
              "style": _style, "compare": _compare, "transfer": _compare, "activations": _activations}
 
@@ -280,3 +307,22 @@ def neuron_view(aid: str, m: dict[str, Any], adir: Path, path_rows: dict[str, in
         log.warning("neurons artefact %s: unexpected layout: %s", aid, exc)
         view["error"] = clean_text(f"unexpected layout ({exc}); showing what could be read")
     return view
+
+
+def attach_channel_viz(cards: list[dict[str, Any]]) -> None:
+    """Put each channel's visualisation (from a ``channel_viz`` view of the same layer) at the start of its
+    max-activating patches row (``row["viz"]``), in place. The newest channel_viz view of a layer wins."""
+    by_layer: dict[str, dict[int, str]] = {}
+    for c in cards:
+        for b in c.get("blocks", []):
+            cv = b.get("channel_viz")
+            if cv and cv["layer"] not in by_layer:
+                by_layer[cv["layer"]] = cv["uris"]
+    for c in cards:
+        for b in c.get("blocks", []):
+            if b.get("type") != "channels":
+                continue
+            uris = by_layer.get(b.get("layer", ""), {})
+            for r in b["rows"]:
+                r["viz"] = uris.get(r.get("channel"))
+            b["with_viz"] = any(r["viz"] for r in b["rows"])

@@ -37,8 +37,12 @@
 
   /* ---- scatter ---- */
   var gd = document.getElementById("cl-scatter");
-  var api = { ready: false, fill: fill };
+  var api = { ready: false, fill: fill, thumbOf: thumbOf };
   window.convlens = api;
+  if (gd && P.bin && window.ConvlensScatter) {  // every point, binary payload, WebGL: static/scatter.js
+    window.ConvlensScatter.mount(gd, P, api, { thumbOf: thumbOf, describe: describe, text: text });
+    return;
+  }
   if (!gd || typeof Plotly === "undefined") { api.ready = true; return; }
   var shown = P.shown;                        // null: every row is shown, index == row
   var nShown = shown ? shown.length : P.n;
@@ -208,4 +212,171 @@
   });
   api.gd = gd; api.rowOf = rowOf; api.idxOf = idxOf; api.showHover = showHover; api.showNeighbours = showNeighbours;
   api.pointPixel = pointPixel; api.points = P;
+})();
+
+/* ---- one row per image: sortable, filterable, paged table (#images; data in #cl-images) ---- */
+(function () {
+  "use strict";
+  var el = document.getElementById("cl-images");
+  var table = document.getElementById("it-table");
+  if (!el || !table) { return; }
+  var D = JSON.parse(el.textContent);
+  var rows = D.rows;
+  rows.forEach(function (r) {  // empty values are left out of the payload
+    ["l", "s", "pr", "sg", "dup", "lk", "sl", "b"].forEach(function (k) { if (r[k] === undefined) { r[k] = ""; } });
+    ["f", "u", "nf", "rf"].forEach(function (k) { if (r[k] === undefined) { r[k] = []; } });
+    ["a", "sa"].forEach(function (k) { if (r[k] === undefined) { r[k] = {}; } });
+    ["c", "ok", "g", "ls", "o", "bg", "nw", "ch"].forEach(function (k) { if (r[k] === undefined) { r[k] = null; } });
+  });
+  var total = D.n || rows.length;
+  var PAGE = 50;
+  var $ = function (id) { return document.getElementById(id); };
+  var st = { q: "", finding: "", method: "", ins: null, unreliable: false, wrong: false, since: false, sort: null, desc: false, page: 0 };
+  var view = rows;
+
+  function txt(tag, value, cls) { var e = document.createElement(tag); e.textContent = value == null ? "" : String(value); if (cls) { e.className = cls; } return e; }
+  function minIns(r) { var m = null; Object.keys(r.a).forEach(function (k) { var v = r.a[k][1]; if (v != null && (m === null || v < m)) { m = v; } }); return m; }
+  function insOf(r) { if (st.method) { return r.a[st.method] ? r.a[st.method][1] : null; } return minIns(r); }
+  function keep(r) {
+    if (st.q) { var hay = (r.p + " " + r.l + " " + r.pr + " " + r.sg).toLowerCase(); if (hay.indexOf(st.q) < 0) { return false; } }
+    if (st.finding === "*" && !r.f.length) { return false; }
+    if (st.finding === "-" && r.f.length) { return false; }
+    if (st.finding && st.finding !== "*" && st.finding !== "-" && r.f.indexOf(st.finding) < 0) { return false; }
+    if (st.method && !r.a[st.method]) { return false; }
+    if (st.ins !== null) { var v = insOf(r); if (v === null || v > st.ins) { return false; } }
+    if (st.unreliable && !r.u.length) { return false; }
+    if (st.wrong && r.ok !== false) { return false; }
+    if (st.since && !r.sl) { return false; }
+    return true;
+  }
+  function sortVal(r, key) {
+    if (key === "ins") { return insOf(r); }
+    if (key === "f" || key === "u") { return r[key].length || null; }
+    if (key === "dup") { return r.dup || r.lk || null; }
+    var v = r[key];
+    return v === "" ? null : v;
+  }
+  function apply() {
+    view = rows.filter(keep);
+    if (st.sort) {
+      var key = st.sort, sign = st.desc ? -1 : 1;
+      view = view.map(function (r, i) { return [sortVal(r, key), i, r]; }).sort(function (a, b) {
+        if (a[0] === null && b[0] === null) { return a[1] - b[1]; }
+        if (a[0] === null) { return 1; }
+        if (b[0] === null) { return -1; }
+        if (a[0] < b[0]) { return -sign; }
+        if (a[0] > b[0]) { return sign; }
+        return a[1] - b[1];
+      }).map(function (t) { return t[2]; });
+    }
+    st.page = Math.max(0, Math.min(st.page, Math.ceil(view.length / PAGE) - 1));
+    draw();
+  }
+  function thumbCell(r) {
+    var td = document.createElement("td");
+    var img = document.createElement("img");
+    img.width = 48; img.height = 48; img.alt = ""; img.className = "mini";
+    var c = window.convlens;
+    var u = c && c.thumbOf ? c.thumbOf(r.r) : null;
+    if (u) { img.src = u; } else { img.className = "mini nothumb"; }
+    img.title = r.p;
+    td.appendChild(img);
+    return td;
+  }
+  function draw() {
+    var body = table.tBodies[0];
+    body.textContent = "";
+    var from = st.page * PAGE;
+    view.slice(from, from + PAGE).forEach(function (r) {
+      var tr = document.createElement("tr");
+      tr.setAttribute("data-row", String(r.r));
+      tr.appendChild(thumbCell(r));
+      var p = txt("td", r.p, "mono path"); p.title = r.p; tr.appendChild(p);
+      tr.appendChild(txt("td", r.l + (r.s ? " · " + r.s : "")));
+      tr.appendChild(txt("td", r.pr, r.ok === false ? "neg" : ""));
+      tr.appendChild(txt("td", r.c == null ? "" : r.c.toFixed(3)));
+      var f = document.createElement("td");
+      r.f.forEach(function (k) { f.appendChild(txt("span", k, "chip kind")); });
+      if (r.sg) { f.appendChild(txt("div", "suggested: " + r.sg, "hint")); }
+      tr.appendChild(f);
+      tr.appendChild(txt("td", r.ls == null ? "" : r.ls.toFixed(3)));
+      tr.appendChild(txt("td", r.o == null ? "" : r.o.toFixed(3)));
+      var d = document.createElement("td");
+      if (r.dup) { d.appendChild(txt("div", "dup" + (r.g != null ? " #" + r.g : "") + ": " + r.dup, "mono")); }
+      if (r.lk) { d.appendChild(txt("div", "leak: " + r.lk, "mono neg")); }
+      tr.appendChild(d);
+      var a = document.createElement("td");
+      Object.keys(r.a).sort().forEach(function (m) {
+        var v = r.a[m];
+        var line = txt("div", m + " " + (v[0] == null ? "—" : v[0].toFixed(3)) + " / " + (v[1] == null ? "—" : v[1].toFixed(3)),
+          "auc" + (m === st.method ? " sel" : "") + (m === r.b ? " best" : "") + (r.u.indexOf(m) >= 0 ? " unreliable" : ""));
+        a.appendChild(line);
+      });
+      tr.appendChild(a);
+      var u = document.createElement("td");
+      r.u.forEach(function (m) { u.appendChild(txt("span", "✗ " + m, "badge bad")); });
+      Object.keys(r.sa).forEach(function (m) { u.appendChild(txt("div", m + " ρ " + (r.sa[m] == null ? "—" : r.sa[m].toFixed(2)), "hint")); });
+      tr.appendChild(u);
+      if (table.querySelector("th[data-key=sl]")) { tr.appendChild(txt("td", r.sl, r.sl ? "news" : "")); }
+      body.appendChild(tr);
+    });
+    var pages = Math.max(1, Math.ceil(view.length / PAGE));
+    $("it-count").textContent = view.length + " of " + rows.length + " images" + (view.length > PAGE ? " · " + PAGE + " per page" : "")
+      + (total > rows.length ? " · " + (total - rows.length) + " more images with no finding, map or change are only in the stored table" : "");
+    $("it-page").textContent = "page " + (st.page + 1) + " of " + pages;
+    $("it-prev").disabled = st.page <= 0;
+    $("it-next").disabled = st.page >= pages - 1;
+    Array.prototype.forEach.call(table.querySelectorAll("th[data-key]"), function (th) {
+      th.classList.toggle("sorted", th.getAttribute("data-key") === st.sort);
+      th.setAttribute("aria-sort", th.getAttribute("data-key") === st.sort ? (st.desc ? "descending" : "ascending") : "none");
+    });
+  }
+  function readControls() {
+    st.q = $("it-q").value.trim().toLowerCase();
+    st.finding = $("it-finding").value;
+    st.method = $("it-method").value;
+    var ins = parseFloat($("it-ins").value);
+    st.ins = isNaN(ins) ? null : ins;
+    st.unreliable = $("it-unreliable").checked;
+    st.wrong = $("it-wrong").checked;
+    st.since = $("it-since") ? $("it-since").checked : false;
+    st.page = 0;
+    apply();
+  }
+  function setControls(s) {
+    $("it-q").value = s.q || "";
+    $("it-finding").value = s.finding || "";
+    $("it-method").value = s.method || "";
+    $("it-ins").value = s.ins_max == null ? "" : String(s.ins_max);
+    $("it-unreliable").checked = !!s.unreliable;
+    $("it-wrong").checked = !!s.wrong;
+    if ($("it-since")) { $("it-since").checked = !!s.since; }
+    if ($("it-method").value !== (s.method || "")) { $("it-method").value = ""; }
+    st.sort = s.sort || null; st.desc = !!s.desc;
+    readControls();
+  }
+  ["it-q", "it-finding", "it-method", "it-ins", "it-unreliable", "it-wrong", "it-since"].forEach(function (id) {
+    var c = $(id);
+    if (c) { c.addEventListener(c.tagName === "INPUT" && (c.type === "search" || c.type === "number") ? "input" : "change", readControls); }
+  });
+  $("it-reset").addEventListener("click", function () { setControls({}); });
+  $("it-prev").addEventListener("click", function () { st.page -= 1; draw(); });
+  $("it-next").addEventListener("click", function () { st.page += 1; draw(); });
+  Array.prototype.forEach.call(table.querySelectorAll("th[data-key]"), function (th) {
+    th.addEventListener("click", function () {
+      var key = th.getAttribute("data-key");
+      if (st.sort === key) { st.desc = !st.desc; } else { st.sort = key; st.desc = false; }
+      apply();
+    });
+  });
+  Array.prototype.forEach.call(document.querySelectorAll("button.preset"), function (b) {
+    b.addEventListener("click", function () { setControls(D.presets[parseInt(b.getAttribute("data-preset"), 10)].state); });
+  });
+  apply();
+  window.convlensTable = {
+    rows: function () { return view.map(function (r) { return r.r; }); },
+    state: function () { return JSON.parse(JSON.stringify(st)); },
+    preset: function (i) { setControls(D.presets[i].state); },
+    set: setControls
+  };
 })();

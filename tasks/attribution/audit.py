@@ -10,6 +10,10 @@ and republishes a manifest listing old + new parts. The artefact id hashes the f
 fixes dataset root, model, weights and preprocessing) and the code version; image_id is the sha256 of the
 image bytes, so a stored map can never belong to different pixels.
 
+Resumable: each finished image batch (each finished shard when sharded) is journalled in ``journal.json`` under
+the artefact lock (:func:`journal_result`); a killed run leaves the published manifest as it was, and the rerun
+(:func:`resume_audit`) skips the journalled images and publishes what an uninterrupted run would.
+
 Memory: O(image_batch x method working set) + one buffer of at most ``maps_per_part`` maps; score rows are
 small records. Nothing is kept per image beyond its score row.
 """
@@ -22,7 +26,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -32,9 +36,9 @@ import torch
 from storage.atomic import atomic_write_bytes, sha256_bytes
 from storage.audits import SCORES_COLUMNS, load_scores, read_findings
 from storage.errors import StoreError, UsageError
-from storage.features import read_meta, remove_garbage, write_part
+from storage.features import JOURNAL_NAME, read_journal, read_meta, read_part, remove_garbage, write_journal, write_part
 from storage.locks import artefact_lock
-from storage.manifest import CODE_VERSION, MANIFEST_NAME, read_manifest, write_manifest
+from storage.manifest import CODE_VERSION, MANIFEST_NAME, read_manifest, verify_files, write_manifest
 from storage.paths import Store, artefact_id
 from tasks.attribution.methods import METHODS, compute_map, method_spec, params_hash
 
@@ -50,6 +54,8 @@ __all__ = [
     "audit_model",
     "compute_audit",
     "stored_scores",
+    "journal_result",
+    "resume_audit",
     "publish_audit",
     "DEFAULT_METHODS",
     "summarise",
@@ -83,6 +89,7 @@ class AuditConfig:
     smooth_stdev: float = 1.0
     faith_steps: int = 16
     thumb: int = 160
+    model: str | None = None  # the user's --model: allows a factory / TorchScript model named by the features
     weights: str | None = None
     maps_per_part: int = 256
     progress: bool = True
@@ -283,6 +290,7 @@ class AuditPlan:
     methods: list[str]
     params: dict[str, dict[str, Any]]
     phash: dict[str, str]
+    recipe: Any = None  # tasks.core.models.ModelRecipe: what shard workers load (trust and weights checked)
 
 
 def plan_audit(cfg: AuditConfig) -> tuple[AuditPlan, Any]:
@@ -292,7 +300,7 @@ def plan_audit(cfg: AuditConfig) -> tuple[AuditPlan, Any]:
     dataset-audit findings.
     """
     from tasks.attribution.cam import default_cam_layer
-    from tasks.core.models import ModelError, load_model
+    from tasks.core.models import load_model_from_manifest
 
     cfg.validate()
     store = Store(cfg.store)
@@ -300,13 +308,9 @@ def plan_audit(cfg: AuditConfig) -> tuple[AuditPlan, Any]:
     fdir = store.artefact_dir("features", faid)
     meta = read_meta(fdir, fman)
     spec = fman["model"]
-    weights = cfg.weights or spec.get("weights", "none")
-    if weights not in ("imagenet", "none") and not Path(weights).is_file():
-        raise ModelError(f"the feature artefact was made with weights file {weights!r}; pass --weights PATH to it")
-    lm = load_model(spec["arch"], weights, int(spec.get("seed") or 0))
-    if spec.get("weights_sha256") and lm.spec.get("weights_sha256") != spec["weights_sha256"]:
-        raise ModelError("these weights do not match the ones the features were extracted with "
-                         f"(sha256 {str(lm.spec.get('weights_sha256'))[:12]} vs {spec['weights_sha256'][:12]})")
+    # data never chooses code: a factory / TorchScript model runs only if the user names it (--model or trust file)
+    lm = load_model_from_manifest(spec, user_model=cfg.model, user_weights=cfg.weights, artefact=faid)
+    weights = lm.recipe.weights
     cats = None
     cat_entry = next((e for e in fman.get("files", []) if e.get("role") == "categories"), None)
     if cat_entry:
@@ -323,7 +327,7 @@ def plan_audit(cfg: AuditConfig) -> tuple[AuditPlan, Any]:
     adir = store.artefact_dir("audits", aid, create=True)
     feats = {"id": faid, "created": fman.get("created"), "dataset_root": fman.get("dataset_root")}
     return AuditPlan(cfg, faid, feats, spec, weights, fman.get("preprocessing"), lm.preprocess, cats, num_classes, aid,
-                     adir, sel, methods, mparams, phash), lm
+                     adir, sel, methods, mparams, phash, lm.recipe), lm
 
 
 def audit_model(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -335,12 +339,22 @@ def audit_model(module: torch.nn.Module, device: torch.device) -> torch.nn.Modul
 
 
 def compute_audit(plan: AuditPlan, model: torch.nn.Module, rows_sel: pd.DataFrame,
-                  done: set[tuple[str, str, str, int]], progress: bool = False) -> dict[str, Any]:
+                  done: set[tuple[str, str, str, int]], progress: bool = False,
+                  on_batch: Callable[[dict[str, Any]], None] | None = None,
+                  finished: frozenset[tuple[str, str, str]] | set[tuple[str, str, str]] = frozenset()) -> dict[str, Any]:
     """Compute the rows of ``rows_sel`` (a slice of the selection) not in ``done``; write maps and overlays.
 
+    Images go through in batches of ``image_batch`` rows of ``rows_sel``. A batch whose every image is in
+    ``finished`` for every method (``(image_id, method, params_hash)``: journalled by an interrupted run) is
+    skipped without decoding. Each batch's maps are flushed into their own NPZ part(s) at the batch's end (at
+    most ``maps_per_part`` maps each), so a batch's files do not depend on what ran before it (an interrupted
+    and resumed run writes the same files as an uninterrupted one); ``on_batch`` is then called with that
+    batch's result (the caller journals it under the artefact lock).
+
     Writes content-addressed map NPZ parts and overlay PNGs into the artefact dir (no lock needed: safe on
-    disjoint slices in parallel). Returns small records: ``{"rows": score rows, "maps": map part entries,
-    "overlays": overlay entries, "failures": [...], "computed": int, "reused": int}``.
+    disjoint slices in parallel). Returns small records: ``{"images": image_ids of the computed batches,
+    "rows": score rows, "maps": map part entries, "overlays": overlay entries, "failures": [...],
+    "computed": int, "reused": int}`` (a batch result has the same keys).
     Memory: O(image_batch x method working set) + one map part buffer.
     """
     from tasks.attribution.faithfulness import deletion_insertion
@@ -352,10 +366,7 @@ def compute_audit(plan: AuditPlan, model: torch.nn.Module, rows_sel: pd.DataFram
     num_classes = plan.num_classes
     done = set(done)
     writer = _MapWriter(adir, cfg.maps_per_part)
-    new_rows: list[dict[str, Any]] = []
-    overlays: list[dict[str, Any]] = []
-    failures: list[str] = []
-    stats = {"computed": 0, "reused": 0}
+    total = _empty_result()
     occ_cache: dict = {}
     bar = None
     if progress:
@@ -365,65 +376,85 @@ def compute_audit(plan: AuditPlan, model: torch.nn.Module, rows_sel: pd.DataFram
     try:
         for s in range(0, len(rows_sel), cfg.image_batch):
             rows = rows_sel.iloc[s:s + cfg.image_batch]
-            ok, raw, bad = _decode_batch(plan.features.get("dataset_root"), rows, plan.preprocess)
-            failures.extend(bad)
-            if raw is None:
+            if finished and all((iid, m, phash[m]) in finished for iid in rows["image_id"] for m in methods):
                 if bar is not None:
                     bar.update(len(rows))
-                continue
-            rows = rows.iloc[ok]
-            x = normalise(raw.to(device), plan.preprocess)
-            with torch.no_grad():
-                prob = torch.softmax(model(x).float(), dim=1)
-            pconf, pred = prob.max(dim=1)
-            jobs: list[tuple[int, int, str]] = []  # (row position, target, kind)
-            for i, r in enumerate(rows.itertuples()):
-                p = int(pred[i])
-                li = label_index(r.label, cats, num_classes)
-                jobs.append((i, p, "pred" if li != p else "pred=label"))
-                if li is not None and li != p:
-                    jobs.append((i, li, "label"))
-            imgs_np = raw.permute(0, 2, 3, 1).numpy()
-            for m in methods:
-                todo = [(i, t, k) for i, t, k in jobs if (rows.iloc[i].image_id, m, phash[m], t) not in done]
-                stats["reused"] += len(jobs) - len(todo)
-                if not todo:
-                    continue
-                ii = torch.tensor([i for i, _, _ in todo], device=device)
-                tt = torch.tensor([t for _, t, _ in todo], device=device)
-                t0 = time.perf_counter()
-                maps = compute_map(m, model, x[ii], tt, cfg, cam_layer, occ_cache)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = (time.perf_counter() - t0) / len(todo)
-                faith = deletion_insertion(model, x[ii], tt, maps, n_steps=cfg.faith_steps, batch_size=cfg.batch_size)
-                signed = METHODS[m].reduce in ("sum", "mean")
-                for b, (i, t, kind) in enumerate(todo):
-                    r = rows.iloc[i]
-                    png = _overlay_png(imgs_np[i], _display(maps[b], signed), cfg.thumb)
-                    oname = f"ov-{sha256_bytes(f'{r.image_id}|{m}|{phash[m]}|{t}'.encode())[:20]}.png"
-                    atomic_write_bytes(adir / oname, png)
-                    overlays.append({"name": oname, "bytes": len(png), "sha256": sha256_bytes(png), "role": "overlay"})
-                    row = {"image_id": r.image_id, "path": r.path, "label": None if pd.isna(r.label) else str(r.label),
-                           "method": m, "params_hash": phash[m], "target": int(t), "target_kind": kind,
-                           "target_name": cats[t] if cats and t < len(cats) else str(t),
-                           "pred": int(pred[i]), "prob": float(pconf[i]),
-                           "deletion_auc": float(faith.deletion_auc[b]), "insertion_auc": float(faith.insertion_auc[b]),
-                           "runtime_s": round(dt, 4), "map_file": "", "map_index": -1, "overlay": oname,
-                           "selected_by": r.selected_by, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-                    writer.add(maps[b].cpu().numpy(), row)
-                    new_rows.append(row)
-                    done.add((r.image_id, m, phash[m], int(t)))
-                stats["computed"] += len(todo)
-                del maps, faith
-            del x, raw
+                continue  # journalled by an interrupted run: its rows are in the journal
+            batch = _empty_result()
+            batch["images"] = [str(i) for i in rows["image_id"]]
+            maps_before = len(writer.entries)
+            ok, raw, bad = _decode_batch(plan.features.get("dataset_root"), rows, plan.preprocess)
+            batch["failures"].extend(bad)
+            if raw is not None:
+                rows = rows.iloc[ok]
+                x = normalise(raw.to(device), plan.preprocess)
+                with torch.no_grad():
+                    prob = torch.softmax(model(x).float(), dim=1)
+                pconf, pred = prob.max(dim=1)
+                jobs: list[tuple[int, int, str]] = []  # (row position, target, kind)
+                for i, r in enumerate(rows.itertuples()):
+                    p = int(pred[i])
+                    li = label_index(r.label, cats, num_classes)
+                    jobs.append((i, p, "pred" if li != p else "pred=label"))
+                    if li is not None and li != p:
+                        jobs.append((i, li, "label"))
+                imgs_np = raw.permute(0, 2, 3, 1).numpy()
+                for m in methods:
+                    todo = [(i, t, k) for i, t, k in jobs if (rows.iloc[i].image_id, m, phash[m], t) not in done]
+                    batch["reused"] += len(jobs) - len(todo)
+                    if not todo:
+                        continue
+                    ii = torch.tensor([i for i, _, _ in todo], device=device)
+                    tt = torch.tensor([t for _, t, _ in todo], device=device)
+                    t0 = time.perf_counter()
+                    maps = compute_map(m, model, x[ii], tt, cfg, cam_layer, occ_cache)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    dt = (time.perf_counter() - t0) / len(todo)
+                    faith = deletion_insertion(model, x[ii], tt, maps, n_steps=cfg.faith_steps, batch_size=cfg.batch_size)
+                    signed = METHODS[m].reduce in ("sum", "mean")
+                    for b, (i, t, kind) in enumerate(todo):
+                        r = rows.iloc[i]
+                        png = _overlay_png(imgs_np[i], _display(maps[b], signed), cfg.thumb)
+                        oname = f"ov-{sha256_bytes(f'{r.image_id}|{m}|{phash[m]}|{t}'.encode())[:20]}.png"
+                        atomic_write_bytes(adir / oname, png)
+                        batch["overlays"].append({"name": oname, "bytes": len(png), "sha256": sha256_bytes(png),
+                                                  "role": "overlay"})
+                        row = {"image_id": r.image_id, "path": r.path, "label": None if pd.isna(r.label) else str(r.label),
+                               "method": m, "params_hash": phash[m], "target": int(t), "target_kind": kind,
+                               "target_name": cats[t] if cats and t < len(cats) else str(t),
+                               "pred": int(pred[i]), "prob": float(pconf[i]),
+                               "deletion_auc": float(faith.deletion_auc[b]), "insertion_auc": float(faith.insertion_auc[b]),
+                               "runtime_s": round(dt, 4), "map_file": "", "map_index": -1, "overlay": oname,
+                               "selected_by": r.selected_by, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                        writer.add(maps[b].cpu().numpy(), row)
+                        batch["rows"].append(row)
+                        done.add((r.image_id, m, phash[m], int(t)))
+                    batch["computed"] += len(todo)
+                    del maps, faith
+                del x, raw
+            writer.flush()  # this batch's maps in their own part(s): the batch is complete on disk
+            batch["maps"] = writer.entries[maps_before:]
+            _add_result(total, batch)
+            if on_batch is not None:
+                on_batch(batch)
             if bar is not None:
-                bar.update(len(rows) + len(bad))
+                bar.update(len(batch["images"]))
     finally:
         if bar is not None:
             bar.close()
-    writer.flush()
-    return {"rows": new_rows, "maps": writer.entries, "overlays": overlays, "failures": failures, **stats}
+    return total
+
+
+def _empty_result() -> dict[str, Any]:
+    return {"images": [], "rows": [], "maps": [], "overlays": [], "failures": [], "computed": 0, "reused": 0}
+
+
+def _add_result(total: dict[str, Any], part: dict[str, Any]) -> None:
+    for key in ("images", "rows", "maps", "overlays", "failures"):
+        total[key].extend(part[key])
+    total["computed"] += part["computed"]
+    total["reused"] += part["reused"]
 
 
 def stored_scores(plan: AuditPlan) -> tuple[dict[str, Any] | None, pd.DataFrame, set[tuple[str, str, str, int]]]:
@@ -435,18 +466,87 @@ def stored_scores(plan: AuditPlan) -> tuple[dict[str, Any] | None, pd.DataFrame,
     return old, scores, done
 
 
+def _scores_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist([{c: r.get(c) for c in SCORES_COLUMNS} for r in rows])
+
+
+def journal_result(plan: AuditPlan, journal: dict[str, Any], result: dict[str, Any]) -> None:
+    """Record a finished batch (or shard) ``result`` of :func:`compute_audit` in the artefact's ``journal.json``;
+    call under the artefact lock. Its score rows go into a content-addressed ``scores-*.parquet`` part (garbage
+    once the run publishes); the journal holds that part's entry, the map / overlay entries (already written),
+    the batch's image ids and the methods' parameter hashes. Appends to ``journal["batches"]`` in place."""
+    adir = plan.artefact_dir
+    scores = dict(write_part(adir, _scores_table(result["rows"]), prefix="scores"), role="scores") if result["rows"] else None
+    journal.setdefault("batches", []).append({
+        "images": list(result["images"]), "methods": {m: plan.phash[m] for m in plan.methods}, "scores": scores,
+        "maps": list(result["maps"]), "overlays": list(result["overlays"]), "failures": list(result["failures"]),
+        "computed": int(result["computed"]), "reused": int(result["reused"])})
+    write_journal(adir, journal)
+
+
+def resume_audit(plan: AuditPlan, done: set[tuple[str, str, str, int]]
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]], set[tuple[str, str, str]]]:
+    """What an interrupted run left in the artefact's journal; call under the lock.
+
+    Returns ``(journal, results, finished)``: the journal keeping only batches whose files are all still there
+    with their sha256 (the others are dropped, with a warning, and recomputed), one :func:`compute_audit`-shaped
+    result per kept batch (marked ``resumed``), and the ``(image_id, method, params_hash)`` keys those batches
+    finished. Adds the journalled rows' keys to ``done`` in place.
+    """
+    adir = plan.artefact_dir
+    journal = read_journal(adir) if adir.is_dir() else {}
+    kept: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    finished: set[tuple[str, str, str]] = set()
+    for rec in journal.get("batches", []):
+        try:
+            rows = read_part(adir, rec["scores"]).to_pylist() if rec.get("scores") else []
+            verify_files(adir, {"files": list(rec["maps"]) + list(rec["overlays"])})
+            images, methods = [str(i) for i in rec["images"]], dict(rec["methods"])
+        except (StoreError, OSError, KeyError, TypeError, ValueError) as exc:
+            log.warning("dropping a journalled audit batch (its images are recomputed): %s", exc)
+            continue
+        kept.append(rec)
+        results.append({"images": images, "rows": rows, "maps": list(rec["maps"]), "overlays": list(rec["overlays"]),
+                        "failures": list(rec.get("failures", [])), "computed": int(rec.get("computed", len(rows))),
+                        "reused": int(rec.get("reused", 0)), "resumed": True})
+        finished.update((i, m, ph) for i in images for m, ph in methods.items())
+        done.update((r["image_id"], r["method"], r["params_hash"], int(r["target"])) for r in rows)
+    if kept:
+        log.info("%s: resuming an interrupted audit: %d journalled batches, %d maps", plan.artefact_id, len(kept),
+                 sum(len(r["rows"]) for r in results))
+    journal = {"kind": "attribution", "batches": kept}
+    return journal, results, finished
+
+
 def publish_audit(plan: AuditPlan, old: dict[str, Any] | None, scores: pd.DataFrame, results: list[dict[str, Any]],
                   seconds: float) -> dict[str, Any]:
-    """Merge the computed results (in selection order) with the stored rows and publish; call under the lock."""
+    """Merge the computed results with the stored rows and publish; call under the lock.
+
+    ``results`` (from :func:`compute_audit`, journalled batches from :func:`resume_audit` included) are merged in
+    selection order of their first image, so a resumed run publishes what an uninterrupted one would; rows
+    already stored are skipped. The run's journal is removed once the manifest is written.
+    """
     from tasks.core.forward import pick_device
 
     cfg, adir, methods = plan.config, plan.artefact_dir, plan.methods
-    new_rows = [r for res in results for r in res["rows"]]
+    position = {iid: k for k, iid in enumerate(plan.selection["image_id"])}
+
+    def first(res: dict[str, Any]) -> float:
+        return min((position.get(i, float("inf")) for i in res.get("images", [])), default=float("inf"))
+
+    results = sorted(results, key=first)
+    seen = {(r.image_id, r.method, r.params_hash, int(r.target)) for r in scores.itertuples()}
+    new_rows = []
+    for r in (r for res in results for r in res["rows"]):
+        key = (r["image_id"], r["method"], r["params_hash"], int(r["target"]))
+        if key not in seen:  # a journalled row already published (a kill between publish and journal removal)
+            seen.add(key)
+            new_rows.append(r)
     failures = [f for res in results for f in res["failures"]]
     files = [e for e in (old or {}).get("files", []) if e.get("role") in ("scores", "maps", "overlay")]
     if new_rows:
-        tbl = pa.Table.from_pylist([{c: r.get(c) for c in SCORES_COLUMNS} for r in new_rows])
-        sentry = write_part(adir, tbl, prefix="scores")
+        sentry = write_part(adir, _scores_table(new_rows), prefix="scores")
         files.append(dict(sentry, role="scores"))
     names = {e["name"] for e in files}
     files += [e for res in results for e in res["maps"] + res["overlays"] if e["name"] not in names and not names.add(e["name"])]
@@ -469,10 +569,12 @@ def publish_audit(plan: AuditPlan, old: dict[str, Any] | None, scores: pd.DataFr
         "files": files,
         "last_run": {"select": cfg.select, "n": cfg.n, "selected": int(len(plan.selection)), "methods": methods,
                      "computed": sum(r["computed"] for r in results), "reused": sum(r["reused"] for r in results),
+                     "resumed": sum(r["computed"] for r in results if r.get("resumed")),
                      "failed": failures[:20], "device": str(pick_device(cfg.device)), "seconds": round(seconds, 2)},
         "previous_created": old.get("created") if old else None,
     }
     published = write_manifest(adir, manifest)
+    (adir / JOURNAL_NAME).unlink(missing_ok=True)
     remove_garbage(adir, published)
     return published
 
@@ -480,8 +582,9 @@ def publish_audit(plan: AuditPlan, old: dict[str, Any] | None, scores: pd.DataFr
 def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     """Select, compute missing (image, method, params, target) rows, publish. Returns the manifest.
 
-    Raises ``ValueError`` / :class:`ConvlensError` for bad options, a missing feature artefact or missing
-    dataset-audit findings.
+    Each finished image batch is journalled (``journal.json``), so a killed run resumes from its journalled
+    batches and publishes what an uninterrupted run would. Raises ``ValueError`` / :class:`ConvlensError` for bad
+    options, a missing feature artefact or missing dataset-audit findings.
     """
     from tasks.core.forward import pick_device
 
@@ -490,8 +593,14 @@ def run_audit(cfg: AuditConfig) -> dict[str, Any]:
     model = audit_model(lm.module, pick_device(cfg.device))
     with artefact_lock(plan.artefact_dir):
         old, scores, done = stored_scores(plan)
-        result = compute_audit(plan, model, plan.selection, done, progress=cfg.progress)
-        return publish_audit(plan, old, scores, [result], time.perf_counter() - t_start)
+        journal, results, finished = resume_audit(plan, done)
+
+        def on_batch(batch: dict[str, Any]) -> None:
+            journal_result(plan, journal, batch)
+            results.append(batch)
+
+        compute_audit(plan, model, plan.selection, done, progress=cfg.progress, on_batch=on_batch, finished=finished)
+        return publish_audit(plan, old, scores, results, time.perf_counter() - t_start)
 
 
 def run_default_audit(store: str | Path, n: int = 4, methods: tuple[str, ...] = DEFAULT_METHODS,
@@ -509,5 +618,5 @@ def summarise(manifest: dict[str, Any]) -> dict[str, Any]:
     run = manifest.get("last_run", {})
     return {"artefact_id": manifest["artefact_id"], "features": manifest["features"]["id"],
             "rows": manifest["rows"], "images": manifest["images"], "computed": run.get("computed", 0),
-            "reused": run.get("reused", 0), "methods": run.get("methods", []), "seconds": run.get("seconds", 0.0),
-            "failed": len(run.get("failed", []))}
+            "reused": run.get("reused", 0), "resumed": run.get("resumed", 0), "methods": run.get("methods", []),
+            "seconds": run.get("seconds", 0.0), "failed": len(run.get("failed", []))}

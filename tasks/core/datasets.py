@@ -3,36 +3,73 @@
 DATA is an image folder (class sub-folders become ``label``; a ``train``/``val``/``test`` level becomes
 ``split``) or a CSV / Parquet list with a ``path`` column and optional ``label``, ``split`` and any extra
 columns (kept). Relative list paths resolve against the list's folder (or ``root``); entries that escape it
-are rejected unless ``allow_outside`` is set.
+are rejected unless ``allow_outside`` is set. The same rule holds in a folder: a symlinked file or directory
+whose target lies outside the folder is a reject row (``outside-root``) unless ``allow_outside`` is set (then a
+linked directory is walked too, each real directory at most once through links).
 
-Hashing (``image_id`` = sha256 of the file's bytes) is parallel and incremental: a cache keyed by path,
-size and mtime skips files that did not change. Memory: O(number of files) small records.
+A list may not carry a column the feature table computes (:data:`storage.features.COMPUTED_COLUMNS`, in any
+letter case) nor a case variant of ``path`` / ``label`` / ``split``: :class:`UsageError` at listing time, before
+any model work. A list's size is capped before it is read (:class:`ListLimits`: file bytes, rows, and for
+Parquet the uncompressed size its metadata states and the decoded size while reading). An entry listed twice
+(the same normalised path) is kept once; the repeat is a ``duplicate-entry`` reject row.
+
+Listing streams: :func:`open_listing` checks DATA (and reads a list, capped) up front, then yields records
+directory by directory (a folder) or row by row (a list); :func:`list_dataset` collects them.
+
+Hashing (``image_id`` = sha256 of the file's bytes) streams too: :func:`iter_hashed` takes records in chunks of
+``chunk_size``, worker threads ``stat`` and hash them, and the caller gets each chunk back in listing order. A
+cache keyed by path, size and mtime (:class:`HashCache`) skips files that did not change; it is written
+incrementally (an append-only journal per run next to the cache file, flushed after every chunk), so a killed
+first run resumes from the files it had hashed, and compacted into one Parquet file when a run completes.
+
+Memory: O(chunk) records inside the hashing machinery. What stays O(number of files): the records the caller
+keeps (:class:`ImageRecord`, slotted: ~400 B each with a 64-char path, hashed) and the hash cache, held as
+Arrow columns plus a sorted 8-byte key per entry (~190 B each with a 64-char path). Stored image ids are compared
+as 32-byte digests (:func:`image_digests`, :class:`DigestSet`), never as a set of Python strings.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import hashlib
+import itertools
 import logging
 import os
+import secrets
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage.atomic import atomic_write_bytes, sha256_stream
 from storage.errors import UsageError
+from storage.features import COMPUTED_COLUMNS
 from tasks.core.images import EXTENSION_FORMATS, UNSUPPORTED_IMAGE_EXTENSIONS, RejectedImage, open_regular_file, os_error_reason
 
 __all__ = [
     "ImageRecord",
     "Reject",
+    "ListLimits",
+    "LIST_COLUMNS",
+    "RESERVED_COLUMNS",
     "SPLIT_NAMES",
+    "Listing",
+    "open_listing",
     "list_dataset",
+    "check_list_columns",
+    "HASH_CHUNK",
+    "HashCache",
+    "iter_hashed",
     "hash_records",
+    "image_digests",
+    "DigestSet",
     "display_path",
     "is_url",
 ]
@@ -40,17 +77,69 @@ __all__ = [
 log = logging.getLogger(__name__)
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 _LIST_SUFFIXES = {".csv", ".parquet", ".pq"}
+LIST_COLUMNS = ("path", "label", "split")
+"""Columns of an image list with a meaning (``path`` required); any other column is kept as a string column."""
+RESERVED_COLUMNS = COMPUTED_COLUMNS
+"""Column names an image list may not use (any letter case): the feature table computes them."""
+_CSV_CHUNK_ROWS = 1_000_000
 
 
-@dataclass
+@dataclass(frozen=True)
+class ListLimits:
+    """Caps on a CSV / Parquet image list, checked before (and while) it is read.
+
+    ``max_rows``: entries; ``max_bytes``: the list file's size in bytes and, for Parquet, both the uncompressed
+    size its metadata states and the Arrow size of what is decoded (a small, highly compressed file cannot expand
+    to gigabytes in memory). Memory of a refused list: O(one CSV chunk or Parquet batch).
+    """
+
+    max_rows: int = 10_000_000
+    max_bytes: int = 2 << 30
+
+    def validate(self) -> None:
+        if self.max_rows < 1:
+            raise UsageError(f"--max-list-rows must be >= 1, got {self.max_rows}")
+        if self.max_bytes < 1:
+            raise UsageError(f"--max-list-bytes must be >= 1, got {self.max_bytes}")
+
+
+class _NoExtras(Mapping):
+    """The shared, immutable empty ``extras`` of a record listed from a folder (a dict per record costs 64 B)."""
+
+    __slots__ = ()
+
+    def __getitem__(self, key: str) -> Any:
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "{}"
+
+    def __reduce__(self) -> str:
+        return "NO_EXTRAS"
+
+
+NO_EXTRAS = _NoExtras()
+
+
+@dataclass(slots=True)
 class ImageRecord:
-    """One listed image. ``path`` is relative to the dataset root (display form); ``src`` opens it."""
+    """One listed image. ``path`` is relative to the dataset root (display form); ``src`` opens it. Slotted: a
+    hashed record with a 64-character path takes ~400 B (588 B as a plain dataclass)."""
 
     path: str
     src: str
     label: str | None = None
     split: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    extras: Mapping[str, Any] = NO_EXTRAS
     image_id: str | None = None
     size: int | None = None
     mtime_ns: int | None = None
@@ -103,7 +192,75 @@ def _url_mtime_ns(info: dict[str, Any]) -> int:
     return -1
 
 
-def _list_url(url: str) -> tuple[list[ImageRecord], list[Reject], str]:
+def check_list_columns(columns: Iterable[Any], where: str) -> None:
+    """Refuse an image list whose columns collide with the feature table's own (:class:`UsageError` naming the
+    column and saying to rename it). Compared in any letter case: DuckDB reads ``Width`` and ``width`` as one name."""
+    for col in columns:
+        name = str(col)
+        low = name.lower()
+        if low in RESERVED_COLUMNS:
+            raise UsageError(
+                f"{where}: column {name!r} is reserved: the feature table computes {low!r} itself "
+                f"(reserved: {', '.join(RESERVED_COLUMNS)}, in any letter case); rename that column (e.g. to "
+                f"'list_{low}') and rerun — nothing was extracted")
+        if low in LIST_COLUMNS and name != low:
+            raise UsageError(
+                f"{where}: column {name!r} differs from the list column {low!r} only in letter case (DuckDB reads "
+                f"them as one name); rename it to {low!r} if it holds the {low}, else give it another name")
+
+
+def _too_big(where: str, what: str, limit: int, flag: str) -> UsageError:
+    return UsageError(f"the image list {where} is too large: {what}, over the limit of {limit:,} ({flag}); nothing "
+                      f"was read further. Split the list, or raise {flag} if the machine has the memory for it")
+
+
+def _read_parquet_capped(source: Any, where: str, limits: ListLimits) -> pd.DataFrame:
+    """Read a Parquet list after checking its metadata (rows, uncompressed bytes); decode in batches and stop as
+    soon as the rows or the decoded size pass ``limits``; then check the column names. ``source``: a path or a
+    binary file."""
+    pf = pq.ParquetFile(source)
+    md = pf.metadata
+    if md.num_rows > limits.max_rows:
+        raise _too_big(where, f"{md.num_rows:,} rows (its metadata)", limits.max_rows, "--max-list-rows")
+    stated = 0
+    for i in range(md.num_row_groups):
+        rg = md.row_group(i)
+        chunks = sum(rg.column(j).total_uncompressed_size for j in range(rg.num_columns))
+        stated += max(rg.total_byte_size, chunks)
+    if stated > limits.max_bytes:
+        raise _too_big(where, f"{stated:,} bytes uncompressed (its metadata)", limits.max_bytes, "--max-list-bytes")
+    batches, rows, decoded = [], 0, 0
+    for batch in pf.iter_batches(batch_size=65536):
+        rows += batch.num_rows
+        decoded += batch.nbytes
+        if rows > limits.max_rows:
+            raise _too_big(where, f"{rows:,}+ rows", limits.max_rows, "--max-list-rows")
+        if decoded > limits.max_bytes:
+            raise _too_big(where, f"{decoded:,}+ bytes decoded", limits.max_bytes, "--max-list-bytes")
+        batches.append(batch)
+    df = pa.Table.from_batches(batches, schema=pf.schema_arrow).to_pandas()
+    check_list_columns(df.columns, where)  # after to_pandas: a stored pandas index is not a column
+    return df
+
+
+def _read_csv_capped(source: Any, where: str, limits: ListLimits) -> pd.DataFrame:
+    """Read a CSV list in chunks (all columns as strings), stopping once it passes ``limits.max_rows`` rows."""
+    chunks = []
+    rows = 0
+    with pd.read_csv(source, dtype=str, keep_default_na=False, na_values=[""], chunksize=_CSV_CHUNK_ROWS) as reader:
+        for chunk in reader:
+            if not chunks:
+                check_list_columns(chunk.columns, where)
+            rows += len(chunk)
+            if rows > limits.max_rows:
+                raise _too_big(where, f"{rows:,}+ rows", limits.max_rows, "--max-list-rows")
+            chunks.append(chunk)
+    if not chunks:  # pandas yields one empty chunk for a header-only file; nothing at all is not a list
+        return pd.DataFrame()
+    return pd.concat(chunks, ignore_index=True) if len(chunks) > 1 else chunks[0]
+
+
+def _list_url(url: str, limits: ListLimits = ListLimits()) -> tuple[list[ImageRecord], list[Reject], str]:
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(url)
@@ -114,22 +271,30 @@ def _list_url(url: str) -> tuple[list[ImageRecord], list[Reject], str]:
         suffix = Path(root).suffix.lower()
         if suffix not in _LIST_SUFFIXES:
             raise UsageError(f"dataset {url!r} is a file but not a .csv or .parquet list")
+        size = int(fs.info(root).get("size") or 0)
+        if size > limits.max_bytes:
+            raise _too_big(url, f"{size:,} bytes", limits.max_bytes, "--max-list-bytes")
         with fs.open(root, "rb") as fh:
-            df = pd.read_csv(fh, dtype=str, keep_default_na=False, na_values=[""]) if suffix == ".csv" else pq.read_table(fh).to_pandas()
+            df = _read_csv_capped(fh, url, limits) if suffix == ".csv" else _read_parquet_capped(fh, url, limits)
         base = root.rsplit("/", 1)[0]
         records, rejects = [], []
         if "path" not in df.columns:
             raise UsageError(f"{url} has no 'path' column")
-        extra_cols = [c for c in df.columns if c not in ("path", "label", "split")]
-        for row in df.to_dict("records"):
+        extra_cols = [c for c in df.columns if c not in LIST_COLUMNS]
+        listed: dict[str, int] = {}
+        for n, row in enumerate(df.to_dict("records")):
             rel = str(row["path"])
             if rel.startswith("/") or ".." in rel.split("/") or "://" in rel:
                 rejects.append(Reject(rel, "outside-root", f"list entries must be relative paths under {base}"))
                 continue
+            if rel in listed:  # object-store keys are literal strings: compared as given
+                rejects.append(_duplicate(rel, listed[rel], n))
+                continue
+            listed[rel] = n
             records.append(ImageRecord(path=rel, src=f"{proto}://{base}/{rel}",
                                        label=None if pd.isna(row.get("label")) else str(row.get("label")) if "label" in row else None,
                                        split=None if pd.isna(row.get("split")) else str(row.get("split")) if "split" in row else None,
-                                       extras={c: row[c] for c in extra_cols}))
+                                       extras={c: row[c] for c in extra_cols} or NO_EXTRAS))
         return records, rejects, f"{proto}://{base}"
     root = root.rstrip("/")
     records = []
@@ -144,6 +309,7 @@ def _list_url(url: str) -> tuple[list[ImageRecord], list[Reject], str]:
 
 
 _CANDIDATE_SUFFIXES = frozenset(EXTENSION_FORMATS) | UNSUPPORTED_IMAGE_EXTENSIONS
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 def _is_candidate(name: str) -> bool:
@@ -151,62 +317,169 @@ def _is_candidate(name: str) -> bool:
     return dot > 0 and name[dot:].lower() in _CANDIDATE_SUFFIXES  # same as splitext: a leading dot is no suffix
 
 
-def _list_folder(root: Path) -> tuple[list[ImageRecord], list[Reject], int]:
-    records: list[ImageRecord] = []
-    rejects: list[Reject] = []
-    skipped = 0
+def _duplicate(path: str, first: int, again: int) -> Reject:
+    return Reject(display_path(path), "duplicate-entry",
+                  f"listed again at row {again + 1} (first at row {first + 1}); only the first entry is kept")
 
-    def onerror(err: OSError) -> None:
-        rel = os.path.relpath(err.filename, root) if err.filename else "?"
-        rejects.append(Reject(display_path(rel), "unreadable", f"cannot list directory: {err.strerror}"))
 
+def _walk_folder(root: Path, allow_outside: bool, out: Listing) -> Iterator[list[ImageRecord]]:
+    """Walk ``root`` (a resolved directory) in sorted, depth-first order, yielding each directory's records;
+    hidden names are skipped. Rejects go to ``out.rejects``, the count of non-image files to ``out.skipped``.
+
+    A symlink (file or directory) whose target lies outside ``root`` becomes an ``outside-root`` reject row
+    unless ``allow_outside``, when a linked directory is walked too (each real directory at most once through
+    links, so link cycles end). A symlinked directory inside ``root`` is not walked: its files are listed at
+    their real path. Memory: one directory's entries plus the stack of directories still to walk.
+    """
+    rejects = out.rejects
     root_s = str(root)
-    for dirpath, dirnames, filenames in os.walk(root_s, onerror=onerror, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel_s = os.path.relpath(dirpath, root_s)
-        parts = () if rel_s == "." else tuple(rel_s.split(os.sep))
-        split, label = _split_label(parts)
-        prefix = "" if not parts else rel_s + os.sep
-        # A sub-directory named like an image is listed so it becomes a reject row, not silently lost.
-        names = sorted(filenames) + sorted(d for d in dirnames if _is_candidate(d))
-        sep = os.sep
-        for name in names:  # hot loop (a rerun over 100k files is mostly this and one stat per file): inlined
-            if name[:1] == ".":
-                continue  # hidden file
-            dot = name.rfind(".")
-            if dot < 0 or name[dot:].lower() not in _CANDIDATE_SUFFIXES:
-                skipped += 1
+    under = root_s.rstrip(os.sep) + os.sep
+
+    def inside(real: str) -> bool:
+        return real == root_s or real.startswith(under)
+
+    walked_links: set[str] = set()
+    stack: list[tuple[str, str]] = [(root_s, "")]  # (directory to scan, its path relative to root; "" = root)
+    while stack:
+        dirpath, rel_s = stack.pop()
+        try:  # scandir on a directory fd: entry.stat() is then an fstatat relative to it (no path walk per file)
+            dfd = os.open(dirpath, _DIR_FLAGS)
+        except OSError as err:
+            rejects.append(Reject(display_path(rel_s or "."), "unreadable", f"cannot list directory: {err.strerror}"))
+            continue
+        try:
+            yield from _scan_directory(dfd, dirpath, rel_s, root_s, inside, allow_outside, walked_links, stack, out)
+        finally:
+            os.close(dfd)
+
+
+def _scan_directory(dfd: int, dirpath: str, rel_s: str, root_s: str, inside: Any, allow_outside: bool,
+                    walked_links: set[str], stack: list[tuple[str, str]], out: Listing) -> Iterator[list[ImageRecord]]:
+    """One directory of :func:`_walk_folder` (open as ``dfd``): yields its records, pushes its sub-directories.
+
+    A plain regular file gets its ``size`` / ``mtime_ns`` here (``stat`` relative to ``dfd``), so hashing does
+    not ``stat`` it again; anything else (a symlink, an unknown type) is ``stat``-ed when it is hashed."""
+    rejects = out.rejects
+    sep = os.sep
+    try:
+        with os.scandir(dfd) as it:
+            entries = list(it)
+    except OSError as err:
+        rejects.append(Reject(display_path(rel_s or "."), "unreadable", f"cannot list directory: {err.strerror}"))
+        return
+    plain: dict[str, os.DirEntry] = {}
+    parts = tuple(rel_s.split(sep)) if rel_s else ()
+    split, label = _split_label(parts)
+    prefix = rel_s + sep if rel_s else ""
+    files: list[str] = []
+    dirs: list[str] = []  # walked below
+    dir_names: list[str] = []  # every sub-directory, walked or not (a directory named like an image is listed)
+    for entry in entries:  # hot loop over 100k files on a rerun: d_type only, no syscall unless a symlink
+        name = entry.name
+        if name[:1] == ".":
+            continue  # hidden file or directory
+        if entry.is_symlink():
+            full = f"{dirpath}{sep}{name}"
+            real = os.path.realpath(full)
+            try:
+                is_dir = entry.is_dir()  # follows the link
+            except OSError:
+                is_dir = False
+            if not inside(real):
+                if not allow_outside:
+                    if is_dir or _is_candidate(name):
+                        rejects.append(Reject(display_path(prefix + name), "outside-root",
+                                              f"a symlink to {display_path(real)}, outside "
+                                              f"{display_path(root_s)}; pass --allow-outside-root to permit"))
+                    else:
+                        out.skipped += 1
+                    continue
+                if is_dir:
+                    dir_names.append(name)
+                    if real not in walked_links:
+                        walked_links.add(real)
+                        dirs.append(name)
+                    continue
+            elif is_dir:
+                dir_names.append(name)  # listed at its real path; not walked twice
                 continue
-            records.append(ImageRecord(path=display_path(prefix + name), src=f"{dirpath}{sep}{name}", label=label, split=split))
-    return records, rejects, skipped
+            files.append(name)
+            continue
+        try:
+            is_dir = entry.is_dir(follow_symlinks=False)
+        except OSError:
+            is_dir = False
+        if is_dir:
+            dir_names.append(name)
+            dirs.append(name)
+        else:
+            files.append(name)
+            plain[name] = entry
+    # A sub-directory named like an image is listed so it becomes a reject row, not silently lost.
+    names = sorted(files) + sorted(d for d in dir_names if _is_candidate(d))
+    records: list[ImageRecord] = []
+    for name in names:
+        dot = name.rfind(".")
+        if dot < 0 or name[dot:].lower() not in _CANDIDATE_SUFFIXES:
+            out.skipped += 1
+            continue
+        rel = prefix + name
+        rec = ImageRecord(rel if rel.isascii() else display_path(rel), f"{dirpath}{sep}{name}", label, split)
+        entry = plain.get(name)
+        if entry is not None:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                st = None  # stat-ed (and rejected with its reason) when hashed
+            if st is not None and stat.S_ISREG(st.st_mode):
+                rec.size, rec.mtime_ns = st.st_size, st.st_mtime_ns
+        records.append(rec)
+    for name in sorted(dirs, reverse=True):  # popped in sorted order: depth-first, like os.walk
+        stack.append((f"{dirpath}{sep}{name}", prefix + name))
+    if records:
+        yield records
 
 
-def _read_list(path: Path) -> pd.DataFrame:
+def _read_list(path: Path, limits: ListLimits) -> pd.DataFrame:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise UsageError(f"cannot read the image list {path}: {exc.strerror or exc}") from None
+    if size > limits.max_bytes:
+        raise _too_big(str(path), f"{size:,} bytes", limits.max_bytes, "--max-list-bytes")
     try:
         if path.suffix.lower() == ".csv":
-            return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-        return pq.read_table(path).to_pandas()
+            return _read_csv_capped(path, str(path), limits)
+        return _read_parquet_capped(path, str(path), limits)
+    except UsageError:
+        raise
     except (OSError, ValueError) as exc:  # unreadable, or not CSV / Parquet (pandas' and pyarrow's parse errors)
         raise UsageError(f"cannot read the image list {path}: {str(exc)[:300]}; give a CSV or Parquet file "
                          "with a 'path' column") from None
 
 
-def _list_table(list_path: Path, root: Path | None, allow_outside: bool) -> tuple[list[ImageRecord], list[Reject], Path]:
-    df = _read_list(list_path)
+def _list_table(list_path: Path, root: Path | None, allow_outside: bool,
+                limits: ListLimits = ListLimits()) -> tuple[Path, Iterator[tuple[ImageRecord | None, Reject | None]]]:
+    """Read (capped) and check a CSV / Parquet list now; return its base folder and a lazy iterator over its rows,
+    each an ``(ImageRecord, None)`` or ``(None, Reject)``."""
+    df = _read_list(list_path, limits)
     if "path" not in df.columns:
         raise UsageError(
             f"{list_path} has no 'path' column (columns: {', '.join(map(str, df.columns))}); "
             "a list needs a 'path' column and may have 'label', 'split' and extra columns"
         )
     base = (root or list_path.parent).resolve()
-    extra_cols = [c for c in df.columns if c not in ("path", "label", "split")]
-    records: list[ImageRecord] = []
-    rejects: list[Reject] = []
-    for row in df.itertuples(index=False):
-        row = row._asdict()
+    return base, _table_rows(df, base, allow_outside)
+
+
+def _table_rows(df: pd.DataFrame, base: Path, allow_outside: bool) -> Iterator[tuple[ImageRecord | None, Reject | None]]:
+    extra_cols = [c for c in df.columns if c not in LIST_COLUMNS]
+    listed: dict[str, int] = {}
+    for n, values in enumerate(zip(*(df[c] for c in df.columns))):
+        row = dict(zip(df.columns, values))
         raw = row["path"]
         if raw is None or (isinstance(raw, float) and pd.isna(raw)) or str(raw) == "":
-            rejects.append(Reject("", "bad-list-entry", "empty path"))
+            yield None, Reject("", "bad-list-entry", "empty path")
             continue
         raw = str(raw)
         full = Path(raw) if os.path.isabs(raw) else base / raw
@@ -214,191 +487,506 @@ def _list_table(list_path: Path, root: Path | None, allow_outside: bool) -> tupl
             resolved = full.resolve(strict=False)
         except (OSError, RuntimeError) as exc:  # symlink loop
             reason = os_error_reason(exc) if isinstance(exc, OSError) else "symlink-loop"
-            rejects.append(Reject(display_path(raw), reason, str(exc)))
+            yield None, Reject(display_path(raw), reason, str(exc))
             continue
         inside = resolved == base or base in resolved.parents
         if not inside and not allow_outside:
-            rejects.append(Reject(display_path(raw), "outside-root",
-                                  f"resolves outside {display_path(str(base))}; pass --allow-outside-root to permit"))
+            yield None, Reject(display_path(raw), "outside-root",
+                               f"resolves outside {display_path(str(base))}; pass --allow-outside-root to permit")
             continue
         rel = os.path.relpath(full, base) if not os.path.isabs(raw) else raw
+        key = os.path.normpath(rel)  # "a.png", "./a.png" and "x/../a.png" are one entry
+        if key in listed:
+            yield None, _duplicate(raw, listed[key], n)  # as the list spells it, to find it there
+            continue
+        listed[key] = n
         label = row.get("label")
         split = row.get("split")
         extras = {c: row[c] for c in extra_cols}
-        records.append(ImageRecord(
+        yield ImageRecord(
             path=display_path(rel), src=str(full),
             label=None if label is None or (isinstance(label, float) and pd.isna(label)) else str(label),
             split=None if split is None or (isinstance(split, float) and pd.isna(split)) else str(split),
-            extras=extras,
-        ))
-    return records, rejects, base
+            extras=extras if extras else NO_EXTRAS,
+        ), None
 
 
-def list_dataset(data: str | os.PathLike[str], root: str | os.PathLike[str] | None = None,
-                 allow_outside: bool = False) -> tuple[list[ImageRecord], list[Reject], Path | str]:
-    """List DATA (local path or fsspec URL). Returns ``(records, rejects, dataset_root)`` — a ``Path`` for
-    local data, the root URL string for fsspec data.
+@dataclass
+class Listing:
+    """A dataset being listed: ``root`` (a ``Path``, or the root URL for fsspec data) is known at once;
+    ``records`` is a lazy iterator of :class:`ImageRecord` in listing order. ``rejects`` and ``skipped``
+    (non-image files in a folder) fill up while ``records`` is consumed; they are complete once it is exhausted."""
 
-    Raises ``ValueError`` when DATA does not exist or is not a folder / CSV / Parquet list.
+    root: Path | str
+    records: Iterator[ImageRecord] = field(default_factory=lambda: iter(()))
+    rejects: list[Reject] = field(default_factory=list)
+    skipped: int = 0
+
+
+def _rows_to_records(rows: Iterator[tuple[ImageRecord | None, Reject | None]], out: Listing) -> Iterator[ImageRecord]:
+    for rec, rej in rows:
+        if rej is not None:
+            out.rejects.append(rej)
+        else:
+            yield rec  # type: ignore[misc]
+
+
+def _folder_records(root: Path, allow_outside: bool, out: Listing) -> Iterator[ImageRecord]:
+    for batch in _walk_folder(root, allow_outside, out):
+        yield from batch
+    if out.skipped:
+        log.info("skipped %d non-image files in %s", out.skipped, root)
+
+
+def open_listing(data: str | os.PathLike[str], root: str | os.PathLike[str] | None = None,
+                 allow_outside: bool = False, limits: ListLimits = ListLimits()) -> Listing:
+    """Start listing DATA (local path or fsspec URL): everything that can fail for the dataset as a whole (it does
+    not exist, is not a folder / CSV / Parquet list, is over ``limits``, has a reserved column
+    (:data:`RESERVED_COLUMNS`)) raises :class:`UsageError` (a ``ValueError``) here, before any record is read.
+    Records then stream (:class:`Listing`): a folder directory by directory, a list row by row.
+
+    ``allow_outside``: accept list entries and folder symlinks that resolve outside the root (else each is an
+    ``outside-root`` reject). Memory: one directory's entries for a folder; a list is read whole (capped by
+    ``limits``) and its rows become records one at a time.
     """
+    limits.validate()
     data = str(data)
     if data.startswith("file://"):
         data = data[len("file://"):]
     if is_url(data):
-        return _list_url(data)  # type: ignore[return-value]
+        records, rejects, url_root = _list_url(data, limits)
+        return Listing(url_root, iter(records), list(rejects))
     path = Path(data).expanduser()
     if not path.exists():
         raise UsageError(f"dataset {data!r} does not exist; pass an image folder or a CSV/Parquet list with a 'path' column")
     if path.is_dir():
         root_path = path.resolve()
-        records, rejects, skipped = _list_folder(root_path)
-        if skipped:
-            log.info("skipped %d non-image files in %s", skipped, root_path)
-        return records, rejects, root_path
+        out = Listing(root_path)
+        out.records = _folder_records(root_path, allow_outside, out)
+        return out
     if path.suffix.lower() in _LIST_SUFFIXES:
-        records, rejects, base = _list_table(path.resolve(), Path(root).resolve() if root else None, allow_outside)
-        return records, rejects, base
+        base, rows = _list_table(path.resolve(), Path(root).resolve() if root else None, allow_outside, limits)
+        out = Listing(base)
+        out.records = _rows_to_records(rows, out)
+        return out
     raise UsageError(f"dataset {data!r} is a file but not a .csv or .parquet list; pass a folder or a list")
 
 
+def list_dataset(data: str | os.PathLike[str], root: str | os.PathLike[str] | None = None,
+                 allow_outside: bool = False, limits: ListLimits = ListLimits()) -> tuple[list[ImageRecord], list[Reject], Path | str]:
+    """List DATA whole (:func:`open_listing`, collected). Returns ``(records, rejects, dataset_root)`` — a ``Path``
+    for local data, the root URL string for fsspec data. Raises :class:`UsageError` as :func:`open_listing` does.
+    Memory: O(files) records."""
+    listing = open_listing(data, root, allow_outside, limits)
+    records = list(listing.records)
+    return records, listing.rejects, listing.root
+
+
 _CACHE_SCHEMA = pa.schema([("src", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("image_id", pa.string())])
+HASH_CHUNK = 4096
+"""Records per hashing chunk (:func:`iter_hashed`): what the planner holds in flight, and how often the cache
+journal is flushed."""
 
 
-def _load_cache(cache_path: Path | None) -> dict[str, tuple[int, int, str]]:
-    if cache_path is None or not cache_path.is_file():
-        return {}
+def _src_keys(srcs: Any) -> np.ndarray:
+    """64-bit keys (SipHash, :func:`pandas.util.hash_array`) of source strings: ``(n,) uint64``."""
+    arr = srcs if isinstance(srcs, np.ndarray) else np.asarray(list(srcs), dtype=object)
+    if not len(arr):
+        return np.zeros(0, np.uint64)
+    return pd.util.hash_array(arr, categorize=False)
+
+
+class HashCache:
+    """``src -> (size, mtime_ns, image_id)`` for one dataset root: ``<cache>.parquet`` plus the journals of runs
+    that did not finish (``<cache>.journal-*.arrows``, Arrow IPC streams, read up to their last whole batch).
+
+    Lookup is vectorised per chunk: a sorted array of 64-bit keys of the ``src`` strings (the strings of each hit
+    are compared too, so a key collision is never a hit). New hashes are appended to this run's journal and
+    flushed after every chunk (:meth:`add`); :meth:`close` with ``complete`` rewrites the Parquet file with exactly
+    the entries this run used or added (atomically) and removes the journals it read. Memory: the entries as
+    Arrow columns plus 17 B of key, order and used flag each: ~190 B per entry with a 64-character path.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = Path(path) if path is not None else None
+        self._journal_paths: list[Path] = []
+        self._writer: Any = None
+        self._fh: Any = None
+        self._own: Path | None = None
+        self._new: list[pa.RecordBatch] = []
+        tables = []
+        if self.path is not None and self.path.is_file():
+            try:
+                tables.append(pq.read_table(self.path).cast(_CACHE_SCHEMA))
+            except (OSError, pa.ArrowException) as exc:
+                log.warning("ignoring unreadable hash cache %s: %s", self.path, exc)
+        if self.path is not None and self.path.parent.is_dir():
+            for j in sorted(self.path.parent.glob(self.path.stem + ".journal-*.arrows")):
+                batches = _read_journal(j)
+                self._journal_paths.append(j)
+                if batches:
+                    tables.append(pa.Table.from_batches(batches, _CACHE_SCHEMA))
+        table = pa.concat_tables(tables) if tables else _CACHE_SCHEMA.empty_table()
+        self.table = table.combine_chunks()
+        self._src = self.table.column("src")
+        self._size = self.table.column("size").to_numpy(zero_copy_only=False)
+        self._mtime = self.table.column("mtime_ns").to_numpy(zero_copy_only=False)
+        keys = np.concatenate([_src_keys(self._src.slice(i, 1 << 20).to_numpy(zero_copy_only=False))
+                               for i in range(0, len(self.table), 1 << 20)]) if len(self.table) else np.zeros(0, np.uint64)
+        order = np.argsort(keys, kind="stable")
+        skeys = keys[order]
+        last = np.ones(len(skeys), bool)  # the same src twice (a journal re-hashed it): the later entry wins
+        if len(skeys) > 1:
+            last[:-1] = skeys[:-1] != skeys[1:]
+        self._keys, self._order = skeys[last], order[last]
+        self.used = np.zeros(len(self.table), bool)
+        self.entries = int(last.sum())
+
+    def __len__(self) -> int:
+        return self.entries
+
+    def lookup(self, srcs: list[str], sizes: Sequence[int], mtimes: Sequence[int]) -> list[str | None]:
+        """The cached ``image_id`` for each ``(src, size, mtime_ns)`` (``None`` on a miss; ``mtime_ns < 0`` never
+        hits); a hit marks its entry used."""
+        out: list[str | None] = [None] * len(srcs)
+        if not len(self._keys) or not srcs:
+            return out
+        q = _src_keys(srcs)
+        pos = np.minimum(np.searchsorted(self._keys, q), len(self._keys) - 1)
+        rows = self._order[pos]
+        sz = np.asarray(sizes, np.int64)
+        mt = np.asarray(mtimes, np.int64)
+        cand = np.flatnonzero((self._keys[pos] == q) & (self._size[rows] == sz) & (self._mtime[rows] == mt) & (mt >= 0))
+        if not len(cand):
+            return out
+        hit_rows = rows[cand]
+        names = self._src.take(pa.array(hit_rows)).to_pylist()
+        ids = self.table.column("image_id").take(pa.array(hit_rows)).to_pylist()
+        for i, r, name, iid in zip(cand.tolist(), hit_rows.tolist(), names, ids):
+            if name == srcs[i]:
+                out[i] = iid
+                self.used[r] = True
+        return out
+
+    def add(self, srcs: list[str], sizes: list[int], mtimes: list[int], ids: list[str]) -> None:
+        """Record new hashes: appended to this run's journal and flushed (a killed run keeps them)."""
+        if not srcs:
+            return
+        batch = pa.record_batch([pa.array(srcs, pa.string()), pa.array(sizes, pa.int64()), pa.array(mtimes, pa.int64()),
+                                 pa.array(ids, pa.string())], schema=_CACHE_SCHEMA)
+        self._new.append(batch)
+        if self.path is None:
+            return
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._own = self.path.with_name(f"{self.path.stem}.journal-{os.getpid()}-{secrets.token_hex(4)}.arrows")
+            self._fh = open(self._own, "wb")  # noqa: SIM115 - closed in close()
+            self._writer = pa.ipc.new_stream(self._fh, _CACHE_SCHEMA)
+        self._writer.write_batch(batch)
+        self._fh.flush()
+
+    @property
+    def dirty(self) -> bool:
+        """True when the Parquet file would change: new hashes, entries not used this run, or journals to fold in."""
+        return bool(self._new) or bool(self._journal_paths) or not bool(self.used.all())
+
+    def close(self, complete: bool) -> None:
+        """End the run: with ``complete`` (every record was looked up) write the compacted cache when it changed and
+        remove the journals; else keep this run's journal for the next run."""
+        if self._writer is not None:
+            self._writer.close()
+            self._fh.close()
+            self._writer = self._fh = None
+        if not complete or self.path is None:
+            return
+        if self.dirty:
+            kept = self.table.filter(pa.array(self.used))
+            table = pa.concat_tables([kept, pa.Table.from_batches(self._new, _CACHE_SCHEMA)]) if self._new else kept
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink)
+            atomic_write_bytes(self.path, sink.getvalue().to_pybytes())
+        for j in self._journal_paths + ([self._own] if self._own is not None else []):
+            try:
+                j.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _read_journal(path: Path) -> list[pa.RecordBatch]:
+    """The whole batches of a cache journal (a run killed mid-write leaves a torn last batch: dropped)."""
+    batches: list[pa.RecordBatch] = []
     try:
-        t = pq.read_table(cache_path)
-    except (OSError, pa.ArrowInvalid) as exc:
-        log.warning("ignoring unreadable hash cache %s: %s", cache_path, exc)
-        return {}
-    d = t.to_pydict()
-    return {s: (z, m, i) for s, z, m, i in zip(d["src"], d["size"], d["mtime_ns"], d["image_id"])}
+        with pa.ipc.open_stream(pa.memory_map(str(path))) as reader:
+            while True:
+                try:
+                    batches.append(reader.read_next_batch().cast(_CACHE_SCHEMA))
+                except StopIteration:
+                    break
+    except (OSError, pa.ArrowException) as exc:
+        log.info("hash cache journal %s: read %d whole batches (%s)", path.name, len(batches), str(exc)[:120])
+    return batches
 
 
-def _hash_url(rec: ImageRecord, cache: dict[str, tuple[int, int, str]]) -> tuple[ImageRecord, Reject | None, bool]:
+def _stat_local(rec: ImageRecord) -> Reject | None:
+    """``stat`` one local file: fills ``size`` / ``mtime_ns``, or says why it cannot be an image."""
+    try:
+        st = os.stat(rec.src)
+    except OSError as exc:
+        return Reject(rec.path, os_error_reason(exc), exc.strerror or str(exc))
+    if stat.S_ISDIR(st.st_mode):
+        return Reject(rec.path, "not-a-file", "is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        return Reject(rec.path, "not-a-file", "not a regular file (FIFO, socket or device)")
+    if st.st_size == 0:
+        return Reject(rec.path, "empty-file", "0 bytes")
+    rec.size, rec.mtime_ns = st.st_size, st.st_mtime_ns
+    return None
+
+
+def _stat_url(rec: ImageRecord) -> Reject | None:
     import fsspec
 
     try:
         fs, path = fsspec.core.url_to_fs(rec.src)
         info = fs.info(path)
-        if info.get("type") == "directory":
-            return rec, Reject(rec.path, "not-a-file", "is a directory"), False
-        rec.size, rec.mtime_ns = int(info.get("size") or 0), _url_mtime_ns(info)
-        if rec.size == 0:
-            return rec, Reject(rec.path, "empty-file", "0 bytes"), False
-        hit = cache.get(rec.src)
-        if hit and rec.mtime_ns >= 0 and hit[0] == rec.size and hit[1] == rec.mtime_ns:
-            rec.image_id = hit[2]
-            return rec, None, True
-        with fs.open(path, "rb") as fh:
-            rec.image_id = sha256_stream(fh)
-    except (OSError, ValueError) as exc:
-        return rec, Reject(rec.path, "unreadable", str(exc)[:300]), False
-    return rec, None, False
+    except OSError as exc:  # FileNotFoundError for an object gone since the listing: "missing"
+        return Reject(rec.path, os_error_reason(exc), str(exc)[:300])
+    except ValueError as exc:
+        return Reject(rec.path, "unreadable", str(exc)[:300])
+    if info.get("type") == "directory":
+        return Reject(rec.path, "not-a-file", "is a directory")
+    rec.size, rec.mtime_ns = int(info.get("size") or 0), _url_mtime_ns(info)
+    if rec.size == 0:
+        return Reject(rec.path, "empty-file", "0 bytes")
+    return None
 
 
-def _hash_one(rec: ImageRecord, cache: dict[str, tuple[int, int, str]]) -> tuple[ImageRecord, Reject | None, bool]:
+def _stat_many(recs: list[ImageRecord]) -> list[Reject | None]:
+    return [_stat_url(r) if is_url(r.src) else _stat_local(r) for r in recs]
+
+
+def _digest(rec: ImageRecord) -> Reject | None:
+    """sha256 of one file's bytes into ``rec.image_id``, or why it could not be read."""
     if is_url(rec.src):
-        return _hash_url(rec, cache)
-    try:
-        st = os.stat(rec.src)
-    except OSError as exc:
-        return rec, Reject(rec.path, os_error_reason(exc), exc.strerror or str(exc)), False
-    if stat.S_ISDIR(st.st_mode):
-        return rec, Reject(rec.path, "not-a-file", "is a directory"), False
-    if not stat.S_ISREG(st.st_mode):
-        return rec, Reject(rec.path, "not-a-file", "not a regular file (FIFO, socket or device)"), False
-    if st.st_size == 0:
-        return rec, Reject(rec.path, "empty-file", "0 bytes"), False
-    rec.size, rec.mtime_ns = st.st_size, st.st_mtime_ns
-    hit = cache.get(display_path(rec.src))
-    if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-        rec.image_id = hit[2]
-        return rec, None, True
+        import fsspec
+
+        try:
+            fs, path = fsspec.core.url_to_fs(rec.src)
+            with fs.open(path, "rb") as fh:
+                rec.image_id = sha256_stream(fh)
+        except OSError as exc:
+            return Reject(rec.path, os_error_reason(exc), str(exc)[:300])
+        except ValueError as exc:
+            return Reject(rec.path, "unreadable", str(exc)[:300])
+        return None
     try:
         with open_regular_file(rec.src) as fh:  # never blocks, even if a FIFO replaced the file since the stat
             rec.image_id = sha256_stream(fh)
     except RejectedImage as exc:
-        return rec, Reject(rec.path, exc.reason, exc.detail), False
+        return Reject(rec.path, exc.reason, exc.detail)
     except OSError as exc:
-        return rec, Reject(rec.path, os_error_reason(exc), exc.strerror or str(exc)), False
-    return rec, None, False
+        return Reject(rec.path, os_error_reason(exc), exc.strerror or str(exc))
+    return None
 
 
-def _stat_local(rec: ImageRecord, cache: dict[str, tuple[int, int, str]]) -> tuple[Reject | None, bool]:
-    """Serial fast path: stat + cache lookup. Returns ``(reject, cache_hit)``; no hit means hash it."""
-    try:
-        st = os.stat(rec.src)
-    except OSError as exc:
-        return Reject(rec.path, os_error_reason(exc), exc.strerror or str(exc)), False
-    if stat.S_ISDIR(st.st_mode):
-        return Reject(rec.path, "not-a-file", "is a directory"), False
-    if not stat.S_ISREG(st.st_mode):
-        return Reject(rec.path, "not-a-file", "not a regular file (FIFO, socket or device)"), False
-    if st.st_size == 0:
-        return Reject(rec.path, "empty-file", "0 bytes"), False
-    rec.size, rec.mtime_ns = st.st_size, st.st_mtime_ns
-    hit = cache.get(display_path(rec.src))
-    if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-        rec.image_id = hit[2]
-        return None, True
-    return None, False
+def _digest_many(recs: list[ImageRecord]) -> list[Reject | None]:
+    return [_digest(r) for r in recs]
+
+
+def _split(items: list[Any], parts: int, min_size: int = 64) -> list[list[Any]]:
+    """``items`` cut into at most ``parts`` contiguous pieces of at least ``min_size`` (one thread task each)."""
+    n = max(1, min(parts, len(items) // max(1, min_size)))
+    step = -(-len(items) // n)
+    return [items[i:i + step] for i in range(0, len(items), step)]
+
+
+def iter_hashed(records: Iterable[ImageRecord], cache_path: Path | None = None, workers: int = 8,
+                progress: bool = False, chunk_size: int = HASH_CHUNK,
+                stats: dict[str, int] | None = None) -> Iterator[tuple[list[ImageRecord], list[Reject]]]:
+    """Stream ``records`` in chunks of ``chunk_size``: fill each record's ``image_id`` (from the cache by path +
+    size + mtime, else hashed) and yield ``(hashed, rejects)`` per chunk, records in input order.
+
+    Worker threads (``workers``) ``stat`` and hash; this generator merges their results in order. ``stats`` (when
+    given) is updated in place: ``{"hashed": n, "cached": m}``. The cache (:class:`HashCache`) journals every
+    chunk's new hashes as it goes and is compacted when the stream is exhausted; a stream abandoned half-way (an
+    error, a kill) keeps its journal, so the next run does not hash those files again. Memory: O(chunk_size)
+    records in flight, plus the cache.
+    """
+    if chunk_size < 1:
+        raise UsageError(f"chunk size must be >= 1, got {chunk_size}")
+    stats = stats if stats is not None else {}
+    stats.setdefault("hashed", 0)
+    stats.setdefault("cached", 0)
+    cache = HashCache(cache_path)
+    bar = None
+    complete = False
+    it = iter(records)
+    with cf.ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="convlens-hash") as pool:
+        try:
+            while True:
+                chunk = list(itertools.islice(it, chunk_size))
+                if not chunk:
+                    break
+                rejects: list[Reject] = []
+                # a plain file listed from a folder was stat-ed by the listing; anything else is stat-ed here
+                todo = [r for r in chunk if r.size is None or r.mtime_ns is None]
+                bad: dict[int, Reject] = {}
+                if todo:
+                    for part_recs, part in zip(parts := _split(todo, max(1, workers)), pool.map(_stat_many, parts)):
+                        bad.update((id(r), rej) for r, rej in zip(part_recs, part) if rej is not None)
+                ok = []
+                for r in chunk:
+                    rej = bad.get(id(r)) if bad else None
+                    if rej is None and r.size == 0:
+                        rej = Reject(r.path, "empty-file", "0 bytes")
+                    if rej is None:
+                        ok.append(r)
+                    else:
+                        rejects.append(rej)
+                hits = cache.lookup([r.src if r.src.isascii() else display_path(r.src) for r in ok],
+                                    [r.size for r in ok], [r.mtime_ns for r in ok])
+                misses = []
+                for r, iid in zip(ok, hits):
+                    if iid is None:
+                        misses.append(r)
+                    else:
+                        r.image_id = iid
+                stats["cached"] += len(ok) - len(misses)
+                failed: set[int] = set()
+                if misses:
+                    if progress and bar is None:
+                        from tqdm.auto import tqdm
+
+                        bar = tqdm(desc="hash", unit="file", leave=False)
+                    res: list[Reject | None] = []
+                    for part in pool.map(_digest_many, _split(misses, 4 * max(1, workers), 8)):
+                        res.extend(part)
+                    done = []
+                    for r, rej in zip(misses, res):
+                        if rej is not None:
+                            rejects.append(rej)
+                            failed.add(id(r))
+                        else:
+                            done.append(r)
+                    stats["hashed"] += len(done)
+                    cache.add([display_path(r.src) for r in done], [int(r.size or 0) for r in done],
+                              [int(r.mtime_ns if r.mtime_ns is not None else -1) for r in done], [str(r.image_id) for r in done])
+                    if bar is not None:
+                        bar.update(len(misses))
+                yield ([r for r in ok if id(r) not in failed] if failed else ok), rejects
+            complete = True
+        finally:
+            if bar is not None:
+                bar.close()
+            cache.close(complete)
 
 
 def hash_records(records: Iterable[ImageRecord], cache_path: Path | None = None, workers: int = 8,
-                 progress: bool = False) -> tuple[list[ImageRecord], list[Reject], dict[str, int]]:
-    """Fill ``image_id`` for each record (cached by path + size + mtime; misses hashed in parallel threads).
-
-    Returns ``(hashed, rejects, stats)`` with stats ``{"hashed": n, "cached": m}``; the cache is rewritten
-    atomically when given. Order of ``hashed`` follows ``records``.
-    """
-    records = list(records)
-    cache = _load_cache(cache_path)
+                 progress: bool = False, chunk_size: int = HASH_CHUNK) -> tuple[list[ImageRecord], list[Reject], dict[str, int]]:
+    """Fill ``image_id`` for each record (:func:`iter_hashed`, collected). Returns ``(hashed, rejects, stats)`` with
+    stats ``{"hashed": n, "cached": m}``; the cache is rewritten atomically when it changed. Order of ``hashed``
+    follows ``records``. Memory: O(records)."""
+    stats: dict[str, int] = {}
+    hashed: list[ImageRecord] = []
     rejects: list[Reject] = []
-    stats = {"hashed": 0, "cached": 0}
-    ok: list[ImageRecord] = []
-    misses: list[ImageRecord] = []
-    for rec in records:
-        if is_url(rec.src):
-            misses.append(rec)
-            ok.append(rec)
-            continue
-        rej, hit = _stat_local(rec, cache)
-        if rej is not None:
-            rejects.append(rej)
-        else:
-            ok.append(rec)
-            if hit:
-                stats["cached"] += 1
-            else:
-                misses.append(rec)
-    bar = None
-    if progress and misses:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(misses), desc="hash", unit="file", leave=False)
-    failed: set[int] = set()
-    with cf.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for rec, rej, from_cache in pool.map(lambda r: _hash_one(r, cache), misses, chunksize=64):
-            if bar is not None:
-                bar.update(1)
-            if rej is not None:
-                rejects.append(rej)
-                failed.add(id(rec))
-                continue
-            stats["cached" if from_cache else "hashed"] += 1
-    if bar is not None:
-        bar.close()
-    hashed = [r for r in ok if id(r) not in failed]
-    unchanged = stats["hashed"] == 0 and stats["cached"] == len(hashed) == len(cache)
-    if cache_path is not None and not unchanged:  # nothing new, nothing gone: the stored cache is current
-        table = pa.table(
-            {"src": [display_path(r.src) for r in hashed], "size": [r.size for r in hashed],
-             "mtime_ns": [r.mtime_ns for r in hashed], "image_id": [r.image_id for r in hashed]},
-            schema=_CACHE_SCHEMA,
-        )
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        atomic_write_bytes(cache_path, sink.getvalue().to_pybytes())
+    for ok, rej in iter_hashed(records, cache_path, workers, progress, chunk_size, stats):
+        hashed.extend(ok)
+        rejects.extend(rej)
     return hashed, rejects, stats
+
+
+# --------------------------------------------------------------------------------------------- image digests
+
+_HEX = np.full(256, 255, np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _HEX[_c] = 10 + _i
+del _i, _c
+
+
+def image_digests(ids: Iterable[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """``image_id`` strings -> ``(n,) S32`` raw 32-byte digests (a 64-hex-digit id is decoded; any other string,
+    e.g. a hand-made id in a test store, is mapped to the sha256 of its text). Vectorised: O(n) bytes, no Python
+    object per id for well-formed ids given as an Arrow array."""
+    if isinstance(ids, (pa.Array, pa.ChunkedArray)):
+        arr = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+        arr = arr.cast(pa.string())
+        n = len(arr)
+        if n == 0:
+            return np.zeros(0, "S32")
+        lengths = pc.binary_length(arr) if arr.null_count == 0 else None
+        if lengths is not None and pc.all(pc.equal(lengths, 64)).as_py():
+            offsets = np.frombuffer(arr.buffers()[1], np.int32, n + 1, arr.offset * 4)
+            data = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
+            digests = _decode_hex(data.reshape(n, 64))
+            if digests is not None:
+                return digests
+        ids = arr.to_pylist()
+    ids = ["" if v is None else str(v) for v in ids]
+    if not ids:
+        return np.zeros(0, "S32")
+    if all(len(v) == 64 for v in ids):
+        try:
+            data = np.frombuffer("".join(ids).encode("ascii"), np.uint8).reshape(len(ids), 64)
+        except UnicodeEncodeError:
+            data = None
+        if data is not None:
+            digests = _decode_hex(data)
+            if digests is not None:
+                return digests
+    out = np.empty(len(ids), "S32")
+    for i, v in enumerate(ids):
+        try:
+            raw = bytes.fromhex(v) if len(v) == 64 else b""
+        except ValueError:
+            raw = b""
+        out[i] = raw if len(raw) == 32 else hashlib.sha256(("id:" + v).encode("utf-8", "surrogateescape")).digest()
+    return out
+
+
+def _decode_hex(data: np.ndarray) -> np.ndarray | None:
+    nib = _HEX[data]
+    if (nib == 255).any():
+        return None
+    raw = (nib[:, 0::2] << 4) | nib[:, 1::2]
+    return np.ascontiguousarray(raw).view("S32").ravel()
+
+
+class DigestSet:
+    """A set of 32-byte image digests as one sorted ``(n,) S32`` array (32 B per id; a Python ``set`` of hex
+    strings costs ~180 B per id). Membership is ``np.searchsorted``: O(log n) per id, vectorised."""
+
+    __slots__ = ("digests",)
+
+    def __init__(self, digests: np.ndarray | None = None) -> None:
+        d = np.zeros(0, "S32") if digests is None else np.asarray(digests, "S32")
+        self.digests = np.unique(d)
+
+    @classmethod
+    def of(cls, ids: Iterable[str] | pa.Array | pa.ChunkedArray) -> DigestSet:
+        return cls(image_digests(ids))
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.digests.nbytes)
+
+    def contains(self, digests: np.ndarray) -> np.ndarray:
+        """``(n,) bool``: which of ``digests`` (``S32``) are in the set."""
+        q = np.asarray(digests, "S32")
+        if not len(self.digests) or not len(q):
+            return np.zeros(len(q), bool)
+        pos = np.minimum(np.searchsorted(self.digests, q), len(self.digests) - 1)
+        return self.digests[pos] == q
+
+    def union(self, other: DigestSet | np.ndarray) -> DigestSet:
+        more = other.digests if isinstance(other, DigestSet) else np.asarray(other, "S32")
+        return DigestSet(np.concatenate([self.digests, more]))
+
+    def __contains__(self, image_id: object) -> bool:
+        if not isinstance(image_id, str):
+            return False
+        return bool(self.contains(image_digests([image_id]))[0])

@@ -3,7 +3,11 @@
 - ``digits``: scikit-learn's 1797 labelled 8x8 digits, upscaled (nearest, then smoothed) to 96x96 RGB PNGs,
   ``per_class`` per digit, split into ``train/`` and ``test/`` (label = the digit);
 - ``photos``: the real colour / grey photographs scikit-image and scikit-learn ship (astronaut, chelsea the
-  cat, coffee, rocket, ...), under ``photos/<name>.png`` (label ``photo``).
+  cat, coffee, rocket, ...), under ``photos/<name>.png`` (label ``photo``);
+- planted cases, so that the dataset audit has true findings to show (:data:`PLANTED_COPIES`,
+  :data:`PLANTED_FLIPS`, listed by :func:`planted_cases`): near-copies of digits and photos (a JPEG re-encode, a
+  0.9x resize, a +-10 % re-light, a 5 % crop), three of them across ``train/`` and ``test/`` (leaks), and three
+  digits filed under the wrong class folder (label flips; the file name keeps the true digit).
 
 Idempotent: a file is written only when missing or different, so image_ids stay stable across runs.
 """
@@ -17,17 +21,56 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-__all__ = ["build_demo_dataset", "PHOTO_NAMES"]
+__all__ = ["build_demo_dataset", "planted_cases", "PHOTO_NAMES", "PLANTED_COPIES", "PLANTED_FLIPS"]
 
 log = logging.getLogger(__name__)
 PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
                "colorwheel", "camera", "coins", "clock", "brick", "grass", "gravel", "moon", "page", "text", "cell")
 
 
-def _write_if_changed(path: Path, img: Image.Image) -> bool:
+# (copy path, source path, edit): near-copies planted in the demo set. Sources are digits by (label, index into
+# scikit-learn's digits) or photos by name; a source that is a test digit and a copy under train/ (or the
+# reverse) is a train/test leak.
+PLANTED_COPIES = (
+    ("train/3/digit_3_{i3}_reencoded.jpg", "test/3/digit_3_{i3}.png", "jpeg"),
+    ("test/7/digit_7_{i7}_resized.png", "train/7/digit_7_{i7}.png", "resize"),
+    ("test/1/digit_1_{i1}_cropped.png", "train/1/digit_1_{i1}.png", "crop"),
+    ("train/5/digit_5_{i5}_relit.png", "train/5/digit_5_{i5}.png", "brighter"),
+    ("photos/astronaut_small.png", "photos/astronaut.png", "resize"),
+    ("photos/rocket_relit.png", "photos/rocket.png", "darker"),
+    ("photos/camera_cropped.jpg", "photos/camera.png", "crop+jpeg"),
+)
+# (true digit, class folder it is filed under): label flips, taken from digits beyond the first ``per_class``.
+PLANTED_FLIPS = ((4, 9), (8, 3), (0, 6))
+
+
+def _encode(img: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False)
-    data = buf.getvalue()
+    if fmt == "JPEG":
+        img.convert("RGB").save(buf, format="JPEG", quality=80)
+    else:
+        img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def _edit(img: Image.Image, how: str) -> Image.Image:
+    """One near-copy edit: resize 0.9x, brighter / darker by 10 %, or a 5 % crop (offset 2/3 of the margin)."""
+    from PIL import ImageEnhance
+
+    w, h = img.size
+    if how == "resize":
+        return img.resize((round(w * 0.9), round(h * 0.9)), Image.BILINEAR)
+    if how in ("brighter", "darker"):
+        return ImageEnhance.Brightness(img).enhance(1.1 if how == "brighter" else 0.9)
+    if how.startswith("crop"):
+        dw, dh = round(w * 0.05), round(h * 0.05)
+        x0, y0 = 2 * dw // 3, 2 * dh // 3
+        return img.crop((x0, y0, x0 + w - dw, y0 + h - dh))
+    return img
+
+
+def _write_if_changed(path: Path, img: Image.Image) -> bool:
+    data = _encode(img, "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG")
     if path.is_file() and path.read_bytes() == data:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,13 +94,11 @@ def build_demo_dataset(root: str | Path, per_class: int = 24, test_fraction: flo
     root = Path(root)
     digits = load_digits()
     written = n_digits = 0
-    n_test = max(1, int(round(per_class * test_fraction)))
-    for label in range(10):
-        idx = np.flatnonzero(digits.target == label)[:per_class]
-        for j, i in enumerate(idx):
-            split = "test" if j < n_test else "train"
-            written += _write_if_changed(root / split / str(label) / f"digit_{label}_{i:04d}.png", _digit_image(digits.images[i]))
-            n_digits += 1
+    made: dict[str, Image.Image] = {}  # what was written, by relative path: the planted copies' sources
+    for rel, _kind, img in _digit_entries(digits, per_class, test_fraction):
+        written += _write_if_changed(root / rel, img)
+        made[rel] = img
+        n_digits += 1
     n_photos = 0
     import skimage.data as skd
 
@@ -73,6 +114,7 @@ def build_demo_dataset(root: str | Path, per_class: int = 24, test_fraction: flo
         img = Image.fromarray(arr)
         img.thumbnail((512, 512))
         written += _write_if_changed(root / "photos" / f"{name}.png", img.convert("RGB"))
+        made[f"photos/{name}.png"] = img.convert("RGB")
         n_photos += 1
     try:
         from sklearn.datasets import load_sample_images
@@ -82,4 +124,58 @@ def build_demo_dataset(root: str | Path, per_class: int = 24, test_fraction: flo
             n_photos += 1
     except (OSError, ImportError) as exc:
         log.debug("sklearn sample images unavailable: %s", exc)
-    return {"digits": n_digits, "photos": n_photos, "written": written}
+    n_planted = 0
+    for rel, src, how in _copy_specs(digits, per_class, test_fraction):
+        if src not in made:  # e.g. a photo this scikit-image version does not ship
+            continue
+        written += _write_if_changed(root / rel, _edit(made[src], how))
+        n_planted += 1
+    return {"digits": n_digits, "photos": n_photos, "planted_copies": n_planted, "planted_flips": len(PLANTED_FLIPS),
+            "written": written}
+
+
+def _split_indices(digits, per_class: int, test_fraction: float) -> dict[int, tuple[list[int], list[int]]]:
+    """Per label: (test indices, train indices) into scikit-learn's digits."""
+    n_test = max(1, int(round(per_class * test_fraction)))
+    out = {}
+    for label in range(10):
+        idx = [int(i) for i in np.flatnonzero(digits.target == label)[:per_class]]
+        out[label] = (idx[:n_test], idx[n_test:])
+    return out
+
+
+def _digit_entries(digits, per_class: int, test_fraction: float):
+    """(relative path, kind, image) of every digit file: the split digits, then the label flips."""
+    for label, (test, train) in _split_indices(digits, per_class, test_fraction).items():
+        for split, idx in (("test", test), ("train", train)):
+            for i in idx:
+                yield f"{split}/{label}/digit_{label}_{i:04d}.png", "digit", _digit_image(digits.images[i])
+    for true, filed in PLANTED_FLIPS:
+        i = int(np.flatnonzero(digits.target == true)[per_class])
+        yield f"train/{filed}/digit_{true}_{i:04d}.png", "flip", _digit_image(digits.images[i])
+
+
+def _copy_specs(digits, per_class: int, test_fraction: float) -> list[tuple[str, str, str]]:
+    """:data:`PLANTED_COPIES` with the digit indices filled in (the 2nd test / train digit of the label)."""
+    split = _split_indices(digits, per_class, test_fraction)
+    fill = {}
+    for _, src, _ in PLANTED_COPIES:
+        for lab in range(10):
+            if f"/{lab}/" in src:
+                pool = split[lab][0] if src.startswith("test/") else split[lab][1]
+                fill[f"i{lab}"] = f"{pool[min(1, len(pool) - 1)]:04d}"
+    return [(rel.format(**fill), src.format(**fill), how) for rel, src, how in PLANTED_COPIES]
+
+
+def planted_cases(per_class: int = 24, test_fraction: float = 0.25) -> dict[str, list[dict[str, str]]]:
+    """What :func:`build_demo_dataset` plants: ``{"copies": [{path, source, edit}], "flips": [{path, label,
+    true_label}]}`` (paths relative to the demo root), so a check can compare the audit's findings with them."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    copies = [{"path": r, "source": s, "edit": h} for r, s, h in _copy_specs(digits, per_class, test_fraction)]
+    flips = []
+    for true, filed in PLANTED_FLIPS:
+        i = int(np.flatnonzero(digits.target == true)[per_class])
+        flips.append({"path": f"train/{filed}/digit_{true}_{i:04d}.png", "label": str(filed), "true_label": str(true)})
+    return {"copies": copies, "flips": flips}

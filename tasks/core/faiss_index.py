@@ -8,6 +8,14 @@ Two layers:
   exact, ``IVF<n>,PQ<m>`` etc. are trained on a sample by :func:`train_index`), :func:`add_vectors`,
   :func:`search_index` (blocked, optional GPU, ``nprobe``), :func:`serialize_index` / :func:`deserialize_index`.
 
+Above :data:`AUTO_EXACT_MAX_ROWS` rows the ``auto`` factory (:func:`resolve_factory`) is approximate:
+``IVF<nlist>,PQ<m>x4fs,RFlat``, an inverted file whose lists hold 4-bit fast-scan PQ codes, followed by an exact
+re-rank (``IndexRefineFlat``) of the top ``k x`` :data:`AUTO_K_FACTOR` candidates against the stored vectors, so
+returned distances are exact and only the candidate set is approximate. Polysemous training is always turned off
+for PQ indexes (:func:`new_index`: it cost 5.6x the training time for a search mode convlens never uses).
+Indexes go to and come from files directly (:func:`write_index_file`, :func:`read_index_file`): no bytes copy of
+an index in memory.
+
 Distances everywhere: for ``cosine`` the "distance" is ``1 - cosine similarity`` (vectors L2-normalised before
 they enter the index, inner-product metric); for ``l2`` the *squared* Euclidean distance (FAISS convention).
 """
@@ -15,6 +23,8 @@ they enter the index, inner-product metric); for ``l2`` the *squared* Euclidean 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import re
 from typing import Any
 
@@ -39,6 +49,18 @@ __all__ = [
     "deserialize_index",
     "supports_incremental_add",
     "index_kind",
+    "AUTO_EXACT_MAX_ROWS",
+    "AUTO_K_FACTOR",
+    "auto_nlist",
+    "default_nprobe",
+    "resolve_factory",
+    "nlist_of",
+    "exact_vectors",
+    "finalize_index",
+    "write_index_file",
+    "read_index_file",
+    "to_cpu",
+    "reserve_rows",
 ]
 
 log = logging.getLogger(__name__)
@@ -138,11 +160,160 @@ def new_index(dim: int, factory: str = "Flat", metric: str = "cosine"):
     if dim < 1:
         raise UsageError(f"cannot index {dim}-d vectors")
     try:
-        return faiss.index_factory(int(dim), factory, mt)
+        index = faiss.index_factory(int(dim), factory, mt)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else "rejected"
         raise UsageError(f"FAISS rejected the index factory string {factory!r} for D={dim}: {first}. "
                          "Use e.g. 'Flat' (exact) or 'IVF1024,PQ32' (D must be divisible by the PQ size)") from None
+    _no_polysemous(index)
+    return index
+
+
+def _inner(index) -> list[Any]:
+    """``index`` and every index nested in it (pre-transform, refine base and refine, id map), downcast."""
+    faiss = import_faiss()
+    out, todo = [], [index]
+    while todo:
+        ix = faiss.downcast_index(todo.pop())
+        out.append(ix)
+        for attr in ("index", "base_index", "refine_index"):
+            sub = getattr(ix, attr, None)
+            if sub is not None and hasattr(sub, "ntotal") and not isinstance(sub, (int, float)):
+                todo.append(sub)
+    return out
+
+
+def _no_polysemous(index) -> None:
+    """Turn polysemous training off in every PQ inside ``index`` (FAISS's factory turns it on for ``IVF…,PQ…``
+    and ``PQ…``: measured 117.8 s vs 21.1 s for an ``IVF1024,PQ64`` training on 40k x 1280, for polysemous
+    search, which convlens never uses)."""
+    faiss = import_faiss()
+    for ix in _inner(index):
+        if hasattr(ix, "do_polysemous_training"):
+            ix.do_polysemous_training = False
+        try:
+            ivf = faiss.extract_index_ivf(ix)
+        except RuntimeError:
+            continue
+        inner = faiss.downcast_index(ivf)
+        if hasattr(inner, "do_polysemous_training"):
+            inner.do_polysemous_training = False
+
+
+AUTO_EXACT_MAX_ROWS = 100_000
+"""``auto`` factory: exact (``Flat``) up to this many rows, approximate above. At the threshold an exact all-rows
+kNN graph of 1280-d vectors costs ~1.3e13 multiply-adds (~10 minutes on 2 cores); the approximate graph of 200k
+rows takes a fraction of that (docs/neighbors.md)."""
+AUTO_K_FACTOR = 10
+"""``auto`` factory: candidates re-ranked exactly per neighbour asked (``k_factor`` of ``IndexRefineFlat``)."""
+
+
+def auto_nlist(n: int) -> int:
+    """Inverted lists for ``n`` rows: the power of two nearest ``2 sqrt(n)``, in [64, 65536] (200k -> 1024,
+    1M -> 2048, 10M -> 8192): ~100-500 vectors per list, coarse assignment cheap next to the list scan."""
+    return int(min(65536, max(64, 2 ** round(math.log2(max(1.0, 2.0 * math.sqrt(max(n, 1))))))))
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists probed by default: ``max(16, nlist / 64)`` (1.6 % of the lists), at most ``nlist``."""
+    return int(min(nlist, max(16, nlist // 64)))
+
+
+def _pq_m(dim: int) -> int | None:
+    """Sub-quantisers for the ``auto`` PQ: the largest divisor of ``dim`` in [8, 64] (None when there is none)."""
+    for m in range(min(64, dim), 7, -1):
+        if dim % m == 0:
+            return m
+    return None
+
+
+def resolve_factory(factory: str, n: int, dim: int, exact_max_rows: int = AUTO_EXACT_MAX_ROWS) -> str:
+    """The FAISS factory string for ``factory`` over ``n`` rows of ``dim``-d vectors: any string but ``auto`` is
+    returned as given; ``auto`` is ``Flat`` (exact) for ``n <= exact_max_rows`` and above it
+    ``IVF<auto_nlist(n)>,PQ<m>x4fs,RFlat`` (``m``: the largest divisor of ``dim`` in [8, 64]; ``IVF<nlist>,Flat``
+    when ``dim`` has none)."""
+    f = factory.replace(" ", "")
+    if f.lower() != "auto":
+        return factory
+    if exact_max_rows < 0:
+        raise UsageError(f"--exact-max-rows must be >= 0, got {exact_max_rows}")
+    if n <= exact_max_rows:
+        return "Flat"
+    nlist = auto_nlist(n)
+    m = _pq_m(dim)
+    return f"IVF{nlist},PQ{m}x4fs,RFlat" if m else f"IVF{nlist},Flat"
+
+
+def nlist_of(index) -> int | None:
+    """Inverted lists of an IVF index (through any wrapper), else None."""
+    ivf = _ivf(index)
+    return int(ivf.nlist) if ivf is not None else None
+
+
+def exact_vectors(index) -> bool:
+    """True when ``index.reconstruct`` returns the stored vectors exactly (Flat, a refine index, IVF-Flat with a
+    direct map, HNSW over Flat storage); False for PQ / SQ codes."""
+    faiss = import_faiss()
+    ix = faiss.downcast_index(index)
+    if isinstance(ix, faiss.IndexRefine):
+        return isinstance(faiss.downcast_index(ix.refine_index), faiss.IndexFlat)
+    if isinstance(ix, faiss.IndexFlat):
+        return True
+    if isinstance(ix, faiss.IndexIVFFlat):
+        return ix.direct_map.type != faiss.DirectMap.NoMap
+    if isinstance(ix, faiss.IndexHNSWFlat):
+        return True
+    return False
+
+
+def finalize_index(index, nprobe: int | None = None, k_factor: float | None = None) -> None:
+    """Settings stored with the index file: ``nprobe``, the refine ``k_factor``, and a direct map on an IVF-Flat
+    index (so rows can be reconstructed exactly, e.g. as queries of the kNN graph)."""
+    faiss = import_faiss()
+    if nprobe:
+        set_nprobe(index, nprobe)
+    for ix in _inner(index):
+        if k_factor and isinstance(ix, faiss.IndexRefine):
+            ix.k_factor = float(k_factor)
+        if isinstance(ix, faiss.IndexIVFFlat) and ix.direct_map.type == faiss.DirectMap.NoMap:
+            ix.make_direct_map()
+
+
+def to_cpu(index):
+    """``index`` itself on the CPU, or a CPU copy of a GPU index."""
+    if type(index).__name__.startswith("Gpu"):
+        return import_faiss().index_gpu_to_cpu(index)
+    return index
+
+
+def reserve_rows(index, rows: int) -> None:
+    """Pre-size the flat vector store(s) inside ``index`` (``Flat``, the refine store of ``…,RFlat``) for ``rows``
+    rows, so adding block by block never reallocates: a growing ``std::vector`` doubles and copies, which made a
+    1M x 512 build peak at ~1.5x its final store (measured 992 vs 586 MiB for 300k x 512)."""
+    faiss = import_faiss()
+    for ix in _inner(index):
+        if not isinstance(ix, faiss.IndexFlatCodes) or not ix.codes.is_owned:
+            continue
+        have = int(ix.ntotal) * int(ix.code_size)
+        want = int(rows) * int(ix.code_size)
+        if want > have:
+            ix.codes.resize(want)  # capacity for every row (new bytes zeroed, touched once) ...
+            ix.codes.resize(have)  # ... and back to the rows held: std::vector keeps the capacity
+
+
+def write_index_file(index, path: str | os.PathLike[str]) -> None:
+    """Write ``index`` (a CPU copy when it lives on a GPU) to ``path`` with FAISS's own writer: streamed to the
+    file, no in-memory copy of the index."""
+    import_faiss().write_index(to_cpu(index), os.fspath(path))
+
+
+def read_index_file(path: str | os.PathLike[str]):
+    """Read an index written by :func:`write_index_file`. Raises ``ValueError`` for a file FAISS cannot read."""
+    faiss = import_faiss()
+    try:
+        return faiss.read_index(os.fspath(path))
+    except RuntimeError as exc:
+        raise UsageError(f"not a readable FAISS index: {str(exc).strip().splitlines()[-1][:200]}") from None
 
 
 def index_kind(factory: str) -> str:

@@ -3,6 +3,11 @@ micro-batches and pool a layer's activation into features.
 
 Used by extraction, the neighbour query (``neighbors --image``), the attribution audit and the neuron
 techniques, so an image gives the same features whichever stage computes them.
+
+Extraction's decode modes (:func:`resolve_decode`, recorded as the manifest's ``preprocessing.decode``):
+``jpeg-draft`` (PIL, JPEGs decoded at a reduced DCT scale that keeps the shorter side >= the resize target),
+``full`` (PIL at full size), ``nvjpeg`` (JPEGs decoded in batches on the GPU and resized there,
+:func:`decode_preprocess_jpegs`) and ``torchvision-jpeg`` (the same tensor path on the CPU, for testing it).
 """
 
 from __future__ import annotations
@@ -19,13 +24,21 @@ from tasks.core.models import LoadedModel, Preprocess
 
 __all__ = [
     "CPU_MICRO_BATCH",
+    "DECODE_CHOICES",
+    "DECODE_RECORDS",
+    "TENSOR_DECODES",
     "pick_device",
     "resolve_precision",
+    "resolve_decode",
     "preprocess_uint8",
+    "preprocess_tensor_uint8",
+    "decode_preprocess_jpegs",
     "normalise",
     "pool_features",
     "prepare_module",
     "forward_batch",
+    "forward_batch_async",
+    "PendingFeatures",
     "embed_images",
     "has_head",
 ]
@@ -46,6 +59,77 @@ def pick_device(device: str = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device} asked for but no CUDA device is available; use --device cpu")
     return torch.device(device)
+
+
+DECODE_CHOICES = ("auto", "cpu", "gpu")
+# What the manifest records as preprocessing["decode"] (part of the artefact key: modes never share an artefact).
+DECODE_RECORDS = ("jpeg-draft", "full", "nvjpeg", "torchvision-jpeg")
+TENSOR_DECODES = frozenset({"nvjpeg", "torchvision-jpeg"})  # JPEGs decoded + resized as tensors on the model's device
+_TENSOR_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+
+
+def resolve_decode(decode: str, device: str | torch.device, full_decode: bool = False,
+                   interpolation: str = "bilinear") -> str:
+    """Where and how extraction decodes images; returns one of :data:`DECODE_RECORDS`.
+
+    ``decode``: ``cpu`` -> PIL in DataLoader workers, JPEGs at a reduced DCT scale (``jpeg-draft``) unless
+    ``full_decode`` (``full``); ``gpu`` -> JPEGs decoded by ``torchvision.io.decode_jpeg`` on the model's device and
+    resized there (``nvjpeg`` on CUDA; ``torchvision-jpeg`` on a CPU device, which only exists to exercise that
+    path without a GPU); other formats and JPEGs the tensor decoder refuses go through PIL at full size;
+    ``auto`` -> ``gpu`` on a CUDA device (when the resize ``interpolation`` has a tensor kernel), else ``cpu``.
+    Raises :class:`UsageError` for an unknown value or ``gpu`` with an interpolation tensors cannot do.
+    """
+    if decode not in DECODE_CHOICES:
+        raise UsageError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {decode!r}")
+    dev = pick_device(device) if isinstance(device, str) else device
+    tensor_ok = interpolation in _TENSOR_INTERPOLATIONS
+    if decode == "gpu":
+        if not tensor_ok:
+            raise UsageError(f"--decode gpu resizes on the GPU, which has no {interpolation!r} interpolation; use "
+                             f"--interpolation {'/'.join(_TENSOR_INTERPOLATIONS)} or --decode cpu")
+        return "nvjpeg" if dev.type == "cuda" else "torchvision-jpeg"
+    if decode == "auto" and dev.type == "cuda" and tensor_ok:
+        return "nvjpeg"
+    return "full" if full_decode else "jpeg-draft"
+
+
+def preprocess_tensor_uint8(img: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """``(3, H, W) uint8`` on any device -> ``(3, crop, crop) uint8`` on the same device: resize the shorter side to
+    ``pre.resize`` (antialiased, torchvision's tensor kernels) and centre crop, as :func:`preprocess_uint8` does
+    for PIL images (same output size and crop box; pixels within a level or two of PIL's)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F2
+
+    img = F2.resize(img, [pre.resize], interpolation=InterpolationMode(pre.interpolation), antialias=True)
+    return F2.center_crop(img, [pre.crop, pre.crop])
+
+
+def decode_preprocess_jpegs(jpegs: Sequence[tuple[int, torch.Tensor, int | None, int, int]], device: torch.device,
+                            pre: Preprocess, limits) -> tuple[list[tuple[int, torch.Tensor, int, int]], list[tuple[int, str, str]]]:
+    """Decode and preprocess a batch of JPEG files on ``device`` (nvJPEG on CUDA).
+
+    ``jpegs``: ``(i, data, orientation, width, height)`` with ``data`` the file's bytes as a 1-d ``uint8`` CPU
+    tensor, already through :func:`tasks.core.images.inspect_image`. Returns ``(ok, bad)``: ``ok`` rows
+    ``(i, (3, crop, crop) uint8 on device, width, height)``; a file the tensor decoder refuses is decoded again by
+    :func:`tasks.core.images.decode_image_sized` on the CPU (``limits``: its :class:`DecodeLimits`), and lands
+    in ``ok`` or, with its reject reason, in ``bad`` as ``(i, reason, detail)``. Memory: one decoded batch.
+    """
+    from tasks.core.images import RejectedImage, decode_image_sized, decode_jpeg_tensors
+
+    decoded = decode_jpeg_tensors([j[1] for j in jpegs], [j[2] for j in jpegs], device)
+    ok: list[tuple[int, torch.Tensor, int, int]] = []
+    bad: list[tuple[int, str, str]] = []
+    for (i, data, _o, w, h), t in zip(jpegs, decoded):
+        if t is not None:
+            ok.append((i, preprocess_tensor_uint8(t, pre), w, h))
+            continue
+        try:  # the trusted decoder decides: a row (decoded by PIL) or a reject with its reason
+            img, (w2, h2) = decode_image_sized(data.numpy().tobytes(), "", limits)
+        except RejectedImage as exc:
+            bad.append((i, exc.reason, exc.detail))
+            continue
+        ok.append((i, preprocess_uint8(img, pre).to(device), w2, h2))
+    return ok, bad
 
 
 def preprocess_uint8(img, pre: Preprocess) -> torch.Tensor:
@@ -145,6 +229,56 @@ def _forward_chunk(module: nn.Module, x: torch.Tensor, ref: LayerRef, pool: str,
         top = torch.topk(p, 5, dim=1)
         preds, probs = top.indices.int().cpu().numpy(), top.values.cpu().numpy()
     return feats.cpu().numpy().astype(np.float32), preds, probs
+
+
+class PendingFeatures:
+    """One batch's ``(features (N, D) float32, top-5 indices (N, 5) int32 | None, top-5 probabilities (N, 5)
+    float32 | None)`` whose device -> host copy may still be in flight; :meth:`result` waits for it."""
+
+    def __init__(self, tensors: tuple, event=None) -> None:
+        self._tensors, self._event = tensors, event
+
+    def result(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        f, p, q = self._tensors
+        if isinstance(f, np.ndarray):
+            return f, p, q
+        return (f.numpy().astype(np.float32, copy=False), p.numpy() if p is not None else None,
+                q.numpy() if q is not None else None)
+
+
+def forward_batch_async(module: nn.Module, x: torch.Tensor, ref: LayerRef, pool: str, device: torch.device,
+                        with_preds: bool, precision: str = "auto") -> PendingFeatures:
+    """:func:`forward_batch` that does not wait for a CUDA device: the forward pass is queued, its outputs are
+    copied (non-blocking) into pinned host memory and a CUDA event marks the end, so the caller can prepare the
+    next batch (read, decode, resize) while this one computes. On CPU it is :func:`forward_batch` (same micro-
+    batches, same bits), already finished. Memory: one batch's outputs in pinned host memory."""
+    if device.type != "cuda":
+        return PendingFeatures(forward_batch(module, x, ref, pool, device, with_preds, precision))
+    amp = resolve_precision(precision, device) == "bf16"
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with capture(module, ref) as acts, torch.inference_mode():
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            out = module(x)
+        act = acts[ref.alias] if ref.name else out
+        dev_out: list[torch.Tensor | None] = [pool_features(act.float(), pool), None, None]
+        if with_preds and isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] >= 5:
+            top = torch.topk(torch.softmax(out.float(), dim=1), 5, dim=1)
+            dev_out[1], dev_out[2] = top.indices.int(), top.values
+        host: list[torch.Tensor | None] = []
+        for t in dev_out:
+            if t is None:
+                host.append(None)
+                continue
+            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            h.copy_(t, non_blocking=True)
+            host.append(h)
+        event = torch.cuda.Event()
+        event.record()
+    return PendingFeatures(tuple(host), event)
 
 
 def embed_images(lm: LoadedModel, images: Sequence, ref: LayerRef, pool: str = "avg",

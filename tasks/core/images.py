@@ -27,6 +27,13 @@ __all__ = [
     "EXTENSION_FORMATS",
     "UNSUPPORTED_IMAGE_EXTENSIONS",
     "decode_image",
+    "decode_image_sized",
+    "draft_request",
+    "ImageHeader",
+    "inspect_image",
+    "ORIENTATION_SWAPS_SIDES",
+    "orient_tensor",
+    "decode_jpeg_tensors",
     "read_file_bytes",
     "open_regular_file",
     "os_error_reason",
@@ -225,9 +232,19 @@ def decode_image(data: bytes, name: str = "", limits: DecodeLimits = DecodeLimit
                  draft: tuple[int, int] | None = None) -> Image.Image:
     """Decode ``data`` to an RGB PIL image, or raise :class:`RejectedImage`.
 
-    Reasons: ``not-an-image``, ``unsupported-format``, ``wrong-extension``, ``decompression-bomb``,
-    ``truncated``, ``corrupt``, ``too-small``, ``decode-timeout`` (longer than ``limits.timeout_s``).
+    ``draft=(w, h)`` lets a JPEG decode at a reduced DCT scale (1/2, 1/4 or 1/8) that stays at least ``w x h``
+    (see :func:`draft_request`); other formats ignore it. Reasons: ``not-an-image``, ``unsupported-format``,
+    ``wrong-extension``, ``decompression-bomb``, ``truncated``, ``corrupt``, ``too-small``, ``decode-timeout``
+    (longer than ``limits.timeout_s``).
     """
+    return decode_image_sized(data, name, limits, draft)[0]
+
+
+def decode_image_sized(data: bytes, name: str = "", limits: DecodeLimits = DecodeLimits(),
+                       draft: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """:func:`decode_image` plus the image's full-resolution size ``(width, height)`` in pixels after EXIF
+    orientation: with ``draft`` the decoded image may be smaller than the file, but the size recorded for the
+    image (the feature table's ``width`` / ``height``) is always the file's own."""
     if not data:
         raise RejectedImage("empty-file", "0 bytes")
     try:
@@ -236,33 +253,105 @@ def decode_image(data: bytes, name: str = "", limits: DecodeLimits = DecodeLimit
         raise RejectedImage("decode-timeout", f"{exc}; the file may be hostile or enormous") from None
 
 
-def _decode(data: bytes, name: str, limits: DecodeLimits, draft: tuple[int, int] | None = None) -> Image.Image:
+def draft_request(resize: int) -> tuple[int, int]:
+    """The ``draft`` size that makes a JPEG decode at the largest DCT reduction (1/2, 1/4 or 1/8) whose
+    *shorter* side stays ``>= resize`` pixels, whatever the orientation: PIL picks the scale
+    ``min(W // w, H // h)`` rounded down to 8, 4, 2 or 1, so a square request ``(resize, resize)`` gives
+    ``min(W, H) // resize`` -- e.g. 4032x3024 at resize 256 decodes at 1/8 (504x378), 1024x768 at 1/2,
+    500x375 at full size. Raises ``ValueError`` for ``resize < 1``."""
+    if resize < 1:
+        raise ValueError(f"resize must be >= 1 pixel, got {resize}")
+    return (int(resize), int(resize))
+
+
+# EXIF orientations (tag 0x0112) that swap width and height (transpose, rotate 90 / 270, transverse).
+ORIENTATION_SWAPS_SIDES = frozenset({5, 6, 7, 8})
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, nothing decoded: PIL ``format`` and ``mode`` of the file, the full-resolution
+    ``width`` x ``height`` in pixels *after* EXIF orientation, the EXIF ``orientation`` (1-8; ``None`` when the
+    EXIF block cannot be parsed) and whether a JPEG is ``progressive``."""
+
+    format: str
+    mode: str
+    width: int
+    height: int
+    orientation: int | None = 1
+    progressive: bool = False
+
+
+def inspect_image(data: bytes, name: str = "", limits: DecodeLimits = DecodeLimits()) -> ImageHeader:
+    """Parse only the header of ``data`` and apply every check that needs no pixels (the ones
+    :func:`decode_image` applies first): ``empty-file``, ``not-an-image``, ``unsupported-format``,
+    ``wrong-extension``, ``decompression-bomb``, ``too-small`` raise :class:`RejectedImage`. Truncation and
+    corruption are found only by decoding. Cost: tens of microseconds (no pixel is decoded)."""
+    if not data:
+        raise RejectedImage("empty-file", "0 bytes")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise RejectedImage("decompression-bomb", str(exc)) from None
-        except UnidentifiedImageError:
-            raise RejectedImage("not-an-image", "no image format recognised in the file's bytes") from None
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise RejectedImage(_truncated_or_corrupt(exc), str(exc)) from None
-        fmt = img.format or "?"
-        if fmt not in ALLOWED_FORMATS:
-            raise RejectedImage("unsupported-format", f"{fmt} is not among {', '.join(sorted(ALLOWED_FORMATS))}")
-        ext = Path(name).suffix.lower()
-        expected = EXTENSION_FORMATS.get(ext)
-        if limits.strict_extension and ext and expected and expected != fmt:
-            raise RejectedImage("wrong-extension", f"extension {ext} but content is {fmt}")
-        w, h = img.size
-        if w * h > limits.max_pixels:
-            raise RejectedImage("decompression-bomb", f"{w}x{h} = {w * h} pixels > limit {limits.max_pixels}")
-        if min(w, h) < limits.min_side:
-            raise RejectedImage("too-small", f"{w}x{h} is below the minimum side {limits.min_side}")
+        img, fmt = _open_checked(data, name, limits)
+        orientation = _orientation(img)
+    w, h = img.size
+    if orientation in ORIENTATION_SWAPS_SIDES:
+        w, h = h, w
+    progressive = bool(img.info.get("progressive") or img.info.get("progression"))
+    return ImageHeader(fmt, img.mode, int(w), int(h), orientation, progressive)
+
+
+def _orientation(img: Image.Image) -> int | None:
+    """The EXIF orientation tag (1-8; out-of-range values count as 1, as in ``ImageOps.exif_transpose``), or
+    ``None`` when the EXIF block cannot be parsed."""
+    try:
+        value = img.getexif().get(0x0112, 1)
+    except (OSError, ValueError, SyntaxError, TypeError, IndexError, KeyError, EOFError):
+        return None
+    try:
+        value = int(value)
+    except (TypeError, ValueError):
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _open_checked(data: bytes, name: str, limits: DecodeLimits) -> tuple[Image.Image, str]:
+    """Open ``data`` lazily (header only) and apply the checks that need no pixels; call inside a
+    ``DecompressionBombWarning``-as-error context."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RejectedImage("decompression-bomb", str(exc)) from None
+    except UnidentifiedImageError:
+        raise RejectedImage("not-an-image", "no image format recognised in the file's bytes") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise RejectedImage(_truncated_or_corrupt(exc), str(exc)) from None
+    fmt = img.format or "?"
+    if fmt not in ALLOWED_FORMATS:
+        raise RejectedImage("unsupported-format", f"{fmt} is not among {', '.join(sorted(ALLOWED_FORMATS))}")
+    ext = Path(name).suffix.lower()
+    expected = EXTENSION_FORMATS.get(ext)
+    if limits.strict_extension and ext and expected and expected != fmt:
+        raise RejectedImage("wrong-extension", f"extension {ext} but content is {fmt}")
+    w, h = img.size
+    if w * h > limits.max_pixels:
+        raise RejectedImage("decompression-bomb", f"{w}x{h} = {w * h} pixels > limit {limits.max_pixels}")
+    if min(w, h) < limits.min_side:
+        raise RejectedImage("too-small", f"{w}x{h} is below the minimum side {limits.min_side}")
+    return img, fmt
+
+
+def _decode(data: bytes, name: str, limits: DecodeLimits,
+            draft: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img, fmt = _open_checked(data, name, limits)
+        w, h = img.size  # the file's own size, before any draft reduction
         try:
             if draft is not None and fmt == "JPEG":
                 img.draft("RGB", draft)  # DCT-domain downscale: decodes at 1/2, 1/4 or 1/8 size, never below draft
             img.load()
+            if _orientation(img) in ORIENTATION_SWAPS_SIDES:
+                w, h = h, w
             img = ImageOps.exif_transpose(img) or img
             rgb = to_rgb(img)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -271,7 +360,73 @@ def _decode(data: bytes, name: str, limits: DecodeLimits, draft: tuple[int, int]
             raise RejectedImage(_truncated_or_corrupt(exc), str(exc)) from None
         except (ValueError, SyntaxError, MemoryError, IndexError, TypeError, EOFError) as exc:
             raise RejectedImage("corrupt", f"{type(exc).__name__}: {exc}") from None
-    return rgb
+    return rgb, (int(w), int(h))
+
+
+def orient_tensor(img, orientation: int | None):
+    """Apply an EXIF ``orientation`` (1-8) to a ``(C, H, W)`` tensor the way ``PIL.ImageOps.exif_transpose``
+    does to an image; 1 / ``None`` return ``img`` unchanged. Works on any device (flip / transpose views)."""
+    if orientation in (None, 1):
+        return img
+    if orientation == 2:  # mirror left-right
+        return img.flip(-1)
+    if orientation == 3:  # rotate 180
+        return img.flip(-1).flip(-2)
+    if orientation == 4:  # mirror top-bottom
+        return img.flip(-2)
+    if orientation == 5:  # transpose (main diagonal)
+        return img.transpose(-1, -2)
+    if orientation == 6:  # PIL ROTATE_270: 90 degrees clockwise
+        return img.transpose(-1, -2).flip(-1)
+    if orientation == 7:  # transverse (anti-diagonal)
+        return img.transpose(-1, -2).flip(-1).flip(-2)
+    if orientation == 8:  # PIL ROTATE_90: 90 degrees counter-clockwise
+        return img.transpose(-1, -2).flip(-2)
+    return img
+
+
+def decode_jpeg_tensors(datas: list, orientations: list[int | None], device) -> list:
+    """Decode a batch of JPEG files with ``torchvision.io.decode_jpeg`` on ``device`` (nvJPEG on CUDA, batched;
+    libjpeg-turbo on CPU): ``datas`` are 1-d ``uint8`` CPU tensors of the files' bytes (pinned memory helps the
+    copy), ``orientations`` their EXIF orientation (applied here: nvJPEG ignores EXIF).
+
+    Returns one entry per input: a ``(3, H, W) uint8`` RGB tensor on ``device`` at full resolution, oriented, or
+    ``None`` where that file failed to decode (the caller decodes it again with :func:`decode_image`, which
+    gives the reject reason). A batch that fails as a whole is retried one file at a time, so one bad file
+    never costs the batch. Memory: the decoded batch on ``device`` (3 x H x W bytes per image)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not datas:
+        return []
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # nvJPEG's decoder is bound to one device index
+
+    def _one_call(batch: list) -> list:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 deprecates its image I/O
+            out = decode_jpeg(batch, mode=ImageReadMode.RGB, device=device)
+        return list(out)
+
+    try:
+        decoded: list = _one_call(list(datas))
+    except (RuntimeError, ValueError) as exc:
+        log.debug("batched JPEG decode failed (%s); decoding the %d files one at a time", exc, len(datas))
+        decoded = []
+        for d in datas:
+            try:
+                decoded.append(_one_call([d])[0])
+            except (RuntimeError, ValueError) as one_exc:
+                log.debug("JPEG decode on %s failed: %s", device, one_exc)
+                decoded.append(None)
+    out: list = []
+    for t, o in zip(decoded, orientations):
+        if t is None or t.dim() != 3 or t.shape[0] != 3 or t.dtype != torch.uint8 or min(t.shape[1:]) < 1:
+            out.append(None)
+            continue
+        out.append(orient_tensor(t, o))
+    return out
 
 
 # Limits for re-opening an image that extraction already accepted: the extension check is off (a file extracted

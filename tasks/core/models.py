@@ -6,12 +6,19 @@ Nothing here downloads. ImageNet weights come from:
 - other architectures: torch's local hub cache (``$TORCH_HOME/hub/checkpoints/<torchvision file name>``),
   checked against the hash prefix in the file name.
 Every ``torch.load`` uses ``weights_only=True``.
+
+Code: ``module:factory`` imports and calls that module, and a TorchScript archive runs the code inside it. Both are
+fine when the user names them (``--model``); a model read back from a store's manifest goes through
+:func:`load_model_from_manifest`, which builds such a model only when the user names it too (data never chooses
+code), and finds a weights file at its recorded path, checked by sha256.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -28,7 +35,15 @@ __all__ = [
     "ModelError",
     "Preprocess",
     "LoadedModel",
+    "ModelRecipe",
     "load_model",
+    "load_model_from_manifest",
+    "resolve_manifest_model",
+    "trust_file",
+    "trusted_models",
+    "spec_identity",
+    "SPEC_LOCATION_KEYS",
+    "TRUST_ENV",
     "embedded_weights_path",
     "EMBEDDED_PACKAGE",
     "EMBEDDED_SHA256",
@@ -44,6 +59,10 @@ EMBEDDED_FILE = "mobilenet_v2-b0353104.pth"
 EMBEDDED_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Where a model's files lay when it was built (absolute paths, a key prefix): recorded in the spec so later stages
+# can rebuild it, but not part of what identifies the model (that is arch + weights sha256 + seed).
+SPEC_LOCATION_KEYS = frozenset({"weights_source", "weights_path", "model_path", "weights_prefix"})
+TRUST_ENV = "CONVLENS_TRUST"
 
 
 class ModelError(ConvlensError, ValueError):
@@ -76,6 +95,12 @@ class LoadedModel:
     categories: list[str] | None = None
     num_params: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    recipe: ModelRecipe | None = None  # set by load_model_from_manifest: how shard workers rebuild this model
+
+
+def spec_identity(spec: dict[str, Any]) -> dict[str, Any]:
+    """The part of a model spec that identifies the model (for cache keys): ``spec`` less :data:`SPEC_LOCATION_KEYS`."""
+    return {k: v for k, v in spec.items() if k not in SPEC_LOCATION_KEYS}
 
 
 def embedded_weights_path() -> Path:
@@ -214,7 +239,7 @@ def _load_torchvision(name: str, weights: str, seed: int, weights_prefix: str | 
         path = Path(weights).expanduser()
         digest = sha256_file(path) if path.is_file() else None
         _check_keys(module, _strip_prefix(load_state_dict_file(path), weights_prefix), str(path))
-        spec.update({"weights": str(path.name), "weights_sha256": digest, "weights_source": "file"})
+        spec.update(_file_weights_spec(path, digest, weights_prefix))
         categories = categories if categories and _num_outputs(module) == len(categories) else None
     return _finish(module, spec, _preprocess_from_weights(default_w), categories)
 
@@ -244,7 +269,16 @@ def _apply_weights(module: nn.Module, weights: str, weights_prefix: str | None, 
     if not path.is_file():
         raise ModelError(f"weights file {weights} does not exist")
     _check_keys(module, _strip_prefix(load_state_dict_file(path), weights_prefix), str(path))
-    spec.update({"weights": path.name, "weights_sha256": sha256_file(path), "weights_source": "file"})
+    spec.update(_file_weights_spec(path, sha256_file(path), weights_prefix))
+
+
+def _file_weights_spec(path: Path, digest: str | None, weights_prefix: str | None) -> dict[str, Any]:
+    """Spec fields of a weights file: its name and sha256 (identity), its absolute path and key prefix (location)."""
+    out: dict[str, Any] = {"weights": path.name, "weights_sha256": digest, "weights_source": "file",
+                           "weights_path": str(path.resolve())}
+    if weights_prefix:
+        out["weights_prefix"] = weights_prefix
+    return out
 
 
 def _load_factory(target: str, weights: str, seed: int, weights_prefix: str | None) -> LoadedModel:
@@ -284,7 +318,8 @@ def _load_torchscript(path: Path) -> LoadedModel:
         raise ModelError(f"{path} is not a TorchScript archive (torch.jit.save); for a state dict pass "
                          "--model ARCH --weights PATH instead")
     module = torch.jit.load(str(path), map_location="cpu")
-    spec = {"source": "torchscript", "arch": path.name, "weights": path.name, "weights_sha256": sha256_file(path)}
+    spec = {"source": "torchscript", "arch": path.name, "weights": path.name, "weights_sha256": sha256_file(path),
+            "model_path": str(path.resolve())}
     return _finish(module, spec, Preprocess(), None)
 
 
@@ -337,8 +372,9 @@ def load_model(model: str = "mobilenet_v2", weights: str = "imagenet", seed: int
     ``model``:
     - a torchvision architecture name (``alexnet``, ``resnet50``, ...), optionally ``torchvision:NAME``;
     - ``timm:NAME`` (built with ``pretrained=False``; preprocessing from timm's data config);
-    - ``module.path:factory`` — an importable callable returning an ``nn.Module``;
-    - a TorchScript file (``torch.jit.save``), as a path or ``torchscript:PATH``.
+    - ``module.path:factory`` — an importable callable returning an ``nn.Module`` (imports and runs that code);
+    - a TorchScript file (``torch.jit.save``), as a path or ``torchscript:PATH`` (runs the code inside it).
+    Only for specs the user gave: a spec read from a manifest goes through :func:`load_model_from_manifest`.
     ``weights``: ``imagenet`` (torchvision only) | ``none`` (random init seeded with ``seed``) | path to a state
     dict (``.pth``/``.pt`` loaded with ``weights_only=True``, or ``.safetensors``); ``weights_prefix`` is
     stripped from its keys. Raises :class:`ModelError` with what to do for unknown models, missing weights,
@@ -362,6 +398,248 @@ def load_model(model: str = "mobilenet_v2", weights: str = "imagenet", seed: int
     if ":" in model:
         return _load_factory(model, weights, seed, weights_prefix)
     return _load_torchvision(model, weights, seed, weights_prefix)
+
+
+# ------------------------------------------------------------------------------ models named by a manifest
+#
+# A store is data: it may come from someone else. Rebuilding a model whose spec names a Python factory
+# (``module:factory``: imports and calls that module) or a TorchScript archive (runs the code inside it) would let
+# the data choose code to run, so such a spec is used only when the user names the same model themselves: with
+# ``--model SPEC`` on the stage, or in their own trust file (:func:`trust_file`; never a file inside the store,
+# which travels with the store). torchvision names and plain timm names build an architecture registered by
+# the installed library (no import by name, ``pretrained=False`` for timm, nothing downloaded), so they need no
+# permission. A weights file is data (``weights_only=True``): it is found at the recorded absolute path, or at
+# ``--weights PATH``, and used only when its sha256 equals the recorded one.
+
+_TV_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+_TIMM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)?")  # a registered name (+ pretrained tag)
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_FACTORY = re.compile(rf"{_IDENT}(\.{_IDENT})*:{_IDENT}")
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """How to rebuild a feature artefact's model with :func:`load_model`, after the trust and weights checks.
+
+    ``model`` is an explicit spec (``torchvision:NAME``, ``timm:NAME``, ``pkg.mod:factory``,
+    ``torchscript:/abs/path``); ``weights`` is ``imagenet``, ``none`` or the absolute path of a weights file whose
+    sha256 matched the manifest's; ``allowed_by`` says why code may run: ``"no code"`` (torchvision / plain timm),
+    ``"--model"`` or the trust file's path. Small and picklable: shard workers get it instead of the manifest.
+    """
+
+    model: str
+    weights: str
+    seed: int = 0
+    weights_prefix: str | None = None
+    allowed_by: str = "no code"
+
+    def load(self) -> LoadedModel:
+        """``load_model(model, weights, seed, weights_prefix)``."""
+        return load_model(self.model, self.weights, self.seed, self.weights_prefix)
+
+
+def trust_file() -> Path:
+    """The user's trust file: ``$CONVLENS_TRUST``, else ``$XDG_CONFIG_HOME/convlens/trust.toml`` (default
+    ``~/.config/convlens/trust.toml``). Deliberately outside any store: a copied store must not bring its own."""
+    env = os.environ.get(TRUST_ENV)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base).expanduser() / "convlens" / "trust.toml"
+
+
+def trusted_models(path: str | os.PathLike[str] | None = None) -> list[str]:
+    """The ``trusted_models`` list of the trust file (``path``, default :func:`trust_file`); ``[]`` without one.
+
+    TOML (``trusted_models = ["my_pkg.models:build", "torchscript:/models/net.pt"]``), or JSON
+    (``{"trusted_models": [...]}``) when the name ends in ``.json``. Raises :class:`UsageError` for a file that
+    does not parse, holds anything but a list of strings, or is writable by everyone.
+    """
+    p = Path(path) if path is not None else trust_file()
+    try:
+        st = p.stat()
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise UsageError(f"cannot read the trust file {p} ({exc.strerror}); fix its permissions or set {TRUST_ENV}") from None
+    if st.st_mode & 0o002:
+        raise UsageError(f"the trust file {p} is writable by everyone, so anyone could add code to it; "
+                         f"run `chmod o-w {p}`")
+    try:
+        if p.suffix == ".json":
+            data = json.loads(raw.decode("utf-8"))
+        else:
+            import tomllib
+
+            data = tomllib.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"the trust file {p} does not parse ({str(exc)[:120]}); it should hold "
+                         'trusted_models = ["my_pkg.models:build", ...]') from None
+    entries = data.get("trusted_models", []) if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise UsageError(f"trusted_models in {p} must be a list of strings, e.g. "
+                         '["my_pkg.models:build", "torchscript:/models/net.pt"]')
+    return [e.strip() for e in entries]
+
+
+def _manifest_kind(spec: dict[str, Any], what: str) -> tuple[str, str]:
+    """``(kind, explicit model spec)`` of a manifest's model; kind is ``torchvision``, ``timm`` (plain registered
+    name), ``timm-remote`` (a name with a scheme such as ``hf-hub:``), ``factory`` or ``torchscript``."""
+    source, arch = spec.get("source"), str(spec.get("arch") or "")
+    damaged = (f"{what} names the {source} model {arch!r}, which is not a valid name of that kind; the manifest "
+               "is damaged or was edited: re-extract the features")
+    if source == "torchvision":
+        name = arch.removeprefix("torchvision:")
+        if not _TV_NAME.fullmatch(name):
+            raise UsageError(damaged)
+        return "torchvision", f"torchvision:{name}"
+    if source == "timm":
+        if not arch.startswith("timm:") or not arch[5:]:
+            raise UsageError(damaged)
+        return ("timm" if _TIMM_NAME.fullmatch(arch[5:]) else "timm-remote"), arch
+    if source == "factory":
+        if not _FACTORY.fullmatch(arch):
+            raise UsageError(damaged)
+        return "factory", arch
+    if source == "torchscript":
+        return "torchscript", arch
+    raise UsageError(f"{what} names a model of source {source!r} ({arch!r}) that convlens cannot rebuild from a "
+                     "manifest; pass the loaded model from Python, or re-extract with --model")
+
+
+def _torchscript_path(model: str) -> Path:
+    return Path(model.removeprefix("torchscript:")).expanduser().resolve()
+
+
+def _allow_code(kind: str, model: str, user_model: str | None, what: str) -> tuple[str, str]:
+    """``(model spec, allowed_by)`` for a torchvision / timm / factory spec, or :class:`UsageError`."""
+    def same(a: str, b: str) -> bool:
+        return a.strip().removeprefix("torchvision:") == b.removeprefix("torchvision:")
+
+    if user_model and not same(user_model, model):
+        raise UsageError(f"--model {user_model} is not the model {what} was extracted with ({model}); pass "
+                         f"--model {model.removeprefix('torchvision:')}, or drop --model")
+    if kind in ("torchvision", "timm"):
+        return model, "no code"
+    if user_model:
+        return model, "--model"
+    tf = trust_file()
+    if model in trusted_models(tf):
+        return model, str(tf)
+    how = "imports and calls that Python code" if kind == "factory" else "makes timm read a model config from outside"
+    raise UsageError(f"{what} names the model {model!r}; rebuilding it {how}, and a store's manifest is data, so it "
+                     f"never chooses code to run. If you trust it, pass --model {model} to this command, or add "
+                     f'"{model}" to trusted_models in {tf}')
+
+
+def _allow_torchscript(spec: dict[str, Any], user_model: str | None, what: str) -> tuple[str, str]:
+    """``(torchscript:/abs/path, allowed_by)`` for a TorchScript spec, or :class:`UsageError`."""
+    want = spec.get("weights_sha256")
+    recorded = spec.get("model_path") or spec.get("arch")
+    if not want:
+        raise UsageError(f"{what} names a TorchScript model without a sha256; re-extract the features")
+    if user_model:
+        path = _torchscript_path(user_model)
+        if not path.is_file():
+            raise UsageError(f"--model {user_model}: no such TorchScript file; pass --model PATH to the archive "
+                             f"{what} was extracted with ({recorded})")
+        got = sha256_file(path)
+        if got != want:
+            raise UsageError(f"--model {path} has sha256 {got[:16]}…, but {what} was extracted with a TorchScript "
+                             f"archive of sha256 {want[:16]}… (sha256 mismatch); pass --model PATH to that archive")
+        return f"torchscript:{path}", "--model"
+    tf = trust_file()
+    for entry in trusted_models(tf):
+        if not entry.startswith("torchscript:"):
+            continue
+        path = Path(entry[len("torchscript:"):]).expanduser()
+        path = (path if path.is_absolute() else tf.parent / path).resolve()
+        if path.is_file() and sha256_file(path) == want:
+            return f"torchscript:{path}", str(tf)
+    raise UsageError(f"{what} names the TorchScript archive {recorded} (sha256 {want[:16]}…); loading TorchScript "
+                     "runs the code inside it, and a store's manifest is data, so it never chooses code to run. If you "
+                     f'trust it, pass --model {recorded} to this command, or add "torchscript:{recorded}" to '
+                     f"trusted_models in {tf}")
+
+
+def _manifest_weights(spec: dict[str, Any], user_weights: str | None, what: str) -> str:
+    """``imagenet`` / ``none``, or the absolute path of the weights file whose sha256 matches the manifest's."""
+    w = str(spec.get("weights") or "none")
+    want = spec.get("weights_sha256")
+    if spec.get("weights_source") != "file":
+        if user_weights and user_weights != w:
+            raise UsageError(f"{what} was extracted with --weights {w}, not a weights file; drop --weights {user_weights}")
+        return w
+    if not want:
+        raise UsageError(f"{what} was extracted with the weights file {w!r} but records no sha256; re-extract the features")
+    if user_weights:
+        path, said = Path(user_weights).expanduser(), "given with --weights"
+    else:
+        rec = spec.get("weights_path")
+        if not rec or not Path(str(rec)).is_absolute():
+            raise UsageError(f"{what} was extracted with the weights file {w!r} (sha256 {want[:16]}…) and does not "
+                             "record where it was; pass --weights PATH to that file")
+        path, said = Path(str(rec)), f"recorded by {what}"
+    if not path.is_file():
+        raise UsageError(f"the weights file {path} ({said}) does not exist; pass --weights PATH to the file the "
+                         f"features were extracted with (sha256 {want[:16]}…)")
+    got = sha256_file(path)
+    if got != want:
+        raise UsageError(f"the weights file {path} ({said}) has sha256 {got[:16]}…, but {what} was extracted with "
+                         f"sha256 {want[:16]}… (sha256 mismatch); pass --weights PATH to the file the features were "
+                         "extracted with")
+    return str(path.resolve())
+
+
+def resolve_manifest_model(spec: dict[str, Any], *, user_model: str | None = None, user_weights: str | None = None,
+                           artefact: str | None = None) -> ModelRecipe:
+    """Decide how to rebuild the model a manifest's ``model`` spec names, without building it.
+
+    The rule (data never chooses code): a spec that runs code when built — a ``module:factory``, a TorchScript
+    archive, a timm name with a scheme — is used only when the user names the same model, as ``user_model``
+    (the stage's ``--model``; for TorchScript a path to an archive with the recorded sha256) or in
+    :func:`trusted_models`; torchvision names and plain timm names are built as named. A weights file is the
+    recorded ``weights_path`` or ``user_weights`` (``--weights``), used only when its sha256 equals the
+    recorded ``weights_sha256``. ``artefact`` names the artefact in messages. Raises :class:`UsageError` (one
+    line, saying how to allow the model or which file to pass) otherwise; nothing is imported or loaded here.
+    """
+    what = f"feature artefact {artefact}" if artefact else "the feature artefact"
+    if not isinstance(spec, dict):
+        raise UsageError(f"{what} has no model spec in its manifest; re-extract the features")
+    kind, model = _manifest_kind(spec, what)
+    seed = int(spec.get("seed") or 0)
+    if kind == "torchscript":
+        if user_weights:
+            raise UsageError(f"{what} uses a TorchScript model, which carries its own weights; drop --weights "
+                             "(pass the archive with --model)")
+        model, allowed = _allow_torchscript(spec, user_model, what)
+        return ModelRecipe(model, "none", seed, None, allowed)
+    model, allowed = _allow_code(kind, model, user_model, what)
+    weights = _manifest_weights(spec, user_weights, what)
+    return ModelRecipe(model, weights, seed, spec.get("weights_prefix") or None, allowed)
+
+
+def load_model_from_manifest(spec: dict[str, Any], *, user_model: str | None = None, user_weights: str | None = None,
+                             artefact: str | None = None) -> LoadedModel:
+    """Rebuild the model a feature manifest's ``model`` spec names, under :func:`resolve_manifest_model`'s rule.
+
+    Every later stage (audit, neurons, ``neighbors --image``) rebuilds its model through here. The result's
+    ``recipe`` is what shard workers load; its weights' sha256 is checked against the spec's again after loading.
+    Raises :class:`UsageError` for a model that needs the user's permission, a missing or different weights file,
+    or a damaged spec; :class:`ModelError` when the model cannot be built.
+    """
+    recipe = resolve_manifest_model(spec, user_model=user_model, user_weights=user_weights, artefact=artefact)
+    if recipe.allowed_by != "no code":
+        log.info("rebuilding %s (code allowed by %s)", recipe.model, recipe.allowed_by)
+    lm = recipe.load()
+    want = spec.get("weights_sha256")
+    if want and lm.spec.get("weights_sha256") != want:
+        raise UsageError(f"the rebuilt model's weights have sha256 {str(lm.spec.get('weights_sha256'))[:16]}…, but the "
+                         f"features were extracted with sha256 {want[:16]}… (sha256 mismatch); pass --weights PATH to "
+                         "the file they were extracted with")
+    lm.recipe = recipe
+    return lm
 
 
 def fold_conv_bn(module: nn.Module, keep: Sequence[str] = ()) -> nn.Module:

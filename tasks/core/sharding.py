@@ -87,7 +87,12 @@ _MODELS_MAX = 2
 
 
 def load_shard_model(model: str, weights: str, seed: int = 0, weights_prefix: str | None = None) -> Any:
-    """A private copy of :func:`tasks.core.models.load_model`'s result, built once per process (thread-safe)."""
+    """A private copy of :func:`tasks.core.models.load_model`'s result, built once per process (thread-safe).
+
+    ``model`` / ``weights`` must come from the user or from an approved
+    :class:`tasks.core.models.ModelRecipe` (``load_model_from_manifest(...).recipe`` /
+    ``resolve_manifest_model``), never straight from a manifest: a factory or TorchScript spec runs code.
+    """
     import copy
 
     from tasks.core.models import load_model

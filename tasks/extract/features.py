@@ -26,11 +26,14 @@ import torch
 from storage.atomic import atomic_write_json, sha256_bytes
 from storage.errors import QualityGateError, StoreError, UsageError
 from storage.features import (
+    FileStamps,
     PartWriter,
     feature_schema,
     part_entries,
+    part_gate,
     read_journal,
     read_part,
+    read_part_columns,
     rejects_schema,
     remove_garbage,
     write_journal,
@@ -39,11 +42,24 @@ from storage.features import (
 from storage.locks import artefact_lock
 from storage.manifest import MANIFEST_NAME, file_entry, read_manifest, write_manifest
 from storage.paths import Store, artefact_id
-from tasks.core.datasets import ImageRecord, Reject, hash_records, list_dataset
-from tasks.core.forward import forward_batch, has_head, normalise, pick_device, prepare_module, preprocess_uint8, resolve_precision
+from tasks.core.datasets import HASH_CHUNK, DigestSet, ImageRecord, ListLimits, Reject, image_digests, iter_hashed, open_listing
+from tasks.core.forward import (
+    DECODE_CHOICES,
+    TENSOR_DECODES,
+    PendingFeatures,
+    decode_preprocess_jpegs,
+    forward_batch_async,
+    has_head,
+    normalise,
+    pick_device,
+    prepare_module,
+    preprocess_uint8,
+    resolve_decode,
+    resolve_precision,
+)
 from tasks.core.hooks import LayerRef, resolve_layer
-from tasks.core.images import DecodeLimits, RejectedImage, decode_image, read_file_bytes
-from tasks.core.models import LoadedModel, Preprocess, apply_preprocess_overrides, load_model
+from tasks.core.images import DecodeLimits, ImageHeader, RejectedImage, decode_image_sized, draft_request, inspect_image, read_file_bytes
+from tasks.core.models import LoadedModel, Preprocess, apply_preprocess_overrides, load_model, spec_identity
 
 __all__ = [
     "keep_if_unchanged",
@@ -52,6 +68,8 @@ __all__ = [
     "ExtractPlan",
     "plan_extraction",
     "extract_records",
+    "copies_to_retry",
+    "extract_copies",
     "publish_features",
     "run_extraction",
 ]
@@ -88,8 +106,17 @@ class ExtractConfig:
     interpolation: str | None = None
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16; features are stored float32
     progress: bool = True
+    decode: str = "auto"  # auto (gpu on CUDA, else cpu) | cpu (PIL in workers) | gpu (nvJPEG); tasks.core.forward.resolve_decode
+    full_decode: bool = False  # CPU decode: JPEGs at full size instead of the DCT-reduced "jpeg-draft" (the default)
+    max_list_rows: int = ListLimits.max_rows  # caps on a CSV / Parquet image list (tasks.core.datasets.ListLimits)
+    max_list_bytes: int = ListLimits.max_bytes
+    plan_chunk: int = HASH_CHUNK  # records the planner stats / hashes / merges at a time (memory O(chunk) in flight)
+
+    def list_limits(self) -> ListLimits:
+        return ListLimits(max_rows=self.max_list_rows, max_bytes=self.max_list_bytes)
 
     def validate(self) -> None:
+        self.list_limits().validate()
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.max_reject_rate <= 1.0:
@@ -102,13 +129,32 @@ class ExtractConfig:
             raise UsageError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UsageError(f"--device {self.device} asked for but no CUDA device is available; use --device cpu")
+        if self.decode not in DECODE_CHOICES:
+            raise UsageError(f"--decode must be one of {', '.join(DECODE_CHOICES)}, got {self.decode!r}")
+
+
+def _decode_mode(cfg: ExtractConfig, pre: Preprocess) -> str:
+    """The run's decode mode (:func:`tasks.core.forward.resolve_decode`), as recorded in the manifest."""
+    return resolve_decode(cfg.decode, cfg.device, cfg.full_decode, pre.interpolation)
+
+
+def _preprocessing_record(cfg: ExtractConfig, pre: Preprocess) -> dict[str, Any]:
+    """The manifest's ``preprocessing`` (and the artefact key's): the weights' transforms plus ``decode``, so
+    features of DCT-reduced, full-size and GPU-decoded JPEGs never share an artefact or donate to each other."""
+    return {**pre.to_dict(), "decode": _decode_mode(cfg, pre)}
 
 
 class _DecodeDataset(torch.utils.data.Dataset):
-    """Decodes ``(src, name, expected_id)`` items to uint8 tensors; failures are returned, not raised."""
+    """Decodes ``(src, name, expected_id)`` items to uint8 tensors; failures are returned, not raised.
 
-    def __init__(self, items: list[tuple[str, str, str]], pre: Preprocess, limits: DecodeLimits) -> None:
-        self.items, self.pre, self.limits = items, pre, limits
+    ``mode`` (:func:`tasks.core.forward.resolve_decode`): ``jpeg-draft`` decodes JPEGs at the largest DCT reduction
+    that keeps the shorter side >= ``pre.resize``; ``full`` at full size; in a tensor mode (``nvjpeg``) a JPEG that
+    passes the header checks comes back undecoded as ``("jpeg", bytes (n,) uint8, EXIF orientation)`` for the
+    batched decode on the model's device, everything else is decoded here. ``width`` / ``height`` are always the
+    file's full size after EXIF orientation."""
+
+    def __init__(self, items: list[tuple[str, str, str]], pre: Preprocess, limits: DecodeLimits, mode: str = "full") -> None:
+        self.items, self.pre, self.limits, self.mode = items, pre, limits, mode
 
     def __len__(self) -> int:
         return len(self.items)
@@ -119,11 +165,23 @@ class _DecodeDataset(torch.utils.data.Dataset):
             data = read_file_bytes(src, self.limits)
             if expected and sha256_bytes(data) != expected:
                 raise RejectedImage("changed-during-run", "the file's bytes changed after it was hashed; rerun")
-            img = decode_image(data, name, self.limits)
-            w, h = img.size
+            if self.mode in TENSOR_DECODES:
+                hdr = inspect_image(data, name, self.limits)
+                if _tensor_decodable(hdr, data):
+                    return i, ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8), hdr.orientation), \
+                        hdr.width, hdr.height, None, None
+            draft = draft_request(self.pre.resize) if self.mode == "jpeg-draft" else None
+            img, (w, h) = decode_image_sized(data, name, self.limits, draft)
             return i, preprocess_uint8(img, self.pre), w, h, None, None
         except RejectedImage as exc:
             return i, None, 0, 0, exc.reason, exc.detail
+
+
+def _tensor_decodable(hdr: ImageHeader, data: bytes) -> bool:
+    """JPEGs the batched tensor decoder takes: baseline or progressive YCbCr / grey with a parseable EXIF block
+    and an end-of-image marker at the very end (a truncated file goes to PIL, which rejects it as such)."""
+    return (hdr.format == "JPEG" and hdr.mode in ("RGB", "L") and hdr.orientation is not None
+            and data.rstrip(b"\x00").endswith(b"\xff\xd9"))
 
 
 def _worker_context() -> str | None:
@@ -132,7 +190,9 @@ def _worker_context() -> str | None:
     a decode worker dead at start ("DataLoader worker exited unexpectedly"), seen under Prefect's test server."""
     import threading
 
-    ours = ("convlens-", "MainThread", "pin_memory", "TMonitor", "Thread-")  # our heartbeat, tqdm's monitor, ...
+    # our heartbeat, tqdm's monitor (named "tqdm_monitor" by tqdm >= 4.60: before that was listed, every CLI run
+    # with a progress bar started its decode workers through a forkserver, ~3 s of extra start-up on 2 cores), ...
+    ours = ("convlens-", "MainThread", "pin_memory", "TMonitor", "tqdm_monitor", "Thread-")
     foreign = [t for t in threading.enumerate() if not t.name.startswith(ours)]
     if foreign or threading.current_thread() is not threading.main_thread():
         return "forkserver"
@@ -145,15 +205,33 @@ def _worker_init(_worker_id: int) -> None:
 
 
 def _collate(items):
-    good = [it for it in items if it[1] is not None]
+    """``(indices, (N,3,crop,crop) uint8 | None, sizes, bad (i, reason, detail), jpegs (i, bytes, orientation, w, h))``."""
+    good = [it for it in items if isinstance(it[1], torch.Tensor)]
+    jpegs = [(it[0], it[1][1], it[1][2], it[2], it[3]) for it in items if isinstance(it[1], tuple)]
     bad = [(it[0], it[4], it[5]) for it in items if it[1] is None]
     batch = torch.stack([it[1] for it in good]) if good else None
-    return [it[0] for it in good], batch, [(it[2], it[3]) for it in good], bad
+    return [it[0] for it in good], batch, [(it[2], it[3]) for it in good], bad, jpegs
+
+
+def _with_jpegs(idx: list[int], batch: torch.Tensor | None, sizes: list[tuple[int, int]],
+                decoded: list[tuple[int, torch.Tensor, int, int]], device: torch.device
+                ) -> tuple[list[int], torch.Tensor | None, list[tuple[int, int]]]:
+    """Merge the worker-decoded ``batch`` (CPU) and the device-decoded JPEGs into one ``(N,3,crop,crop) uint8``
+    batch on ``device``, rows in index (listing) order."""
+    if not decoded:
+        return idx, (batch.to(device, non_blocking=True) if batch is not None else None), sizes
+    rows = [(i, t, wh) for i, t, wh in zip(idx, batch.to(device, non_blocking=True), sizes)] if batch is not None else []
+    rows += [(i, t, (w, h)) for i, t, w, h in decoded]
+    rows.sort(key=lambda r: r[0])
+    return [r[0] for r in rows], torch.stack([r[1] for r in rows]), [r[2] for r in rows]
 
 
 @dataclass
 class ExtractPlan:
-    """What a run will do: small records only (no tensors)."""
+    """What a run will do: small records only (no tensors).
+
+    O(listed images): ``records`` (slotted :class:`ImageRecord`, ~400 B each with a 64-character path) and
+    ``stored_ids`` (a :class:`DigestSet`, 32 B per stored image). ``todo`` is O(images to extract)."""
 
     config: ExtractConfig
     artefact_id: str
@@ -162,34 +240,70 @@ class ExtractPlan:
     records: list[ImageRecord]
     rejects: list[Reject]
     todo: list[ImageRecord]
-    stored_ids: set[str]
+    stored_ids: DigestSet
     layer: LayerRef
     model_spec: dict[str, Any]
     preprocess: Preprocess
     hash_stats: dict[str, int]
     extra_columns: list[str] = field(default_factory=list)
     donors: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)  # sibling artefacts' parts (same model key)
+    repaired: list[dict[str, Any]] = field(default_factory=list)  # published files dropped as corrupt (repair)
+    stamps_path: Path | None = None  # FileStamps of this artefact's files (store cache); None: always hash in full
 
 
-def _stored_ids(directory: Path, entries: list[dict[str, Any]]) -> set[str]:
-    ids: set[str] = set()
-    for e in entries:
-        ids.update(read_part(directory, e, columns=["image_id"]).column("image_id").to_pylist())
-    return ids
+def _part_ids(directory: Path, entry: dict[str, Any], stamps: FileStamps) -> np.ndarray:
+    """The ``(n,) S32`` image digests of one listed part after checking it (its stamp, else a full sha256)."""
+    stamps.check(directory, entry)
+    return image_digests(read_part_columns(directory, entry, ["image_id"]).column("image_id"))
+
+
+def _verified_ids(adir: Path, manifest: dict[str, Any], stamps: FileStamps) -> tuple[DigestSet, list[dict[str, Any]]]:
+    """Check every file the published manifest lists: a file whose size, mtime and inode match its stamp
+    (:class:`storage.features.FileStamps`) is trusted, any other is hashed in full (then stamped); a part's
+    ``image_id`` column is read either way. Returns ``(ids, dropped)``: the digests of every row in a part that
+    checks out, and one record per file that does not (missing, modified or unreadable). A dropped part's rows are
+    not stored as far as the plan goes, so they are re-extracted from the images and the next publish lists a clean
+    set of files: a flipped byte never wedges the artefact. Memory: 32 B per stored row."""
+    chunks: list[np.ndarray] = []
+    dropped: list[dict[str, Any]] = []
+    for e in manifest.get("files", []):
+        role = e.get("role", "part")
+        try:
+            if role == "part":
+                chunks.append(_part_ids(adir, e, stamps))
+            else:
+                stamps.check(adir, e)
+        except StoreError as exc:
+            dropped.append({"name": e["name"], "role": role, "rows": e.get("rows"), "sha256": e.get("sha256"),
+                            "error": str(exc)[:300]})
+            log.error("%s: published %s %s is corrupt or unreadable (%s); REPAIRING: %s", adir.name, role, e["name"],
+                      exc, f"its {e.get('rows', '?')} rows are treated as not stored and re-extracted from the images"
+                      if role == "part" else "it is written anew")
+    return DigestSet(np.concatenate(chunks) if chunks else None), dropped
 
 
 def plan_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> tuple[ExtractPlan, LoadedModel]:
-    """List and hash DATA, resolve model and layer, and work out which images are new."""
+    """List DATA (first: a bad list fails before any model work), resolve model and layer, hash, and work out
+    which images are new. Published parts that no longer verify are dropped (``plan.repaired``): their images
+    are extracted again.
+
+    Streamed: the listing yields records directory by directory, :func:`tasks.core.datasets.iter_hashed` stats and
+    hashes them ``cfg.plan_chunk`` at a time in worker threads (journalling new hashes, so a killed plan resumes)
+    and the planner merges each chunk in listing order. Published files are trusted by their stamps
+    (:class:`storage.features.FileStamps`), hashed in full only when a stamp changed."""
     cfg.validate()
+    if cfg.plan_chunk < 1:
+        raise UsageError(f"plan_chunk must be >= 1, got {cfg.plan_chunk}")
+    listing = open_listing(cfg.data, cfg.root, cfg.allow_outside_root, cfg.list_limits())
+    root = listing.root
     lm = lm or load_model(cfg.model, cfg.weights, cfg.seed, cfg.weights_prefix)
     if any(v is not None for v in (cfg.resize, cfg.crop, cfg.mean, cfg.std, cfg.interpolation)):
         lm = apply_preprocess_overrides(lm, cfg.resize, cfg.crop, cfg.mean, cfg.std, cfg.interpolation)
     ref = resolve_layer(lm.module, cfg.layer)
-    records, rejects, root = list_dataset(cfg.data, cfg.root, cfg.allow_outside_root)
     store = Store(cfg.store)
     key = {
-        "dataset_root": str(root), "model": {k: v for k, v in lm.spec.items() if k != "weights_source"},
-        "layer": ref.name, "side": ref.side, "pool": cfg.pool, "preprocess": lm.preprocess.to_dict(),
+        "dataset_root": str(root), "model": spec_identity(lm.spec),
+        "layer": ref.name, "side": ref.side, "pool": cfg.pool, "preprocess": _preprocessing_record(cfg, lm.preprocess),
     }
     if resolve_precision(cfg.precision, cfg.device) == "bf16":
         # bf16 features differ from fp32 ones (~1e-2 relative): never mixed into one artefact
@@ -197,28 +311,47 @@ def plan_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> tuple[
     root_name = root.name if isinstance(root, Path) else str(root).rstrip("/").rsplit("/", 1)[-1]
     aid = artefact_id(f"{root_name}-{str(lm.spec.get('arch', 'model')).replace(':', '-')}-{ref.alias}", key)
     adir = store.artefact_dir("features", aid)
-    cache = store.kind_dir("cache") / f"hashes-{sha256_bytes(str(root).encode())[:16]}.parquet"
-    hashed, hrejects, stats = hash_records(records, cache, progress=cfg.progress)
-    rejects = rejects + hrejects
-    stored: set[str] = set()
+    cache_dir = store.kind_dir("cache")
+    cache = cache_dir / f"hashes-{sha256_bytes(str(root).encode())[:16]}.parquet"
+    stamps_path = cache_dir / f"stamps-{aid}.json"
+    stamps = FileStamps(stamps_path)
+    stored = DigestSet()
+    repaired: list[dict[str, Any]] = []
     if (adir / MANIFEST_NAME).is_file():
-        stored |= _stored_ids(adir, part_entries(read_manifest(adir)))
+        stored, repaired = _verified_ids(adir, read_manifest(adir), stamps)
     journal = read_journal(adir) if adir.is_dir() else {}
     for e in journal.get("parts", []):
         try:
-            stored |= _stored_ids(adir, [e])
+            stored = stored.union(_part_ids(adir, e, stamps))
         except StoreError as exc:  # a journalled part that did not survive: redo its images
             log.warning("dropping journalled part %s: %s", e.get("name"), exc)
+    stamps.save()
+    stats: dict[str, int] = {}
+    hashed: list[ImageRecord] = []
+    hrejects: list[Reject] = []
+    digests: list[np.ndarray] = []
+    extra_set: set[str] = set()
+    for ok, rej in iter_hashed(listing.records, cache, progress=cfg.progress, chunk_size=cfg.plan_chunk, stats=stats):
+        hashed.extend(ok)
+        hrejects.extend(rej)
+        digests.append(image_digests([r.image_id for r in ok]))
+        for r in ok:
+            if r.extras:
+                extra_set.update(r.extras)
+    rejects = listing.rejects + hrejects
+    listed = np.concatenate(digests) if digests else np.zeros(0, "S32")
+    is_new = ~stored.contains(listed)
     # Identity is the content hash: features of the same bytes under the same model/layer/preprocessing in any
     # other dataset of this store (e.g. a copy in another bucket) are reused, not re-extracted.
     model_key = {k: v for k, v in key.items() if k != "dataset_root"}
     donors: list[tuple[Path, dict[str, Any]]] = []
-    wanted = {r.image_id for r in hashed} - stored
-    if wanted:
+    if is_new.any():
+        wanted = DigestSet(listed[is_new])
+        donated: list[np.ndarray] = []
         for other_id, om in store.iter_artefacts("features"):
             if other_id == aid or om.get("pool") != cfg.pool or om.get("layer", {}).get("name") != ref.name:
                 continue
-            okey = {"model": {k: v for k, v in om.get("model", {}).items() if k not in ("weights_source",)},
+            okey = {"model": spec_identity(om.get("model", {})),
                     "layer": om["layer"]["name"], "side": om["layer"]["side"], "pool": om.get("pool"),
                     "preprocess": om.get("preprocessing")}
             if om.get("precision") == "bf16":
@@ -228,21 +361,26 @@ def plan_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> tuple[
             odir = store.artefact_dir("features", other_id)
             for e in part_entries(om):
                 try:
-                    ids = set(read_part(odir, e, columns=["image_id"]).column("image_id").to_pylist())
+                    ids = image_digests(read_part(odir, e, columns=["image_id"]).column("image_id"))
                 except StoreError:
                     continue
-                if ids & wanted:
+                hit = wanted.contains(ids)
+                if hit.any():
                     donors.append((odir, e))
-                    stored |= ids & wanted
-    seen: set[str] = set()
+                    donated.append(ids[hit])
+        if donated:
+            stored = stored.union(np.concatenate(donated))
+            is_new = ~stored.contains(listed)
+    seen: set[bytes] = set()
     todo = []
-    for r in hashed:
-        if r.image_id not in stored and r.image_id not in seen:
-            seen.add(r.image_id)
-            todo.append(r)
-    extra = sorted({k for r in hashed for k in r.extras})
+    for i in np.flatnonzero(is_new).tolist():
+        d = listed[i]
+        if d not in seen:
+            seen.add(d)
+            todo.append(hashed[i])
+    extra = sorted(extra_set)
     return ExtractPlan(cfg, aid, adir, root, hashed, rejects, todo, stored, ref, lm.spec, lm.preprocess, stats, extra,
-                       donors), lm
+                       donors, repaired, stamps_path), lm
 
 
 def extract_records(plan: ExtractPlan, lm: LoadedModel, records: list[ImageRecord] | None = None,
@@ -262,8 +400,12 @@ def extract_records(plan: ExtractPlan, lm: LoadedModel, records: list[ImageRecor
     if isinstance(plan.dataset_root, str):
         workers = 0  # fsspec filesystems (s3fs, memory) are not fork-safe: decode in-process
     use_workers = workers if len(items) > cfg.batch_size else 0
+    mode = _decode_mode(cfg, plan.preprocess)
+    if mode == "torchvision-jpeg":
+        log.warning("--decode gpu on a CPU device: JPEGs are decoded with torchvision in this process (the GPU path's "
+                    "code, for testing it); --decode cpu is faster here")
     loader = torch.utils.data.DataLoader(
-        _DecodeDataset(items, plan.preprocess, limits), batch_size=cfg.batch_size, shuffle=False,
+        _DecodeDataset(items, plan.preprocess, limits, mode), batch_size=cfg.batch_size, shuffle=False,
         num_workers=use_workers, collate_fn=_collate,
         pin_memory=device.type == "cuda", persistent_workers=False, worker_init_fn=_worker_init,
         prefetch_factor=4 if use_workers else None,
@@ -279,29 +421,62 @@ def extract_records(plan: ExtractPlan, lm: LoadedModel, records: list[ImageRecor
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(items), desc="extract", unit="img", dynamic_ncols=True)
+
+    def write(idx: list[int], sizes: list[tuple[int, int]], pending: PendingFeatures) -> None:
+        nonlocal writer, with_preds
+        feats, preds, probs = pending.result()
+        if writer is None:
+            dim = feats.shape[1]
+            part_rows = cfg.part_rows or max(256, min(65536, (64 << 20) // (4 * dim)))
+            with_preds = preds is not None
+            writer = PartWriter(plan.artefact_dir, dim, with_preds, plan.extra_columns, part_rows, on_part)
+        meta = []
+        for i, (w, h) in zip(idx, sizes):
+            r = records[i]
+            meta.append({"image_id": r.image_id, "path": r.path, "label": r.label, "split": r.split,
+                         "width": w, "height": h, **r.extras})
+        writer.add(meta, feats, preds, probs)
+
+    # On CUDA one batch stays in flight: batch k is queued on the GPU (decode, resize, forward, copy to pinned
+    # memory) before batch k-1's rows are written, so reading / writing overlaps the GPU. On CPU rows are written
+    # as soon as their batch is done (forward_batch_async is then synchronous).
+    in_flight: tuple[list[int], list[tuple[int, int]], PendingFeatures] | None = None
+    threads_before = torch.get_num_threads()
+    if device.type == "cpu" and workers:
+        # Decode processes + the model's threads must not oversubscribe the cores: intra-op (OpenMP) threads that get
+        # preempted by a decode process stall at every barrier. Measured here (2 cores, 1 decode process, 600
+        # JPEGs): 2 model threads 146 s / 59 CPU-s vs 1 thread 49 s / 19 CPU-s on a loaded machine. Set from the
+        # configured workers (not whether this call starts them), so a resumed tail runs with the same threads.
+        torch.set_num_threads(max(1, min(threads_before, (os.cpu_count() or 1) - workers)))
     try:
-        for idx, batch, sizes, bad in loader:
-            for i, reason, detail in bad:
+        for idx, batch, sizes, bad, jpegs in loader:
+            n_in = len(idx) + len(bad) + len(jpegs)
+            if jpegs:
+                decoded, more_bad = decode_preprocess_jpegs(jpegs, device, plan.preprocess, limits)
+                bad = bad + more_bad
+                idx, x_u8, sizes = _with_jpegs(idx, batch, sizes, decoded, device)
+            else:
+                x_u8 = batch.to(device, non_blocking=True) if batch is not None else None
+            for i, reason, detail in sorted(bad):
                 rejects.append(Reject(records[i].path, reason, detail))
-            if batch is not None:
-                x = normalise(batch.to(device, non_blocking=True), plan.preprocess)
-                feats, preds, probs = forward_batch(module, x, plan.layer, cfg.pool, device, with_preds, cfg.precision)
-                if writer is None:
-                    dim = feats.shape[1]
-                    part_rows = cfg.part_rows or max(256, min(65536, (64 << 20) // (4 * dim)))
-                    with_preds = preds is not None
-                    writer = PartWriter(plan.artefact_dir, dim, with_preds, plan.extra_columns, part_rows, on_part)
-                meta = []
-                for i, (w, h) in zip(idx, sizes):
-                    r = records[i]
-                    meta.append({"image_id": r.image_id, "path": r.path, "label": r.label, "split": r.split,
-                                 "width": w, "height": h, **r.extras})
-                writer.add(meta, feats, preds, probs)
-            done += len(idx) + len(bad)
+            if x_u8 is not None:
+                x = normalise(x_u8, plan.preprocess)
+                pending = forward_batch_async(module, x, plan.layer, cfg.pool, device, with_preds, cfg.precision)
+                if in_flight is not None:
+                    write(*in_flight)
+                    in_flight = None
+                if device.type == "cuda":
+                    in_flight = (idx, sizes, pending)
+                else:
+                    write(idx, sizes, pending)
+            done += n_in
             if bar is not None:
                 bar.update(len(idx) + len(bad))
                 bar.set_postfix(img_s=f"{done / max(time.perf_counter() - t0, 1e-9):.1f}", rejects=len(rejects))
+        if in_flight is not None:
+            write(*in_flight)
     finally:
+        torch.set_num_threads(threads_before)
         if bar is not None:
             bar.close()
     entries = writer.close() if writer is not None else []
@@ -310,6 +485,72 @@ def extract_records(plan: ExtractPlan, lm: LoadedModel, records: list[ImageRecor
              "images_per_s": round((done - len(rejects)) / dt, 2) if dt > 0 and done else 0.0,
              "dim": writer.dim if writer else None, "with_preds": writer.with_preds if writer else None}
     return entries, rejects, stats
+
+
+def copies_to_retry(plan: ExtractPlan, decode_rejects: list[Reject]) -> list[ImageRecord]:
+    """Listed copies (same ``image_id``, another path) of images whose extracted copy was rejected while decoding.
+
+    The plan extracts each distinct ``image_id`` once and patches its other paths from that row; when that one
+    copy is rejected (vanished, changed, unreadable, ...), the other copies would have no row and no reject.
+    Returns every such copy not decoded yet (not in the plan's todo), in listing order: decode them too (a copy
+    of corrupt bytes is then rejected with its own reason)."""
+    if not decode_rejects:
+        return []
+    tried = {r.path for r in plan.todo}
+    failed_paths = {r.path for r in decode_rejects}
+    by_path = {r.path: r for r in plan.records}
+    failed_ids = {by_path[p].image_id for p in failed_paths if p in by_path}
+    return [r for r in plan.records if r.image_id in failed_ids and r.path not in tried and r.path not in failed_paths]
+
+
+def extract_copies(plan: ExtractPlan, lm: LoadedModel, entries: list[dict[str, Any]], rejects: list[Reject],
+                   stats: dict[str, Any], on_part: Callable[[dict[str, Any]], None] | None = None,
+                   ) -> tuple[list[dict[str, Any]], list[Reject], dict[str, Any]]:
+    """After the main pass (``entries, rejects, stats`` of :func:`extract_records`): decode the
+    :func:`copies_to_retry` as well and return the three merged. One pass: each remaining copy ends as a row or
+    as its own reject. Memory: one batch."""
+    retry = copies_to_retry(plan, rejects)
+    if not retry:
+        return entries, rejects, stats
+    log.warning("%s: %d listed copies of rejected images (same bytes, other paths) were not decoded; decoding them",
+                plan.artefact_id, len(retry))
+    more_entries, more_rejects, more_stats = extract_records(plan, lm, retry, on_part=on_part)
+    return entries + more_entries, rejects + more_rejects, _merge_stats(stats, more_stats)
+
+
+def _merge_stats(stats: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """The run's stats after a retry pass (``extract_records`` stats of both passes, added)."""
+    out = dict(stats)
+    out["extracted"] = stats.get("extracted", 0) + more.get("extracted", 0)
+    out["decode_rejects"] = stats.get("decode_rejects", 0) + more.get("decode_rejects", 0)
+    out["seconds"] = round(stats.get("seconds", 0.0) + more.get("seconds", 0.0), 3)
+    out["images_per_s"] = round(out["extracted"] / out["seconds"], 2) if out["seconds"] > 0 and out["extracted"] else 0.0
+    if not out.get("dim") and more.get("dim"):
+        out["dim"], out["with_preds"] = more["dim"], more["with_preds"]
+    return out
+
+
+def _unextracted_rejects(plan: ExtractPlan, paths: list[str], decode_rejects: list[Reject],
+                         skipped: list[str]) -> list[Reject]:
+    """One reject row per listed path that ends the publish without a row (never dropped in silence)."""
+    by_path = {r.path: r for r in plan.records}
+    rejected_copy: dict[str, Reject] = {}
+    for rej in decode_rejects:
+        rec = by_path.get(rej.path)
+        if rec is not None:
+            rejected_copy.setdefault(str(rec.image_id), rej)
+    out = []
+    for p in paths:
+        iid = str(by_path[p].image_id)
+        if iid in rejected_copy:
+            copy = rejected_copy[iid]
+            out.append(Reject(p, "not-extracted", f"identical bytes to {copy.path}, which was rejected ({copy.reason}: "
+                                                   f"{copy.detail}); this copy was not decoded. Rerun to decode it"))
+        else:
+            where = f" (unreadable parts skipped: {', '.join(skipped[:3])})" if skipped else ""
+            out.append(Reject(p, "not-extracted", f"not decoded in this run and no readable stored feature{where}; "
+                                                   "rerun to extract it"))
+    return out
 
 
 def _rejects_table(rejects: list[Reject]) -> pa.Table:
@@ -322,18 +563,34 @@ def _row_key(d: dict[str, Any], extra: list[str]) -> tuple:
     return (d["image_id"], d.get("label"), d.get("split"), *[None if d.get(c) is None else str(d.get(c)) for c in extra])
 
 
+def _part_meta(directory: Path, entry: dict[str, Any], columns: list[str]) -> tuple[pa.Table, pa.Schema]:
+    """``columns`` of a part (without its features or its checksum) and the part's full schema."""
+    t = read_part_columns(directory, entry, columns)
+    try:
+        schema = pq.read_schema(directory / entry["name"])
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise StoreError(f"cannot read {directory / entry['name']}: {exc}") from None
+    return t, schema
+
+
 def publish_features(plan: ExtractPlan, new_entries: list[dict[str, Any]], decode_rejects: list[Reject],
                      stats: dict[str, Any], categories: list[str] | None = None) -> dict[str, Any]:
     """Merge stored + new parts into exactly the current dataset's rows and publish the manifest.
 
-    Parts whose rows all still match are kept as they are; parts with deleted / renamed / relabelled rows are
-    rewritten; rows for duplicate or renamed files are patched from stored features (never re-extracted).
-    Raises :class:`QualityGateError` (nothing published) when the reject rate exceeds the threshold or a
-    feature is NaN / Inf.
+    Parts whose rows all still match are kept as they are, trusted by their manifest entry: only their meta
+    columns (``image_id``, ``path``, ``label``, ``split``, extras) are read, never their features and never their
+    sha256 (planning checked them against their stamps, :class:`storage.features.FileStamps`; ``convlens verify``
+    hashes everything). The quality gate uses the counts :class:`storage.features.PartWriter` recorded in each new
+    part's entry (a published part passed the gate when it was published). Parts with deleted / renamed /
+    relabelled rows are read in full (checksum verified) and rewritten; rows for duplicate or renamed files are
+    patched from stored features (never re-extracted). Raises :class:`QualityGateError` (nothing published) when
+    the reject rate exceeds the threshold or a feature is NaN / Inf. Memory: one part's meta columns at a time plus
+    O(listed paths) of bookkeeping.
     """
     cfg = plan.config
     adir = plan.artefact_dir
     old = read_manifest(adir) if (adir / MANIFEST_NAME).is_file() else None
+    old_names = {e["name"] for e in part_entries(old)} if old else set()
     journal = read_journal(adir)
     candidates = (part_entries(old) if old else []) + journal.get("parts", []) + new_entries
     seen_names: set[str] = set()
@@ -345,46 +602,73 @@ def publish_features(plan: ExtractPlan, new_entries: list[dict[str, Any]], decod
                    for p, r in desired.items()}
     dim = stats.get("dim") or (old or {}).get("dim")
     with_preds = stats.get("with_preds") if stats.get("dim") else (old or {}).get("with_preds")
+    meta_cols = ["image_id", "path", "label", "split", *extra]
     kept: list[dict[str, Any]] = []
+    readable: list[dict[str, Any]] = []
+    unknown_nonzero: list[dict[str, Any]] = []  # kept published parts from before the gate counts were recorded
     satisfied: set[str] = set()
-    donor: dict[str, tuple[dict[str, Any], int]] = {}
     nonfinite = 0
     nonzero = False  # quality gate: a feature column that is all zeros carries no information
+    repaired = list(plan.repaired)
+    skipped: list[str] = []
+    old_rows = old_present = 0
     for e in candidates:
         try:
-            t = read_part(adir, e)
+            t, schema = _part_meta(adir, e, meta_cols)
         except StoreError as exc:
-            log.warning("skipping unreadable part %s: %s", e["name"], exc)
+            skipped.append(e["name"])
+            if e["name"] not in {r["name"] for r in repaired}:
+                log.error("skipping unreadable part %s (its rows are re-extracted or become reject rows): %s", e["name"], exc)
+                repaired.append({"name": e["name"], "role": "part", "rows": e.get("rows"), "sha256": e.get("sha256"),
+                                 "error": str(exc)[:300]})
             continue
+        readable.append(e)
         if dim is None:
-            dim = t.schema.field("feature").type.list_size
-            with_preds = "pred_top5" in t.column_names
-        d = t.select([c for c in ("image_id", "path", "label", "split", *extra) if c in t.column_names]).to_pylist()
+            dim = schema.field("feature").type.list_size
+            with_preds = "pred_top5" in schema.names
+        d = t.to_pylist()
         keep = []
         for i, row in enumerate(d):
-            donor.setdefault(row["image_id"], (e, i))
             p = row["path"]
             if p in desired_key and p not in satisfied and _row_key(row, extra) == desired_key[p]:
                 keep.append(i)
                 satisfied.add(p)
-        feats = t.column("feature").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        nonfinite += int((~np.isfinite(feats.reshape(len(d), -1)[keep])).any(axis=1).sum()) if keep else 0
-        nonzero = nonzero or bool(keep and np.any(feats.reshape(len(d), -1)[keep] != 0))
-        if len(keep) == len(d) and t.schema.names == feature_schema(dim, with_preds, extra).names:
+        if e["name"] in old_names:
+            old_rows += len(d)
+            old_present += sum(1 for row in d if row["path"] in desired)
+        if len(keep) == len(d) and schema.names == feature_schema(dim, with_preds, extra).names:
             kept.append(e)
+            if "nonfinite" in e and "nonzero" in e:
+                nonfinite += int(e["nonfinite"])
+                nonzero = nonzero or bool(e["nonzero"])
+            elif e["name"] in old_names:
+                unknown_nonzero.append(e)  # published, so it passed the NaN gate; zeros checked below if need be
+            else:
+                nf, nz = part_gate(adir, e)
+                nonfinite, nonzero = nonfinite + nf, nonzero or nz
         elif keep:
-            kept.append(write_part(adir, t.take(pa.array(keep)).cast(feature_schema(dim, with_preds, extra))))
-    for odir, e in plan.donors:  # sibling artefacts: donors only, never kept as our own parts
-        try:
-            ids = read_part(odir, e, columns=["image_id"]).column("image_id").to_pylist()
-        except StoreError:
-            continue
-        if dim is None:
-            fschema = pq.read_schema(odir / e["name"])
-            dim, with_preds = fschema.field("feature").type.list_size, "pred_top5" in fschema.names
-        for i, iid in enumerate(ids):
-            donor.setdefault(iid, (dict(e, _dir=str(odir)), i))
+            full = read_part(adir, e).take(pa.array(keep)).cast(feature_schema(dim, with_preds, extra))
+            entry = write_part(adir, full)
+            feats = full.column("feature").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(len(keep), -1)
+            entry.update(nonfinite=int((~np.isfinite(feats)).any(axis=1).sum()), nonzero=bool(np.any(feats != 0)))
+            nonfinite, nonzero = nonfinite + entry["nonfinite"], nonzero or entry["nonzero"]
+            kept.append(entry)
     missing = [p for p in desired if p not in satisfied]
+    needed = {desired[p].image_id for p in missing}
+    donor: dict[str, tuple[dict[str, Any], int]] = {}
+    if needed:  # rows for duplicate / renamed files: the first stored row with the same bytes, here or in a sibling
+        sources = [(adir, e) for e in readable] + list(plan.donors)
+        for src_dir, e in sources:
+            try:
+                ids = read_part_columns(src_dir, e, ["image_id"]).column("image_id").to_pylist()
+            except StoreError:
+                continue
+            if dim is None:
+                fschema = pq.read_schema(src_dir / e["name"])
+                dim, with_preds = fschema.field("feature").type.list_size, "pred_top5" in fschema.names
+            for i, iid in enumerate(ids):
+                if iid in needed and iid not in donor:
+                    donor[iid] = (dict(e, _dir=str(src_dir)) if src_dir != adir else e, i)
     patch_rows = []
     for p in missing:
         r = desired[p]
@@ -403,10 +687,21 @@ def publish_features(plan: ExtractPlan, new_entries: list[dict[str, Any]], decod
             rows.append(row)
             satisfied.add(p)
             nonzero = nonzero or any(v != 0 for v in row["feature"])
-        kept.append(write_part(adir, pa.Table.from_pylist(rows, schema=feature_schema(dim, with_preds, extra))))
-    all_rejects = list(plan.rejects) + list(decode_rejects)
-    unextracted = [p for p in desired if p not in satisfied]
+        entry = write_part(adir, pa.Table.from_pylist(rows, schema=feature_schema(dim, with_preds, extra)))
+        entry.update(nonfinite=0, nonzero=any(any(v != 0 for v in row["feature"]) for row in rows))
+        kept.append(entry)
     n_rows = sum(e["rows"] for e in kept)
+    if n_rows and not nonzero:
+        for e in unknown_nonzero:  # parts published before the counts were recorded: read until one is not all zeros
+            if part_gate(adir, e)[1]:
+                nonzero = True
+                break
+    unextracted = [p for p in desired if p not in satisfied]
+    lost = _unextracted_rejects(plan, unextracted, decode_rejects, skipped)
+    if lost:
+        log.error("%d listed images have no stored feature and were not decoded; each is a reject row "
+                  "'not-extracted' (e.g. %s: %s)", len(lost), lost[0].path, lost[0].detail)
+    all_rejects = list(plan.rejects) + list(decode_rejects) + lost
     total = n_rows + len(all_rejects)
     rate = len(all_rejects) / total if total else 0.0
     if total and rate > cfg.max_reject_rate:
@@ -425,8 +720,6 @@ def publish_features(plan: ExtractPlan, new_entries: list[dict[str, Any]], decod
         raise QualityGateError(f"all {n_rows} stored feature vectors are exactly zero: the feature column carries no "
                                "information (a dead layer, e.g. after a ReLU with broken weights, or blank inputs); "
                                "nothing was published and the previous manifest stays current. Check --weights/--layer")
-    if unextracted:
-        log.warning("%d listed images have no stored feature (e.g. %s)", len(unextracted), unextracted[0])
     rej_entry = write_part(adir, _rejects_table(all_rejects), prefix="rejects")
     rej_entry["role"] = "rejects"
     files = [dict(e, role="part") for e in kept] + [rej_entry]
@@ -446,7 +739,7 @@ def publish_features(plan: ExtractPlan, new_entries: list[dict[str, Any]], decod
         "layer": {"alias": plan.layer.alias, "name": plan.layer.name, "side": plan.layer.side},
         "pool": cfg.pool,
         "precision": resolve_precision(cfg.precision, cfg.device),
-        "preprocessing": plan.preprocess.to_dict(),
+        "preprocessing": _preprocessing_record(cfg, plan.preprocess),
         "dim": int(dim) if dim else 0,
         "with_preds": bool(with_preds),
         "extra_columns": extra,
@@ -460,27 +753,32 @@ def publish_features(plan: ExtractPlan, new_entries: list[dict[str, Any]], decod
             "extracted": stats.get("extracted", 0), "reused": len(plan.records) - len(plan.todo),
             "decode_rejects": len(decode_rejects), "seconds": stats.get("seconds", 0.0),
             "images_per_s": stats.get("images_per_s", 0.0), "hash": plan.hash_stats,
-            "removed": len({p for p in _old_paths(adir, old)} - set(desired)) if old else 0,
-            "added_paths": len(set(desired) - set(_old_paths(adir, old))) if old else len(desired),
+            "removed": old_rows - old_present,
+            "added_paths": len(desired) - old_present,
+            "not_extracted": len(lost),
+            "repaired": repaired,
         },
         "previous_created": old.get("created") if old else None,
     }
     published = write_manifest(adir, manifest)
     (adir / "journal.json").unlink(missing_ok=True)
     remove_garbage(adir, published)
+    _stamp_written(plan, published, old_names)
     return published
 
 
-def _old_paths(adir: Path, old: dict[str, Any] | None) -> list[str]:
-    if not old:
-        return []
-    out: list[str] = []
-    for e in part_entries(old):
-        try:
-            out.extend(read_part(adir, e, columns=["path"], verify=False).column("path").to_pylist())
-        except StoreError:
-            continue
-    return out
+def _stamp_written(plan: ExtractPlan, manifest: dict[str, Any], checked: set[str]) -> None:
+    """Stamp the files this run wrote (their sha256 is that of the bytes written), so the next plan trusts them
+    without hashing; files in ``checked`` (the published parts) were checked and stamped by the plan. Stamps of
+    files no longer listed are dropped."""
+    if plan.stamps_path is None:
+        return
+    stamps = FileStamps(plan.stamps_path)
+    for e in manifest.get("files", []):
+        if e["name"] not in checked:
+            stamps.record(plan.artefact_dir, e)
+    stamps.keep_only(e["name"] for e in manifest.get("files", []))
+    stamps.save()
 
 
 def run_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> dict[str, Any]:
@@ -501,6 +799,7 @@ def run_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> dict[st
             write_journal(plan.artefact_dir, journal)
 
         entries, rejects, stats = extract_records(plan, lm, on_part=on_part)
+        entries, rejects, stats = extract_copies(plan, lm, entries, rejects, stats, on_part)
         return publish_features(plan, entries, rejects, stats, lm.categories)
 
 
@@ -520,21 +819,25 @@ def keep_if_unchanged(plan: ExtractPlan, journal: dict[str, Any]) -> dict[str, A
 def unchanged_manifest(plan: ExtractPlan) -> dict[str, Any] | None:
     """The published manifest when the listing matches it exactly (same paths, bytes, labels, splits and
     listing rejects, nothing to extract); else None. The caller checks first that no journal is pending."""
-    from storage.features import read_meta
-
     adir = plan.artefact_dir
-    if plan.todo or plan.extra_columns or not (adir / MANIFEST_NAME).is_file():
+    if plan.todo or plan.repaired or plan.extra_columns or not (adir / MANIFEST_NAME).is_file():
         return None
     old = read_manifest(adir)
-    if int(old.get("rejects", -1)) != len(plan.rejects):
-        return None
-    meta = read_meta(adir, old, verify=False)
-    if len(meta) != len(plan.records):
+    if int(old.get("rejects", -1)) != len(plan.rejects) or int(old.get("rows", -1)) != len(plan.records):
         return None
 
     def norm(v: Any) -> Any:
         return None if v is None or (isinstance(v, float) and v != v) else str(v)
 
-    stored = {(p, i, norm(lab), norm(sp)) for p, i, lab, sp in zip(meta["path"], meta["image_id"], meta["label"], meta["split"])}
-    listed = {(r.path, r.image_id, norm(r.label), norm(r.split)) for r in plan.records}
-    return old if stored == listed else None
+    listed = {r.path: (r.image_id, norm(r.label), norm(r.split)) for r in plan.records}
+    seen: set[str] = set()
+    for e in part_entries(old):  # the parts were checked by the plan (stamps); their meta columns are read here
+        try:
+            t = read_part_columns(adir, e, ["path", "image_id", "label", "split"]).to_pydict()
+        except StoreError:
+            return None
+        for p, i, lab, sp in zip(t["path"], t["image_id"], t["label"], t["split"]):
+            if p in seen or listed.get(p) != (i, norm(lab), norm(sp)):
+                return None
+            seen.add(p)
+    return old if len(seen) == len(listed) else None

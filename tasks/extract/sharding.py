@@ -65,11 +65,13 @@ def run_sharded_extraction(cfg: Any, run_shards: RunShards | None = None, shard_
 
     The artefact lock is held from planning to publishing by this process; shard tasks write parts without it.
     Each finished shard's parts are journalled (in shard order), so a killed run resumes from finished shards.
-    Returns the published manifest. Default ``run_shards``: in-process, in order.
+    Listed copies of images a shard rejected are decoded afterwards in this process (``extract_copies``), so no
+    listed path ends without a row or a reject. Returns the published manifest. Default ``run_shards``:
+    in-process, in order.
     """
     from storage.features import read_journal, write_journal
     from storage.locks import artefact_lock
-    from tasks.extract.features import keep_if_unchanged, plan_extraction, publish_features
+    from tasks.extract.features import extract_copies, keep_if_unchanged, plan_extraction, publish_features
 
     plan, lm = plan_extraction(cfg, lm)
     adir = plan.artefact_dir
@@ -99,5 +101,12 @@ def run_sharded_extraction(cfg: Any, run_shards: RunShards | None = None, shard_
         stats = merge_extract_stats(results, time.perf_counter() - t0)
         entries = [e for r in results for e in r["entries"]]
         rejects = [x for r in results for x in r["rejects"]]
+
+        def on_part(entry: dict[str, Any]) -> None:
+            journal["parts"] = journal.get("parts", []) + [entry]
+            write_journal(adir, journal)
+
+        # copies of images whose one decoded copy a shard rejected: decoded here, in-process (rare, few)
+        entries, rejects, stats = extract_copies(plan, lm, entries, rejects, stats, on_part)
         manifest = publish_features(plan, entries, rejects, stats, lm.categories)
     return manifest

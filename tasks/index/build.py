@@ -7,15 +7,26 @@ Identity: the artefact id hashes (feature artefact id, space, factory, metric, p
 manifest records the feature manifest's ``created`` it was built from; when the feature table has been republished
 since, a rerun updates the index: **incrementally** (only rows whose ``(path, image_id)`` is new are added) for
 Flat / IVF factories when no stored row was removed or changed, else by a full rebuild. Queries compare the two
-``created`` stamps and say when an index is older than its features.
+``created`` stamps and say when an index is older than its features. An update never deletes a file the previous
+manifest lists (:func:`storage.index_store.publish_index_manifest`): a reader holding that manifest keeps its files
+until the publish after this one.
+
+Factory ``auto`` (the default): exact ``Flat`` up to ``exact_max_rows`` rows
+(:data:`tasks.core.faiss_index.AUTO_EXACT_MAX_ROWS`), above it ``IVF<nlist>,PQ<m>x4fs,RFlat`` (fast-scan PQ
+candidates, exact re-rank; :func:`tasks.core.faiss_index.resolve_factory`). The artefact is keyed by the *resolved*
+factory, so ``auto`` below the threshold and an explicit ``Flat`` share one artefact, and a set that grows past the
+threshold (or into another ``nlist``) gets a new, full build. ``--factory Flat`` always forces exact search.
 
 Memory contract: O(train sample x D) for training plus O(batch_rows x D) while streaming rows, plus the index
-itself (N x D x 4 bytes for Flat, N x code size for PQ) and the id map (N small records).
+itself (N x D x 4 bytes for Flat and for the refine store of the approximate index, + N x (m/2 + 8) bytes of PQ
+codes and ids) and the id map (N small records). The index is written to its file by FAISS directly (no bytes copy
+in memory: a 1M x 512 Flat index used to peak at 3x its size while being serialised).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,29 +35,38 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
+from storage.atomic import TMP_PREFIX
 from storage.errors import StoreError, UsageError
-from storage.features import iter_feature_batches, read_meta
+from storage.features import iter_feature_batches, read_feature_table
 from storage.index_store import (
-    load_index_bytes,
+    index_file_path,
+    publish_index_file,
     publish_index_manifest,
     read_idmap,
     write_idmap,
-    write_index_file,
 )
 from storage.locks import artefact_lock
 from storage.manifest import CODE_VERSION, MANIFEST_NAME, read_manifest
 from storage.paths import Store, artefact_id
 from tasks.core.faiss_index import (
+    AUTO_EXACT_MAX_ROWS,
+    AUTO_K_FACTOR,
     add_vectors,
-    deserialize_index,
+    default_nprobe,
+    finalize_index,
     index_kind,
     needs_training,
     new_index,
+    nlist_of,
     prepare_vectors,
-    serialize_index,
+    read_index_file,
+    reserve_rows,
+    resolve_factory,
     supports_incremental_add,
+    to_cpu,
     to_device,
     train_index,
+    write_index_file,
 )
 from tasks.core.pixels import PIXEL_SIZE, pixel_vectors
 
@@ -68,7 +88,8 @@ class IndexConfig:
     store: str = "convlens-store"
     artefact: str | None = None  # feature artefact id (or unique prefix); newest when None
     space: str = "feature"
-    factory: str = "Flat"
+    factory: str = "auto"  # auto: Flat up to exact_max_rows rows, IVF-PQ fast-scan + exact re-rank above; any FAISS factory
+    exact_max_rows: int = AUTO_EXACT_MAX_ROWS
     metric: str | None = None  # default_metric(space)
     gpu: str = "auto"
     train_rows: int = 100_000
@@ -89,7 +110,9 @@ class IndexConfig:
         if self.train_rows < 1 or self.batch_rows < 1:
             raise UsageError("--train-rows and batch size must be >= 1")
         if not self.factory or not self.factory.strip():
-            raise UsageError("--factory is empty; use e.g. Flat or IVF1024,PQ32")
+            raise UsageError("--factory is empty; use auto (default), Flat (exact) or e.g. IVF1024,PQ32")
+        if self.exact_max_rows < 0:
+            raise UsageError(f"--exact-max-rows must be >= 0, got {self.exact_max_rows}")
 
 
 def _iter_rows(cfg: IndexConfig, fdir: Path, fman: dict[str, Any], meta: pd.DataFrame,
@@ -155,20 +178,22 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
     store = Store(cfg.store)
     faid, fman = store.resolve("features", cfg.artefact)
     fdir = store.artefact_dir("features", faid)
-    key = {"source": faid, "space": cfg.space, "factory": cfg.factory, "metric": metric, "code_version": CODE_VERSION}
+    dim = int(fman.get("dim") or 0) if cfg.space == "feature" else cfg.pixel_size * cfg.pixel_size * 3
+    factory = resolve_factory(cfg.factory, int(fman.get("rows") or 0), dim, cfg.exact_max_rows)
+    key = {"source": faid, "space": cfg.space, "factory": factory, "metric": metric, "code_version": CODE_VERSION}
     if cfg.space == "pixel":
         key["pixel_size"] = cfg.pixel_size
-    readable = f"{cfg.space}-{cfg.factory.replace(',', '_')}-{metric}-{faid[:24]}"
+    readable = f"{cfg.space}-{factory.replace(',', '_')}-{metric}-{faid[:24]}"
     aid = artefact_id(readable, key)
     adir = store.artefact_dir("indexes", aid, create=True)
     t0 = time.perf_counter()
     with artefact_lock(adir):
         old = read_manifest(adir) if (adir / MANIFEST_NAME).is_file() else None
         if old and not cfg.rebuild and old.get("source", {}).get("created") == fman.get("created"):
-            load_index_bytes(adir, old)  # verify: a corrupt index is never reported as up to date
+            index_file_path(adir, old)  # verify: a corrupt index is never reported as up to date
             log.info("index %s is up to date with features %s", aid, faid)
             return {**old, "build": {**old.get("build", {}), "mode": "reused"}}
-        meta = read_meta(fdir, fman)
+        meta = read_feature_table(fdir, fman, ["image_id", "path", "label", "split"]).to_pandas()
         n = len(meta)
         if n == 0:
             raise StoreError(f"feature artefact {faid} has no rows; nothing to index")
@@ -176,26 +201,30 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
         index = None
         idmap_old = None
         wanted = np.ones(n, bool)
-        if old and not cfg.rebuild and supports_incremental_add(cfg.factory):
+        if old and not cfg.rebuild and supports_incremental_add(factory):
             idmap_old = read_idmap(adir, old)
             old_keys = set(zip(idmap_old["path"], idmap_old["image_id"]))
             new_keys = list(zip(meta["path"], meta["image_id"]))
             if old_keys <= set(new_keys):
-                index = deserialize_index(load_index_bytes(adir, old))
+                index = read_index_file(index_file_path(adir, old))
                 wanted = np.array([kk not in old_keys for kk in new_keys], bool)
                 mode = "incremental"
             else:
                 log.info("index %s: stored rows were removed or changed; rebuilding from scratch", aid)
         trained_on = (old or {}).get("train_rows") if mode == "incremental" else None
         if index is None:
-            dim = int(fman["dim"]) if cfg.space == "feature" else cfg.pixel_size * cfg.pixel_size * 3
-            index = new_index(dim, cfg.factory, metric)
+            index = new_index(dim, factory, metric)
             if needs_training(index):
-                sample_mask = _sample_positions(wanted, cfg.train_rows, cfg.seed)
+                nl = nlist_of(index)
+                rows = cfg.train_rows if factory == cfg.factory or not nl else min(cfg.train_rows, 50 * nl)
+                sample_mask = _sample_positions(wanted, rows, cfg.seed)
                 chunks = [prepare_vectors(v, metric) for _p, v, _f in _iter_rows(cfg, fdir, fman, meta, sample_mask) if len(v)]
                 sample = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+                del chunks
                 train_index(index, sample)
                 trained_on = int(len(sample))
+                del sample
+        reserve_rows(index, int(index.ntotal) + int(wanted.sum()))
         index, device = _maybe_gpu(index, cfg.gpu, mode)
         first_row = int(index.ntotal)
         added, failures = _add_rows(cfg, index, metric, fdir, fman, meta, wanted, first_row)
@@ -207,22 +236,34 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
             idmap["split"] = idmap["path"].map(fresh["split"])
         else:
             idmap = added
-        files = [write_index_file(adir, serialize_index(index)), write_idmap(adir, idmap)]
-        nlist = _nlist(index)
+        nlist = nlist_of(index)
+        nprobe = cfg.nprobe or (old or {}).get("nprobe") or (default_nprobe(nlist) if nlist else None)
+        k_factor = (old or {}).get("k_factor") or (AUTO_K_FACTOR if factory.replace(" ", "").endswith(",RFlat") else None)
+        tmp = adir / f"{TMP_PREFIX}index-{os.getpid()}.faiss"
+        try:
+            cpu = to_cpu(index)
+            finalize_index(cpu, nprobe, k_factor)
+            write_index_file(cpu, tmp)
+            files = [publish_index_file(adir, tmp), write_idmap(adir, idmap)]
+        finally:
+            tmp.unlink(missing_ok=True)
         manifest = {
             "kind": "index",
             "artefact_id": aid,
             "space": cfg.space,
             "source": {"kind": "features", "artefact_id": faid, "created": fman.get("created"), "rows": n,
                        "dim": fman.get("dim"), "dataset_root": fman.get("dataset_root")},
-            "factory": cfg.factory,
-            "index_kind": index_kind(cfg.factory),
+            "factory": factory,
+            "factory_requested": cfg.factory,
+            "index_kind": index_kind(factory),
+            "exact": factory.replace(" ", "") in ("Flat", "IDMap,Flat", "IDMap2,Flat"),
             "metric": metric,
             "distance": "1 - cosine similarity" if metric == "cosine" else "squared L2",
             "dim": int(index.d),
             "rows": int(index.ntotal),
             "nlist": nlist,
-            "nprobe": cfg.nprobe or (old or {}).get("nprobe") or (min(nlist, max(8, nlist // 16)) if nlist else None),
+            "nprobe": nprobe,
+            "k_factor": k_factor,
             "train_rows": trained_on,
             "pixel_size": cfg.pixel_size if cfg.space == "pixel" else None,
             "index_sha256": files[0]["sha256"],
@@ -235,19 +276,9 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
         if mode == "incremental" and old:
             manifest["first_built"] = old.get("first_built") or old.get("created")
         published = publish_index_manifest(adir, manifest)
-    log.info("index %s: %s build, %d rows (%d added) in %.2fs on %s", aid, mode, published["rows"], len(added),
-             published["build"]["seconds"], device)
+    log.info("index %s: %s build (%s), %d rows (%d added) in %.2fs on %s", aid, mode, factory, published["rows"],
+             len(added), published["build"]["seconds"], device)
     return published
-
-
-def _nlist(index) -> int | None:
-    from tasks.core.faiss_index import import_faiss
-
-    faiss = import_faiss()
-    try:
-        return int(faiss.extract_index_ivf(index).nlist)
-    except RuntimeError:
-        return None
 
 
 def _maybe_gpu(index, gpu: str, mode: str):

@@ -23,11 +23,11 @@ import pandas as pd
 
 from storage.errors import StoreError, UsageError
 from storage.features import iter_feature_batches
-from storage.index_store import KnnGraphWriter, load_index_bytes, publish_index_manifest, read_idmap, read_knn_graph
+from storage.index_store import KnnGraphWriter, index_file_path, publish_index_manifest, read_idmap, read_knn_graph
 from storage.locks import artefact_lock
 from storage.manifest import read_manifest
 from storage.paths import Store
-from tasks.core.faiss_index import deserialize_index, prepare_vectors, search_index, set_nprobe, to_device
+from tasks.core.faiss_index import exact_vectors, prepare_vectors, read_index_file, search_index, set_nprobe, to_device
 from tasks.core.images import DecodeLimits, RejectedImage, decode_image, read_file_bytes, stored_image_location
 from tasks.core.pixels import load_pixel_vector, pixel_vector
 
@@ -41,6 +41,7 @@ __all__ = [
     "embed_image_file",
     "knn_graph",
     "ensure_knn_graph",
+    "GRAPH_EDGE_COLUMNS",
     "RESULT_COLUMNS",
 ]
 
@@ -108,7 +109,7 @@ def open_index(store: str | Store, space: str = "feature", index_id: str | None 
     s = store if isinstance(store, Store) else Store(store)
     aid, m = find_index(s, space, index_id, artefact, metric)
     adir = s.artefact_dir("indexes", aid)
-    cpu = deserialize_index(load_index_bytes(adir, m))
+    cpu = read_index_file(index_file_path(adir, m))  # sha256 streamed, then FAISS reads the file: no bytes copy
     idmap = read_idmap(adir, m)
     if len(idmap) != cpu.ntotal:
         raise StoreError(f"index {aid} holds {cpu.ntotal} rows but its id map {len(idmap)}; rebuild it with `convlens index --rebuild`")
@@ -165,7 +166,7 @@ def _row_for_path(oi: OpenIndex, path: str) -> int:
 
 def _vector_for_row(oi: OpenIndex, row: int) -> np.ndarray:
     """The raw (unprepared) vector of index row ``row``, ``(1, D) float32``."""
-    if oi.manifest.get("index_kind") == "flat":
+    if exact_vectors(oi.cpu_index):  # Flat, the approximate index's exact refine store, IVF-Flat
         try:
             return oi.cpu_index.reconstruct(int(row)).reshape(1, -1).astype(np.float32)
         except RuntimeError:
@@ -186,11 +187,15 @@ def _vector_for_row(oi: OpenIndex, row: int) -> np.ndarray:
     raise StoreError(f"{path} is in the index but no longer in features {oi.features_id}; run `convlens index` to update it")
 
 
-def embed_image_file(oi: OpenIndex, file: str | Path, weights: str | None = None, device: str = "auto") -> np.ndarray:
+def embed_image_file(oi: OpenIndex, file: str | Path, weights: str | None = None, device: str = "auto",
+                     model: str | None = None) -> np.ndarray:
     """Embed a new image file into the index's space: ``(1, D) float32`` (raw, unprepared).
 
-    Feature space uses the feature artefact's model (arch + weights, checked by sha256), layer, pooling and
-    preprocessing. Raises ``ValueError`` when the file is not a decodable image or the weights cannot be rebuilt.
+    Feature space uses the feature artefact's model, layer, pooling and preprocessing; the model is rebuilt by
+    :func:`tasks.core.models.load_model_from_manifest`: a factory / TorchScript model only when the user names it
+    (``model``, the ``--model`` flag, or their trust file), a weights file from its recorded path or ``weights``,
+    checked by sha256. Raises ``ValueError`` (:class:`UsageError`) when the file is not a decodable image, the
+    model is not allowed or the weights do not match.
     """
     file = Path(file)
     try:
@@ -203,18 +208,9 @@ def embed_image_file(oi: OpenIndex, file: str | Path, weights: str | None = None
         raise StoreError(f"feature artefact {oi.features_id} is gone; cannot rebuild its model to embed {file}")
     from tasks.core.forward import embed_images
     from tasks.core.hooks import LayerRef
-    from tasks.core.models import Preprocess, load_model
+    from tasks.core.models import Preprocess, load_model_from_manifest
 
-    spec = oi.fmanifest["model"]
-    w = spec.get("weights", "none")
-    if w not in ("imagenet", "none"):
-        if not weights:
-            raise UsageError(f"the features were extracted with the weights file {w!r}; pass --weights PATH to that file to embed a new image")
-        w = weights
-    lm = load_model(spec["arch"], w, int(spec.get("seed") or 0))
-    if spec.get("weights_sha256") and lm.spec.get("weights_sha256") != spec.get("weights_sha256"):
-        raise UsageError(f"weights {w} have sha256 {str(lm.spec.get('weights_sha256'))[:16]}…, but the features were "
-                         f"extracted with {spec['weights_sha256'][:16]}…; pass the same weights file")
+    lm = load_model_from_manifest(oi.fmanifest["model"], user_model=model, user_weights=weights, artefact=oi.features_id)
     pre = oi.fmanifest.get("preprocessing")
     if pre:
         lm = replace(lm, preprocess=Preprocess(int(pre["resize"]), int(pre["crop"]), tuple(pre["mean"]), tuple(pre["std"]),
@@ -248,12 +244,14 @@ def query_vectors(oi: OpenIndex, vecs: np.ndarray, k: int, exclude_rows: list[in
 
 def neighbors(store: str, *, image_id: str | None = None, path: str | None = None, image: str | None = None,
               k: int = 10, space: str = "feature", index_id: str | None = None, artefact: str | None = None,
-              gpu: str = "auto", nprobe: int | None = None, weights: str | None = None) -> pd.DataFrame:
+              gpu: str = "auto", nprobe: int | None = None, weights: str | None = None,
+              model: str | None = None) -> pd.DataFrame:
     """The ``k`` nearest stored images to one query (exactly one of ``image_id``, ``path``, ``image``).
 
     A stored query image is not its own neighbour (other paths with identical bytes are, at distance 0).
     Returns a DataFrame with :data:`RESULT_COLUMNS`; ``df.attrs`` holds ``index``, ``space``, ``metric``,
-    ``query`` and ``stale`` (a message, or None when the index is current).
+    ``query`` and ``stale`` (a message, or None when the index is current). ``weights`` / ``model``: the user's
+    ``--weights`` / ``--model`` for an ``image`` query (:func:`embed_image_file`).
     """
     given = [x for x in (image_id, path, image) if x]
     if len(given) != 1:
@@ -261,7 +259,7 @@ def neighbors(store: str, *, image_id: str | None = None, path: str | None = Non
     oi = open_index(store, space, index_id, artefact, gpu, nprobe)
     exclude: list[int] = []
     if image:
-        vec = embed_image_file(oi, image, weights)
+        vec = embed_image_file(oi, image, weights, model=model)
         query = {"image": str(image)}
     else:
         row = _row_for_id(oi, image_id) if image_id else _row_for_path(oi, path)  # type: ignore[arg-type]
@@ -279,9 +277,10 @@ def neighbors(store: str, *, image_id: str | None = None, path: str | None = Non
 
 
 def _iter_index_vectors(oi: OpenIndex, block: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(index rows, raw vectors)`` covering every index row. Memory O(block x D)."""
+    """Yield ``(index rows, raw vectors)`` covering every index row. Memory O(block x D): reconstructed from an
+    index that stores exact vectors, else streamed from the feature parts (or the images, in pixel space)."""
     n = int(oi.cpu_index.ntotal)
-    if oi.manifest.get("index_kind") == "flat":
+    if exact_vectors(oi.cpu_index):
         try:
             for start in range(0, n, block):
                 m = min(block, n - start)
@@ -315,8 +314,13 @@ def knn_graph(store: str, k: int = 10, space: str = "feature", index_id: str | N
     """Write the all-rows kNN graph (self excluded) of an index as a file of the index artefact.
 
     Columns: ``row, image_id, path, rank (1-based), neighbor_row, neighbor_id, neighbor_path, distance``. The
-    index manifest is republished with the file (role ``knn``, ``k``) and ``knn_graphs[str(k)]``. Memory
-    O(block x (D + k)). Returns ``{"index", "k", "rows", "file", "seconds", "stale"}``.
+    index manifest is republished with the file (role ``knn``, ``k``) and ``knn_graphs[str(k)]`` (which also says
+    whether the graph is ``exact`` and, when not, the ``factory`` / ``nprobe`` / ``k_factor`` it came from). The
+    graph is as exact as the index: a ``Flat`` index gives the exact graph (O(N^2 D) work), the approximate index
+    (``IVF…,PQ…x4fs,RFlat``, chosen by ``--factory auto`` above its row threshold) an approximate candidate set
+    with exact distances. Query vectors stream block by block (reconstructed from the index when it stores exact
+    vectors, else read from the feature parts) and the rows stream into the Parquet file: memory O(block x (D +
+    k)) beyond the index and the id map. Returns ``{"index", "k", "rows", "file", "seconds", "stale", ...}``.
     """
     if k < 1:
         raise UsageError(f"-k must be >= 1, got {k}")
@@ -367,15 +371,25 @@ def knn_graph(store: str, k: int = 10, space: str = "feature", index_id: str | N
         graphs = dict(current.get("knn_graphs", {}))
         info = {"file": entry["name"], "k": k_eff, "rows": entry["rows"], "index_sha256": current.get("index_sha256"),
                 "seconds": round(time.perf_counter() - t0, 3), "device": oi.device,
-                "nprobe": nprobe or current.get("nprobe")}
+                "nprobe": nprobe or current.get("nprobe"), "factory": current.get("factory"),
+                "exact": bool(current.get("exact", current.get("index_kind") == "flat")),
+                "k_factor": current.get("k_factor")}
         graphs[str(k_eff)] = info
         publish_index_manifest(oi.adir, {**current, "files": files + [entry], "knn_graphs": graphs})
     return {"index": oi.artefact_id, "stale": oi.stale, **info}
 
 
+GRAPH_EDGE_COLUMNS = ("row", "rank", "neighbor_row", "distance")
+"""The numeric columns of a kNN graph (24 B per edge): what the dataset audit reads; ids and paths are in the id map."""
+
+
 def ensure_knn_graph(store: str, k: int = 10, space: str = "feature", index_id: str | None = None,
-                     artefact: str | None = None, gpu: str = "auto", metric: str | None = None) -> tuple[str, dict[str, Any], pd.DataFrame]:
-    """The stored kNN graph with at least ``k`` neighbours (built when missing). Returns (index id, manifest, graph)."""
+                     artefact: str | None = None, gpu: str = "auto", metric: str | None = None,
+                     columns: tuple[str, ...] | None = GRAPH_EDGE_COLUMNS) -> tuple[str, dict[str, Any], pd.DataFrame]:
+    """The stored kNN graph with at least ``k`` neighbours (built when missing). Returns (index id, manifest, graph).
+
+    ``columns``: the graph columns to read (default :data:`GRAPH_EDGE_COLUMNS`: 1M rows x k=10 is ~240 MB instead
+    of ~4 GB with the id and path strings of every edge; ``None`` reads all of :data:`storage.index_store.KNN_COLUMNS`)."""
     s = Store(store)
     aid, m = find_index(s, space, index_id, artefact, metric)
     adir = s.artefact_dir("indexes", aid)
@@ -384,4 +398,4 @@ def ensure_knn_graph(store: str, k: int = 10, space: str = "feature", index_id: 
         knn_graph(store, k, space, aid, gpu=gpu)
         m = read_manifest(adir)
     g_k = min(k, max(1, int(m.get("rows", 2)) - 1))
-    return aid, m, read_knn_graph(adir, m, g_k)
+    return aid, m, read_knn_graph(adir, m, g_k, columns)

@@ -15,7 +15,8 @@ from typing import Any
 from storage.errors import UsageError
 
 __all__ = ["Technique", "TECHNIQUES", "technique", "run_technique",
-           "run_filters", "run_activations", "run_max_activations", "run_class_viz", "run_inversion", "run_deepdream",
+           "run_filters", "run_activations", "run_max_activations", "run_class_viz", "run_channel_viz", "run_inversion",
+           "run_deepdream",
            "run_style", "run_adversarial", "run_evolution", "run_invariance", "run_compare", "run_default_neurons"]
 
 
@@ -40,6 +41,7 @@ TECHNIQUES: tuple[Technique, ...] = (
     Technique("activations", "activations", "activations", "run_activations"),
     Technique("max-act", "max_activations", "max_activations", "run_max_activations"),
     Technique("class-viz", "class_viz", "class_viz", "run_class_viz", "ClassVizConfig"),
+    Technique("channel-viz", "channel_viz", "class_viz", "run_channel_viz", "ClassVizConfig"),
     Technique("invert", "inversion", "inversion", "run_inversion", "InversionConfig"),
     Technique("dream", "deepdream", "deepdream", "run_deepdream", "DreamConfig"),
     Technique("style", "style", "style", "run_style", "StyleConfig"),

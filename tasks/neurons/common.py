@@ -32,7 +32,7 @@ from storage.locks import artefact_lock
 from storage.manifest import CODE_VERSION, MANIFEST_NAME, file_entry, read_manifest, write_manifest
 from storage.paths import Store, artefact_id
 from tasks.core.hooks import LayerRef, capture, get_module, resolve_layer
-from tasks.core.models import LoadedModel, Preprocess, load_model
+from tasks.core.models import LoadedModel, Preprocess, load_model, load_model_from_manifest, spec_identity
 
 __all__ = [
     "NEURONS_VERSION",
@@ -147,7 +147,7 @@ class Source:
     @property
     def key(self) -> dict[str, Any]:
         """The part of an artefact's cache key that identifies the source."""
-        spec = {k: v for k, v in self.lm.spec.items() if k != "weights_source"}
+        spec = spec_identity(self.lm.spec)
         fm = self.features_manifest or {}
         return {"model": spec, "features_id": self.features_id, "features_created": fm.get("created"),
                 "preprocess": self.preprocess.to_dict()}
@@ -194,21 +194,20 @@ def open_source(store: str | Path, features_id: str | None = None, model: str | 
                 weights: str | None = None, seed: int = 0, need_features: bool = False) -> Source:
     """Resolve the model (and image set) a technique runs on.
 
-    With ``model`` given (and no ``features_id``) the model is built directly (``weights`` default
-    ``imagenet``); otherwise the feature artefact ``features_id`` (newest when ``None``) names both the model
-    (``manifest["model"]``) and the images. ``need_features`` makes a missing feature artefact an error.
+    With ``model`` given and no feature artefact wanted (no ``features_id``, not ``need_features``) the model is
+    built directly (``weights`` default ``imagenet``). Otherwise the feature artefact ``features_id`` (newest
+    when ``None``) names both the model (``manifest["model"]``) and the images, and the model is rebuilt by
+    :func:`tasks.core.models.load_model_from_manifest`: ``model`` then confirms the artefact's model (needed to
+    run a factory / TorchScript model, unless the user's trust file lists it) and ``weights`` replaces the
+    recorded weights file (both checked by sha256). ``need_features`` makes a missing feature artefact an error.
+    Raises :class:`UsageError` for a model the user has not allowed or weights that do not match.
     """
     if model and not features_id and not need_features:
         lm = load_model(model, weights or "imagenet", seed)
         return Source(lm, lm.preprocess)
     s = Store(store)
     aid, manifest = s.resolve("features", features_id)
-    spec = manifest["model"]
-    w = spec.get("weights") or "imagenet"
-    if spec.get("weights_source") == "file":
-        raise StoreError(f"feature artefact {aid} was made with a weights file ({w}); rebuild the model with "
-                         "--model/--weights PATH instead of --features")
-    lm = load_model(spec["arch"], w, int(spec.get("seed") or 0))
+    lm = load_model_from_manifest(manifest["model"], user_model=model, user_weights=weights, artefact=aid)
     return Source(lm, _preprocess_from_manifest(manifest["preprocessing"]), aid, s.artefact_dir("features", aid), manifest)
 
 

@@ -18,15 +18,16 @@ log = logging.getLogger(__name__)
 
 
 def run_default_neurons(store: str | Path, features_id: str | None = None, device: str = "auto",
-                        max_images: int = 256) -> dict[str, Any]:
+                        max_images: int = 256, model: str | None = None, weights: str | None = None) -> dict[str, Any]:
     """Run filters, max-activations, one class visualisation and one adversarial example; return a summary
-    ``{technique: {artefact_id, seconds, reused, ...}}``. Reruns reuse the stored artefacts."""
+    ``{technique: {artefact_id, seconds, reused, ...}}``. Reruns reuse the stored artefacts. ``model`` /
+    ``weights``: the user's ``--model`` / ``--weights`` (:func:`tasks.neurons.common.open_source`)."""
     from tasks.neurons.adversarial import AdvConfig, run_adversarial
     from tasks.neurons.class_viz import ClassVizConfig, run_class_viz
     from tasks.neurons.filters import run_filters
     from tasks.neurons.max_activations import run_max_activations
 
-    src = open_source(store, features_id, need_features=True)
+    src = open_source(store, features_id, model, weights, need_features=True)
     out: dict[str, Any] = {"features_id": src.features_id}
 
     def timed(name: str, fn, **extra_keys):

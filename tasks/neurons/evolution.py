@@ -41,12 +41,14 @@ def run_evolution(store: str | Path, checkpoints: Sequence[str], arch: str | Non
                   filter_layer: str | None = None, channels: Sequence[int] = (0, 1, 2, 3), k: int = 6,
                   features_id: str | None = None, limit: int | None = 256, batch_size: int = 32,
                   labels: Sequence[str] | None = None, weights_prefix: str | None = None, device: str = "auto",
-                  source: Source | None = None, force: bool = False) -> dict[str, Any]:
+                  source: Source | None = None, force: bool = False, model: str | None = None,
+                  weights: str | None = None) -> dict[str, Any]:
     """Publish filters + patches per checkpoint.
 
     Files: ``evolution.png`` (one row per checkpoint: caption, filter grid, patch grid with one row per channel),
     ``evolution-<i>.png`` (the same row for checkpoint i alone), ``evolution.parquet``: the max-activation hits
     (:func:`tasks.neurons.max_activations.hits_table` columns) plus checkpoint (index) and checkpoint_label.
+    ``model`` / ``weights``: the user's ``--model`` / ``--weights`` (:func:`tasks.neurons.common.open_source`).
     """
     if len(checkpoints) < 1:
         raise UsageError("pass at least one --checkpoint file (two or more to see an evolution)")
@@ -56,7 +58,9 @@ def run_evolution(store: str | Path, checkpoints: Sequence[str], arch: str | Non
     labels = list(labels) if labels else [Path(c).stem for c in checkpoints]
     if len(labels) != len(checkpoints):
         raise UsageError("give one label per checkpoint")
-    src = source or open_source(store, features_id, need_features=True)
+    src = source or open_source(store, features_id, model, weights, need_features=True)
+    # built from the feature artefact's model as approved by open_source (an explicit spec), not the bare name
+    build_arch = arch or (src.lm.recipe.model if src.lm.recipe else src.lm.spec.get("arch"))
     arch = arch or src.lm.spec.get("arch")
     meta = src.meta().drop_duplicates("image_id").sort_values("path").reset_index(drop=True)
     if limit:
@@ -72,7 +76,7 @@ def run_evolution(store: str | Path, checkpoints: Sequence[str], arch: str | Non
         crop_cache: dict[str, torch.Tensor] = {}
         used_layer = used_filter = None
         for i, (ck, lab) in enumerate(zip(checkpoints, labels)):
-            lm = load_model(arch, str(ck), 0, weights_prefix)
+            lm = load_model(build_arch, str(ck), 0, weights_prefix)
             mod = lm.module.eval()
             used_layer = layer or default_conv_layer(mod)
             used_filter = filter_layer or first_conv_layer(mod)

@@ -100,10 +100,12 @@ def invariance_curves(net: Normalised, x: torch.Tensor, layer: str | None = None
 
 def run_invariance(store: str | Path, features_id: str | None = None, layer: str | None = None, n_images: int = 8,
                    images: Sequence[str] | None = None, transforms: dict[str, Sequence[float]] | None = None,
-                   device: str = "auto", source: Source | None = None, force: bool = False) -> dict[str, Any]:
+                   device: str = "auto", source: Source | None = None, force: bool = False, model: str | None = None,
+                   weights: str | None = None) -> dict[str, Any]:
     """Files: ``invariance.png`` (distance and probability curves per transform, mean over images),
-    ``invariance.parquet``: image_id, path, label, layer, transform, value, distance, prob, pred, top1_changed."""
-    src = source or open_source(store, features_id, need_features=True)
+    ``invariance.parquet``: image_id, path, label, layer, transform, value, distance, prob, pred, top1_changed.
+    ``model`` / ``weights``: the user's ``--model`` / ``--weights`` (:func:`tasks.neurons.common.open_source`)."""
+    src = source or open_source(store, features_id, model, weights, need_features=True)
     rows = select_rows(src.meta(), n_images, images)
     transforms = {k: list(v) for k, v in (transforms or DEFAULT_TRANSFORMS).items()}
     ref = resolve_layer(src.lm.module, layer)

@@ -242,7 +242,7 @@ def run_max_activations(store: str | Path, layer: str | None = None, features_id
                         batch_size: int = 32, patch_px: int = 64, limit: int | None = None, min_inside: float = 0.5,
                         device: str = "auto", progress: bool = False, source: Source | None = None,
                         force: bool = False, scan: Callable[..., tuple[TopK, tuple[int, int], list[int]]] | None = None,
-                        ) -> dict[str, Any]:
+                        model: str | None = None, weights: str | None = None) -> dict[str, Any]:
     """Top-``k`` images and RF patches of every channel of ``layer`` over the images of a feature artefact.
 
     ``channels``: which channels get patch PNGs (default: the ``png_channels`` channels with the highest
@@ -251,11 +251,12 @@ def run_max_activations(store: str | Path, layer: str | None = None, features_id
     crop, so border units that mostly see padding do not dominate (0 = every unit).
     Files: ``max_activations.parquet`` (:func:`hits_table`), ``patches-<n>.png`` (``per_png`` channels each).
     ``scan``: replaces the one-process :func:`max_activation_pass` with the same signature and result (the
-    sharded pass of :mod:`tasks.core.sharding`, called under the artefact lock).
+    sharded pass of :mod:`tasks.core.sharding`, called under the artefact lock). ``model`` / ``weights``: the user's
+    ``--model`` / ``--weights`` for the feature artefact's model (:func:`tasks.neurons.common.open_source`).
     """
     from tasks.neurons.common import default_conv_layer
 
-    src = source or open_source(store, features_id, need_features=True)
+    src = source or open_source(store, features_id, model, weights, need_features=True)
     layer = layer or default_conv_layer(src.lm.module)
     meta = src.meta().drop_duplicates("image_id").sort_values("path").reset_index(drop=True)
     if limit:

@@ -36,7 +36,7 @@ def max_activation_shard(job: MaxActShard) -> dict[str, Any]:
     from tasks.neurons.common import Normalised
     from tasks.neurons.max_activations import max_activation_pass
 
-    lm = load_shard_model(job.model["model"], job.model["weights"], job.model["seed"])
+    lm = load_shard_model(job.model["model"], job.model["weights"], job.model["seed"], job.model.get("weights_prefix"))
     check_model(job.index, lm.module, job.fingerprint)
     dev = pick_device(job.device)
     for p in lm.module.parameters():
@@ -78,15 +78,18 @@ def merge_max_activations(results: Sequence[dict[str, Any]]) -> tuple[Any, tuple
 
 
 def sharded_max_activation_scan(store: Any, features_id: str | None, run_shards: RunShards | None = None,
-                                shard_size: int | None = None) -> Callable[..., Any]:
+                                shard_size: int | None = None, model: str | None = None,
+                                weights: str | None = None) -> Callable[..., Any]:
     """A ``scan`` for :func:`tasks.neurons.max_activations.run_max_activations`: the pass split into shards (run
     through ``run_shards``, default in-process) and merged in shard order. The shard workers rebuild the model of
-    feature artefact ``features_id`` (as :func:`tasks.neurons.common.open_source` does) and check its fingerprint."""
+    feature artefact ``features_id`` as :func:`tasks.neurons.common.open_source` does (the same trust rule and
+    weights check, ``model`` / ``weights`` being the user's ``--model`` / ``--weights``) and check its fingerprint."""
     from storage.paths import Store
+    from tasks.core.models import resolve_manifest_model
 
-    _, fman = Store(store).resolve("features", features_id)
-    spec = fman["model"]
-    model = {"model": spec["arch"], "weights": spec.get("weights") or "imagenet", "seed": int(spec.get("seed") or 0)}
+    aid, fman = Store(store).resolve("features", features_id)
+    r = resolve_manifest_model(fman["model"], user_model=model, user_weights=weights, artefact=aid)
+    recipe = {"model": r.model, "weights": r.weights, "seed": r.seed, "weights_prefix": r.weights_prefix}
 
     def scan(net: Any, files: Sequence[Any], pre: Any, layer: str, k: int = 9, batch_size: int = 32, device: Any = None,
              num_workers: int | None = None, progress: bool = False, rf: Any = None, min_inside: float = 0.0):
@@ -94,7 +97,7 @@ def sharded_max_activation_scan(store: Any, features_id: str | None, run_shards:
         fp = model_fingerprint(inner)
         dev = str(device or next(net.parameters()).device)
         bounds = shard_bounds(len(files), shard_size, batch_size)
-        jobs = [MaxActShard(i, s, list(files[s:e]), model, pre, layer, k, batch_size, dev, rf, min_inside, fp)
+        jobs = [MaxActShard(i, s, list(files[s:e]), recipe, pre, layer, k, batch_size, dev, rf, min_inside, fp)
                 for i, (s, e) in enumerate(bounds)]
         log.info("max-activations %s: %d images in %d shards", layer, len(files), len(jobs))
         done = dict((run_shards or run_serially(max_activation_shard))(jobs))

@@ -16,10 +16,16 @@ The *previous successful run* of a features artefact is its newest published run
 drift section compares today's features against that record's snapshot folder (a features artefact folder,
 which ``convlens report --compare`` accepts). A failed run publishes no record, so tomorrow still compares
 against the last good night. Old records beyond ``keep_runs`` are removed.
+
+Removal (old run records, superseded maps and dataset audits) goes through the artefact's writer lock
+(:func:`storage.locks.artefact_lock`), like every write: the manifest is unlinked first (readers stop seeing the
+artefact), then its files. An artefact whose lock another process holds is skipped (logged) and removed by a
+later run, which finds it again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import logging
@@ -31,8 +37,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from storage.artefacts import artefacts_of
-from storage.errors import ConvlensError, UsageError
-from storage.manifest import read_manifest, write_manifest
+from storage.errors import ConvlensError, LockedError, UsageError
+from storage.locks import LOCK_NAME, artefact_lock
+from storage.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from storage.paths import Store
 from storage.runs import RUN_KIND, previous_run, snapshot_dir
 
@@ -40,6 +47,7 @@ __all__ = [
     "NightlyConfig",
     "is_transient",
     "publish_run",
+    "remove_artefact",
     "stage_extract",
     "stage_index",
     "stage_dataset_audit",
@@ -47,6 +55,7 @@ __all__ = [
     "stage_attribution",
     "stage_report",
     "new_image_ids",
+    "snapshot_findings",
     "run_nightly",
     "summary_markdown",
 ]
@@ -154,16 +163,45 @@ def publish_run(store: str | os.PathLike[str], run_id: str, features_id: str, fm
                 "features": {"id": features_id, "created": fman.get("created"), "rows": fman.get("rows")},
                 **record}
     published = write_manifest(rdir, manifest)
-    runs = [(m.get("created", ""), rid) for rid, m, _ in artefacts_of(s, RUN_KIND, features_id)]  # newest first
-    kept_reports = {str(read_manifest(s.artefact_dir("runs", rid)).get("report")) for _, rid in runs[:keep_runs]}
-    for _, rid in runs[keep_runs:]:
+    runs = artefacts_of(s, RUN_KIND, features_id)  # newest first
+    kept_reports = {str(m.get("report")) for _, m, _ in runs[:keep_runs]}
+    for rid, m, rdir_old in runs[keep_runs:]:
         log.info("removing old nightly run record %s (keeping %d)", rid, keep_runs)
-        rdir_old = s.artefact_dir("runs", rid)
-        report = Path(str(read_manifest(rdir_old).get("report", "")))
-        if str(report) not in kept_reports and report.parent == s.kind_dir("reports") and report.name.startswith("nightly-"):
-            report.unlink(missing_ok=True)  # a nightly report in the store that no kept record points to
-        shutil.rmtree(rdir_old, ignore_errors=True)
+        report = Path(str(m.get("report", "")))
+        if not (str(report) not in kept_reports and report.parent == s.kind_dir("reports")
+                and report.name.startswith("nightly-")):
+            report = None  # only a nightly report in the store that no kept record points to is removed
+        remove_artefact(rdir_old, "old nightly run record", also=report)
     return published
+
+
+def remove_artefact(adir: Path, what: str = "artefact", also: Path | None = None) -> bool:
+    """Remove the artefact directory ``adir`` (and the file ``also``, e.g. its report) under its writer lock.
+
+    The manifest goes first (readers stop seeing the artefact), then every other file and folder, then the lock
+    (released) and the empty directory. Returns False, logging why, when another process holds the lock: the
+    artefact is left as it is for a later run to remove.
+    """
+    if not adir.is_dir():
+        return True
+    try:
+        with artefact_lock(adir):
+            (adir / MANIFEST_NAME).unlink(missing_ok=True)
+            for child in adir.iterdir():
+                if child.name == LOCK_NAME:
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+            if also is not None:
+                also.unlink(missing_ok=True)
+    except LockedError as exc:
+        log.warning("not removing %s %s now (retried on the next run): %s", what, adir.name, exc)
+        return False
+    with contextlib.suppress(OSError):  # not empty: another writer has started in it since; it is theirs
+        adir.rmdir()
+    return True
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -185,6 +223,42 @@ def new_image_ids(store: str | os.PathLike[str], features_id: str, previous_snap
         return cur, set()
     prev = _ids(previous_snapshot, read_manifest(previous_snapshot))
     return cur - prev, prev - cur
+
+
+def _usable_snapshot(snapshot: Path | None, fdir: Path) -> Path | None:
+    """``snapshot`` (the previous run's) when every file it lists verifies, else None, logged as an error: the run
+    goes on without a drift baseline instead of failing every night. A snapshot file that is the live features'
+    own (same inode, verified by tonight's extraction) is not hashed again; a feature part that was damaged in
+    place (the snapshot's hard link shares its bytes) and repaired by the extraction is a new inode, so checked."""
+    if snapshot is None:
+        return None
+    from storage.errors import StoreError
+    from storage.manifest import verify_files
+
+    try:
+        for entry in read_manifest(snapshot).get("files", []):
+            live = fdir / entry["name"]
+            if not (live.is_file() and os.path.samefile(live, snapshot / entry["name"])):
+                verify_files(snapshot, {"files": [entry]})
+    except (StoreError, OSError) as exc:
+        log.error("the previous run's features snapshot %s is damaged (%s); this run has no drift baseline", snapshot, exc)
+        return None
+    return snapshot
+
+
+def snapshot_findings(store: str | os.PathLike[str], audit_id: str, run_dir: Path) -> list[dict[str, Any]]:
+    """Copy (hard-link) the findings table of the dataset audit ``audit_id`` into the run record ``run_dir``;
+    returns its manifest entries (role ``findings``, to list in the record's manifest). The next run's report reads
+    it as "yesterday's findings" (:func:`reports.sections.core.previous_findings`): the audit itself is replaced by
+    then. Empty when the audit lists no findings table."""
+    adir = Store(store).artefact_dir("audits", audit_id)
+    entry = next((e for e in read_manifest(adir).get("files", []) if e.get("role") == "findings"), None)
+    if entry is None:
+        return []
+    target = run_dir / entry["name"]
+    if not target.exists():
+        _link_or_copy(adir / entry["name"], target)
+    return [dict(entry, role="findings", dataset_audit=audit_id)]
 
 
 def stage_extract(cfg: NightlyConfig, attempt: int = 1) -> dict[str, Any]:
@@ -216,7 +290,9 @@ def stage_index(store: str, features_id: str) -> dict[str, Any]:
 
 def _prune_superseded(store: str, features_id: str, created: str) -> list[str]:
     """Remove maps / dataset audits of ``features_id`` built from an older publication of it (superseded by
-    tonight's; the report would otherwise list them as stale). Returns the removed artefact ids."""
+    tonight's; the report would otherwise list them as stale), each under its writer lock
+    (:func:`remove_artefact`: one whose lock is held is skipped and removed by a later run). Returns the removed
+    artefact ids."""
     s = Store(store)
     removed = []
     for kind in ("maps", "audits"):
@@ -227,8 +303,7 @@ def _prune_superseded(store: str, features_id: str, created: str) -> list[str]:
                 built_from = m["source"].get("features_created")
             else:
                 continue
-            if built_from and built_from != created:
-                shutil.rmtree(s.artefact_dir(kind, aid), ignore_errors=True)
+            if built_from and built_from != created and remove_artefact(s.artefact_dir(kind, aid), f"superseded {kind}"):
                 removed.append(aid)
     if removed:
         log.info("removed %d superseded maps / dataset audits of %s", len(removed), features_id)
@@ -245,13 +320,17 @@ def stage_dataset_audit(store: str, features_id: str) -> dict[str, Any]:
 
 
 def stage_maps(store: str, features_id: str, created: str, seed: int = 0) -> dict[str, Any]:
-    """PCA + t-SNE maps and the t-SNE grid; reused when the features are unchanged (superseded ones removed)."""
+    """PCA + t-SNE maps and the t-SNE grid; reused when the features are unchanged, otherwise the new images are
+    placed into yesterday's maps (old images keep their coordinates; ``incremental`` says how many), then the
+    superseded maps are removed."""
     from tasks.maps.defaults import make_default_maps
 
-    r = make_default_maps(store, features_id, seed=seed)
+    r = make_default_maps(store, features_id, seed=seed, incremental=True)
     pruned = _prune_superseded(store, features_id, created)
-    return {"pca": {"map_id": r["pca"].get("map_id"), "reused": bool(r["pca"].get("reused"))},
-            "tsne": {"map_id": r["tsne"].get("map_id"), "reused": bool(r["tsne"].get("reused"))},
+    return {"pca": {"map_id": r["pca"].get("map_id"), "reused": bool(r["pca"].get("reused")),
+                    "incremental": r["pca"].get("incremental")},
+            "tsne": {"map_id": r["tsne"].get("map_id"), "reused": bool(r["tsne"].get("reused")),
+                     "incremental": r["tsne"].get("incremental")},
             "computed": sum(not r[k].get("reused") for k in ("pca", "tsne")), "superseded_removed": len(pruned)}
 
 
@@ -290,7 +369,7 @@ def stage_attribution(cfg: NightlyConfig, features_id: str, new_ids: set[str], w
     acfg = AuditConfig(store=cfg.store, artefact=features_id, methods=tuple(cfg.methods), select=f"ids:{ids_file}",
                        n=len(sel), seed=cfg.seed, device=cfg.device, window=cfg.window, stride=cfg.stride,
                        batch_size=_smaller(64, attempt), image_batch=_smaller(8, attempt), progress=False,
-                       weights=cfg.weights if cfg.weights not in ("imagenet", "none") else None)
+                       model=cfg.model, weights=cfg.weights if cfg.weights not in ("imagenet", "none") else None)
     acfg.validate()
     r = summarise(run_audit(acfg))
     return {"selected": int(len(sel)), "image_ids": sorted(sel["image_id"]), "computed": r["computed"],
@@ -345,7 +424,7 @@ def run_nightly(cfg: NightlyConfig, call: Call = _direct, say: Callable[[str], N
     ext = stage("extract", stage_extract, cfg=cfg)
     fid, created = ext["features_id"], ext["created"]
     prev = previous_run(cfg.store, fid)
-    prev_snapshot = prev[2] if prev else None
+    prev_snapshot = _usable_snapshot(prev[2] if prev else None, Store(cfg.store).artefact_dir("features", fid))
     new_ids, removed_ids = new_image_ids(cfg.store, fid, prev_snapshot)
     run_id = f"nightly-{fid[:48]}-{_utc_stamp()}"
     work_dir = Store(cfg.store).artefact_dir("runs", run_id, create=True)
@@ -353,6 +432,10 @@ def run_nightly(cfg: NightlyConfig, call: Call = _direct, say: Callable[[str], N
         stage("index", stage_index, store=cfg.store, features_id=fid)
     if cfg.dataset_audit:
         stage("dataset-audit", stage_dataset_audit, store=cfg.store, features_id=fid)
+        # tomorrow's report compares findings night over night; tonight's audit is replaced by then, so keep a copy
+        findings_files = snapshot_findings(cfg.store, stages["dataset-audit"]["artefact_id"], work_dir)
+    else:
+        findings_files = []
     if cfg.maps:
         stage("maps", stage_maps, store=cfg.store, features_id=fid, created=created, seed=cfg.seed)
     stage("attribution", stage_attribution, cfg=cfg, features_id=fid, new_ids=new_ids, work_dir=work_dir)
@@ -377,8 +460,8 @@ def run_nightly(cfg: NightlyConfig, call: Call = _direct, say: Callable[[str], N
         "seconds": seconds, "config": cfg.to_dict(),
     }
     fdir = Store(cfg.store).artefact_dir("features", fid)
-    publish_run(cfg.store, run_id, fid, read_manifest(fdir), {k: v for k, v in summary.items() if k != "run_id"},
-                cfg.keep_runs)
+    publish_run(cfg.store, run_id, fid, read_manifest(fdir),
+                {k: v for k, v in summary.items() if k != "run_id"} | {"files": findings_files}, cfg.keep_runs)
     return summary
 
 

@@ -58,7 +58,8 @@ def test_occlusion_and_knn_sections(dry_run):
     occ = _load(out, "occlusion")
     if occ["status"] == "ok":
         r = occ["result"]["results"]["resnet18"]
-        assert r["speedup_vs_captum_best"] > 0 and r["max_abs_diff_incremental"] <= 1e-4
+        assert r["vs_captum_best_warm"] > 0
+        assert r["max_abs_diff_vs_captum_best"] <= 1e-4 * max(1.0, r["max_abs_attribution"])
         assert occ["result"]["device"] == "cpu"
     else:
         assert "captum" in occ["reason"]

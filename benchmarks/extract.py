@@ -10,17 +10,20 @@ Peers, each a separate process started the same way, same environment (threads: 
 ``--threads``; the same ``--num-workers`` DataLoader decode processes), timed wall-clock from start to exit:
 
 - ``loop``: torchvision ``ImageFolder`` + ``DataLoader(batch_size=32, num_workers=N)``, ``Resize`` /
-  ``CenterCrop`` / ``ToTensor`` / ``Normalize`` in the workers (the sizes convlens records for the weights), MobileNetV2 (real ImageNet weights, fp32)
-  in ``channels_last`` under ``inference_mode``; keeps the 1280-d penultimate features and the logits' top 5
-  and saves the features with ``numpy.save``;
+  ``CenterCrop`` / ``ToTensor`` / ``Normalize`` in the workers (the sizes convlens records for the weights),
+  MobileNetV2 (real ImageNet weights, fp32) in ``channels_last`` under ``inference_mode``; keeps the 1280-d
+  penultimate features and the logits' top 5 and saves the features with ``numpy.save``;
 - ``convlens``: ``convlens --no-prefect extract DIR --store FRESH --device cpu`` (listing, sha256 hashing, decode,
   forward, Parquet parts, manifest) with its default decode (``jpeg-draft``), and again with ``--full-decode``.
 
-Then, in this process: the model-only forward rate on pre-decoded tensors (convlens's engine, and the loop's
-model), so the gap between end to end and the model alone is visible; the feature difference between the
-``jpeg-draft`` and ``full`` decodes (relative L2, cosine) and between the loop and ``--full-decode`` (should
-be float rounding: the same pixels go in). ``--naive`` adds the old per-image loop (PIL -> transforms ->
-``model(x[None])``), in process. Prints img/s and ratios (goal: convlens >= 1.5x the loop).
+Each process's CPU time (user + system, its decode workers included) is printed next to its wall time: on a
+shared machine the CPU time says more about the work done than the wall clock. Then, in this process: the
+model-only forward rate on pre-decoded tensors (convlens's engine as extraction runs it, and the loop's model)
+within the same thread budget, so the gap between end to end and the model alone is visible; the feature
+difference between the ``jpeg-draft`` and ``full`` decodes (relative L2, cosine) and between the loop and
+``--full-decode`` (float rounding: the same pixels go in). ``--naive`` adds the old per-image loop (PIL ->
+transforms -> ``model(x[None])``), in process, on up to 256 images. Prints img/s and ratios (goal: convlens
+>= 1.5x the loop) and one JSON line.
 """
 
 from __future__ import annotations
@@ -178,13 +181,13 @@ def feature_difference(a: tuple[dict[str, int], np.ndarray], b: tuple[dict[str, 
 
 
 def model_only(threads: int, n: int = 256) -> dict[str, float]:
-    """Forward-only img/s on pre-decoded, normalised ``(n, 3, 224, 224)`` float32 batches, fp32, ``threads`` intra-op
-    threads: convlens's engine (Conv+BN folded, channels_last, micro-batches of 8) and the loop's model
-    (channels_last, batch 32)."""
+    """Forward-only img/s on pre-decoded, normalised ``(n, 3, 224, 224)`` float32 batches, fp32, within a budget of
+    ``threads`` threads: convlens's engine as extraction runs it (Conv+BN folded, channels_last, micro-batches of
+    8 on :func:`tasks.core.forward.cpu_streams_plan` streams) and the loop's model (channels_last, batch 32,
+    ``threads`` intra-op threads)."""
     import torch
 
-    torch.set_num_threads(threads)
-    from tasks.core.forward import forward_batch, prepare_module
+    from tasks.core.forward import CpuStreams, cpu_streams_plan, forward_batch, prepare_module
     from tasks.core.hooks import resolve_layer
     from tasks.core.models import load_model
 
@@ -193,10 +196,15 @@ def model_only(threads: int, n: int = 256) -> dict[str, float]:
     ref = resolve_layer(lm.module, None)
     dev = torch.device("cpu")
     module = prepare_module(lm.module, dev, ref)
-    forward_batch(module, x[:32], ref, "avg", dev, True, "fp32")
-    t0 = time.perf_counter()
-    forward_batch(module, x, ref, "avg", dev, True, "fp32")
-    ours = n / (time.perf_counter() - t0)
+    n_streams, per_stream = cpu_streams_plan(64, threads)
+    torch.set_num_threads(per_stream)
+    with CpuStreams(module, n_streams) as streams:
+        forward_batch(module, x[:32], ref, "avg", dev, True, "fp32", streams)
+        t0 = time.perf_counter()
+        for s in range(0, n, 64):
+            forward_batch(module, x[s:s + 64], ref, "avg", dev, True, "fp32", streams)
+        ours = n / (time.perf_counter() - t0)
+    torch.set_num_threads(threads)
     model = lm.module.eval().to(memory_format=torch.channels_last)
     with torch.inference_mode():
         model(x[:32].contiguous(memory_format=torch.channels_last))
@@ -204,7 +212,8 @@ def model_only(threads: int, n: int = 256) -> dict[str, float]:
         for s in range(0, n, 32):
             model(x[s:s + 32].contiguous(memory_format=torch.channels_last))
         loop = n / (time.perf_counter() - t0)
-    return {"threads": threads, "convlens_engine_img_s": round(ours, 1), "loop_model_img_s": round(loop, 1)}
+    return {"threads": threads, "convlens_streams": n_streams, "convlens_engine_img_s": round(ours, 1),
+            "loop_model_img_s": round(loop, 1)}
 
 
 def naive_loop(paths: list[Path]) -> float:
@@ -297,8 +306,7 @@ def main() -> None:
             "feature_diff_draft_vs_full": feature_difference(draft[:2], full[:2]),
             "feature_diff_loop_vs_full": feature_difference(loop, full[:2]),
         }
-        # the threads convlens's extraction gives the model next to its decode processes (tasks.extract.features)
-        res["model_only"] = model_only(a.threads or max(1, (os.cpu_count() or 1) - workers))
+        res["model_only"] = model_only(a.threads or peer_info.get("threads") or (os.cpu_count() or 1))
         if a.naive:
             res["naive_img_s"] = round(naive_loop(paths[: min(len(paths), 256)]), 1)
         print(f"{res['machine']}; {len(paths)} JPEGs {a.sizes} (mean {mb:.0f} KB), each peer its own process, "
@@ -312,8 +320,8 @@ def main() -> None:
         print(f"CPU seconds (user+sys, with children)     : loop {min(cpu['loop']):.1f}, convlens {min(cpu['convlens']):.1f}, "
               f"--full-decode {min(cpu['convlens_full']):.1f}  (work ratio {res['ratio_cpu_time_vs_loop']:.2f}x)")
         mo = res["model_only"]
-        print(f"model only, pre-decoded tensors, {mo['threads']} thr : convlens engine {mo['convlens_engine_img_s']} img/s, "
-              f"the loop's model {mo['loop_model_img_s']} img/s")
+        print(f"model only, pre-decoded tensors, {mo['threads']} thr : convlens engine {mo['convlens_engine_img_s']} img/s "
+              f"({mo['convlens_streams']} streams), the loop's model {mo['loop_model_img_s']} img/s")
         d = res["feature_diff_draft_vs_full"]
         print(f"features jpeg-draft vs full ({d['changed']}/{d['images']} changed): rel L2 mean {d['rel_l2_mean']:.4f} "
               f"p95 {d['rel_l2_p95']:.4f} max {d['rel_l2_max']:.4f}; cosine min {d['cosine_min']:.5f}")

@@ -6,7 +6,7 @@
 #                   --decode gpu (nvJPEG + GPU resize) vs --decode cpu (jpeg-draft) vs --decode cpu --full-decode,
 #                   MobileNetV2 (embedded ImageNet weights) bf16, batch 256; model-only rate; nvJPEG vs full-decode
 #                   feature difference; peak GPU memory per run
-#   occlusion.json  benchmarks/occlusion.py --device cuda: convlens occlusion vs Captum (outputs checked)
+#   occlusion.json  benchmarks/occlusion.py --device cuda (AlexNet, ResNet18, 4 images): convlens vs Captum, outputs checked
 #   knn.json        exact kNN graph (k=10, cosine) of 1,000,000 x 1280 random float32: FAISS GPU vs CPU
 #                   (CPU time extrapolated from 10,000 queries); skipped unless `faiss.get_num_gpus() > 0`
 #   summary.json    the headline ratios, every section's status, the peak GPU memory
@@ -48,7 +48,7 @@ if [ "$DEVICE" = "cpu" ]; then  # dry run: every code path at toy sizes (~1 minu
 else
   BUDGET=470
   EXTRACT_ARGS=(--n 20000 --sizes 500x375,640x480,1024x768,1600x1200 --batch-size 256 --model-reps 20)
-  OCC_ARGS=(--models alexnet,resnet18 --images 8 --ppe 64 --batch-size 256)
+  OCC_ARGS=(--models alexnet,resnet18 --images 4 --ppe 64,256 --batch-size 256)
   KNN_ARGS=(--n 1000000 --d 1280 --k 10 --cpu-queries 10000 --gpu-block 16384)
   T_EXTRACT=300 T_OCC=120 T_KNN=180
 fi

@@ -255,16 +255,21 @@ def section_occlusion(a: argparse.Namespace) -> dict:
     old = sys.argv
     buf = io.StringIO()
     _reset_peak(a.device)
+    error = None
     try:
         sys.argv = argv
         with contextlib.redirect_stdout(buf):
             runpy.run_path(str(HERE / "occlusion.py"), run_name="__main__")
+    except SystemExit as exc:  # occlusion.py exits non-zero when outputs differ from Captum's
+        if exc.code not in (None, 0):
+            error = str(exc.code)
     finally:
         sys.argv = old
     text = buf.getvalue()
     start = text.rfind("\n{\n")
     result = json.loads(text[start + 1:] if start >= 0 else text[text.index("{"):])
-    return {"status": "ok", "args": argv[1:], "result": result, "peak_gpu_mem_mb": _peak_mb(a.device)}
+    return {"status": "failed" if error else "ok", **({"error": error} if error else {}), "args": argv[1:],
+            "result": result, "peak_gpu_mem_mb": _peak_mb(a.device)}
 
 
 # ---------------------------------------------------------------------------------------------------- knn
@@ -338,7 +343,7 @@ def section_summary(a: argparse.Namespace) -> dict:
     out["device"] = env.get("gpu") or "cpu (dry run)"
     out["extract_img_s"] = {k: v.get("img_s") for k, v in ext.get("runs", {}).items()}
     out["ratio_gpu_vs_cpu_decode"] = ext.get("ratio_gpu_vs_cpu_decode")
-    out["occlusion_speedups"] = {m: {k: v for k, v in r.items() if "speedup" in k}
+    out["occlusion_speedups"] = {m: {k: v for k, v in r.items() if "vs_captum" in k or "speedup" in k}
                                  for m, r in (occ.get("result") or {}).get("results", {}).items()}
     out["knn_ratio_gpu_vs_cpu"] = knn.get("ratio_gpu_vs_cpu_graph")
     out["knn_status"] = knn.get("status") if knn.get("status") != "ok" else (knn.get("gpu") or {}).get("status", "ok")

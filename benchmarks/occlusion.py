@@ -21,8 +21,12 @@ Prints one JSON line per architecture: seconds, the ratios ``captum_default_s / 
 against both Captum outputs, the load average before and after, then a summary. Exits 1 when an output
 differs from Captum's by more than ``1e-4 x max(1, max |attribution|)``.
 
+On a shared 2-core machine, 2-thread runs slow down ~20x whenever another process holds one core (each
+OpenMP barrier waits for the descheduled thread), so wall ratios swing with other jobs; ``--threads 1`` gives
+a cross-check that other jobs disturb far less.
+
     python benchmarks/occlusion.py [--models alexnet,resnet18,mobilenet_v2] [--images 1] [--ppe 8,16,32,64]
-                                   [--batch-size 64] [--skip-default] [--skip-batched]
+                                   [--batch-size 64] [--skip-default] [--skip-batched] [--threads N]
 """
 
 from __future__ import annotations
@@ -92,7 +96,10 @@ def main() -> None:
     ap.add_argument("--skip-default", action="store_true", help="skip Captum's one-per-forward run (slow)")
     ap.add_argument("--skip-batched", action="store_true", help="skip convlens' plain-batching reference run")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     w, s = a.window, a.stride
     results = {}

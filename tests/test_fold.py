@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tasks.core.forward import CPU_MICRO_BATCH, forward_batch, prepare_module
+from tasks.core.forward import CPU_MICRO_BATCH, CpuStreams, cpu_streams_plan, forward_batch, prepare_module
 from tasks.core.hooks import LayerRef, capture
 from tasks.core.models import fold_conv_bn
 
@@ -67,6 +67,30 @@ def test_micro_batched_forward_equals_one_pass():
     assert feats.shape == (n, 1280) and preds.shape == (n, 5) and probs.shape == (n, 5)
     assert torch.allclose(torch.from_numpy(feats), want, rtol=1e-4, atol=1e-5)
     assert (torch.from_numpy(preds[:, 0]).long() == out.argmax(1)).all()
+
+
+def test_cpu_streams_give_the_same_bits_and_share_weights():
+    """Micro-batches spread over parameter-sharing copies (one thread each) give byte-identical features to one
+    stream: which copy takes a chunk must never change a stored feature."""
+    m = _model()
+    ref = LayerRef(alias="penultimate", name="classifier.1", side="input")
+    f = prepare_module(m, torch.device("cpu"), ref)
+    x = torch.rand(CPU_MICRO_BATCH * 4 + 3, 3, 64, 64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = forward_batch(f, x, ref, "avg", torch.device("cpu"), True)
+        with CpuStreams(f, 3) as streams:
+            assert streams.n == 3
+            copies = []
+            streams.map(lambda mod, _c: copies.append(mod), [0, 1, 2, 3, 4, 5])
+            assert {id(p) for c in copies for p in c.parameters()} == {id(p) for p in f.parameters()}
+            many = forward_batch(f, x, ref, "avg", torch.device("cpu"), True, streams=streams)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, many):
+        assert np.array_equal(a, b)
+    assert cpu_streams_plan(64, 2) == (2, 1) and cpu_streams_plan(4, 2) == (1, 2) and cpu_streams_plan(64, 1) == (1, 1)
 
 
 def test_bf16_precision_is_a_separate_artefact_and_recorded(tmp_path):

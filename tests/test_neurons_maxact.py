@@ -130,3 +130,37 @@ def test_run_compare_two_layers(squares):
     assert metrics.loc[("linear_probe_accuracy", "a"), "detail"].startswith("cv")  # no train/test split here
     with pytest.raises(ValueError, match="two different"):
         run_compare(squares["store"], m2["artefact_id"], m2["artefact_id"])
+
+
+def test_decode_workers_avoid_fork_when_foreign_threads_run(squares, monkeypatch):
+    """After a Prefect flow ran in the process (event-loop / log threads alive), forked decode workers could die
+    ("DataLoader worker exited unexpectedly"): max-act picks its worker start method like extraction does."""
+    import threading
+
+    import tasks.neurons.max_activations as ma
+    from tasks.neurons.max_activations import max_activation_pass
+
+    seen: list = []
+    real = torch.utils.data.DataLoader
+
+    def spy(*args, **kw):
+        seen.append(kw.get("multiprocessing_context"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ma.torch.utils.data, "DataLoader", spy)
+    src = squares["src"]
+    files = sorted(str(p) for p in squares["data"].rglob("*.png"))[:8]
+    net = ma.Normalised(src.lm.module.eval(), src.preprocess.mean, src.preprocess.std)
+    stop = threading.Event()
+    foreign = threading.Thread(target=stop.wait, name="EventLoopThread", daemon=True)
+    foreign.start()
+    try:
+        top, _size, skipped = max_activation_pass(net, files, src.preprocess, "features.4", k=2, batch_size=4,
+                                                  device=torch.device("cpu"), num_workers=1)
+    finally:
+        stop.set()
+        foreign.join()
+    assert seen[-1] == "forkserver" and not skipped and top is not None
+    max_activation_pass(net, files, src.preprocess, "features.4", k=2, batch_size=4, device=torch.device("cpu"),
+                        num_workers=1)
+    assert seen[-1] is None  # single-threaded again: plain fork, fast start

@@ -7,8 +7,10 @@ over the windows covering it of ``score(x) - score(x occluded)``.
 How it is faster than Captum (which runs one occluded copy per forward pass by default):
 
 1. An inference copy of the model (:func:`inference_copy`): traced with ``torch.fx``, each Conv -> BatchNorm
-   pair folded into one conv, in-place ops made out-of-place, ``channels_last``; on CPU the forward runs in
-   micro-batches small enough to stay in cache (:data:`CPU_OCCLUSION_MICRO_BATCH`), as extraction does.
+   pair folded into one conv, in-place ops made out-of-place, ``channels_last``. On CPU the convolutional
+   part runs in micro-batches that stay in cache, as extraction does (:data:`CPU_OCCLUSION_MICRO_BATCH`, 1
+   for memory-bound networks such as MobileNetV2), and the head (flatten, Linear) once per ``batch_size``
+   copies; both as fx-generated code.
 2. Many occluded copies per forward pass (``batch_size``).
 3. Incremental re-inference (Nakandala et al., "Krypton", SIGMOD 2019), layer by layer. For every node of the
    traced graph and every window, the rectangle of the node's output that the window can change is derived
@@ -39,6 +41,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,9 +65,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Occluded copies per forward on CPU for the full-size part of the network. Extraction's CPU_MICRO_BATCH (8)
-# keeps activations in cache; occlusion needs no batch-mate independence, and 16 measured as fast or faster
-# here (2 cores, oneDNN, channels_last) for AlexNet, ResNet-18 and MobileNetV2.
+# keeps activations in cache; occlusion needs no batch-mate independence, and 16 measured fastest here
+# (1 thread, img/s at micro-batch 1 / 4 / 16, folded channels_last): ResNet-18 21.5 / 25.2 / 26.4, and the
+# layers after MobileNetV2's cut 6.5 / 5.5 / 3.9 s per image. Memory-bound networks run whole (fewer than
+# _MEMORY_BOUND_MAC multiply-adds per activation element written, as in MobileNets' depthwise / 1x1 blocks)
+# get as many copies as fit one core's L2 (_CACHE_BYTES) by their largest activation, at least 1: MobileNetV2
+# plain batching 76 / 58 / 53 img/s at 1 / 4 / 16.
 CPU_OCCLUSION_MICRO_BATCH = 2 * CPU_MICRO_BATCH
+_MEMORY_BOUND_MAC = 40.0
+_CACHE_BYTES = 2 * 2**20
 
 _POINTWISE_MODULES = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
                       nn.GELU, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.Dropout2d, nn.ELU, nn.PReLU,
@@ -649,49 +658,93 @@ def _chunk_logits(plan: IncrementalPlan, caches: dict[str, Any], x: torch.Tensor
     return _run_full(gm, outside, B, micro, {k for k, v in plan.mode.items() if v == "full"})
 
 
-def _run_full(gm: Any, outside: dict[str, Any], B: int, micro: int, run: set[str] | None = None) -> torch.Tensor:
-    """Logits ``(B, K)`` of a traced ``gm`` whose node values named in ``outside`` are given (``outside[name]
-    (slice of the batch) -> value``). Nodes with a 4-D output run in ``micro``-sized slices of the batch (cache-
-    sized conv work); the rest (flatten, Linear, ...) run once on the whole batch, so a large Linear's weights
-    are read once per ``B`` copies, not once per micro-batch. ``run``: the nodes to compute (default: all but
-    the inputs). Needs ``tensor_meta`` (``ShapeProp``) on the nodes."""
-    nodes = [n for n in gm.graph.nodes if n.name not in outside and n.op not in ("output", "placeholder")
+@dataclass
+class _Split:
+    """A traced module cut for :func:`_run_full`: ``small`` (generated code: the nodes with 4-D outputs,
+    run per micro-batch) reads the given values ``small_in`` and returns the values ``keep``; ``rest`` (the
+    head, run once per batch) reads ``keep`` then ``rest_in`` and returns the model's output."""
+
+    small: Any
+    small_in: list[str]
+    keep: list[str]
+    rest: Any
+    rest_in: list[str]
+
+
+_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _split(gm: Any, given: frozenset[str], run: frozenset[str] | None) -> _Split:
+    """Cut ``gm`` (memoised per module): nodes named in ``given`` are inputs, the nodes in ``run`` (default:
+    all but inputs) are computed. Needs ``tensor_meta`` (``ShapeProp``) on the nodes."""
+    import torch.fx as fx
+
+    memo = _SPLITS.setdefault(gm, {})
+    if (given, run) in memo:
+        return memo[(given, run)]
+    nodes = [n for n in gm.graph.nodes if n.name not in given and n.op not in ("output", "placeholder")
              and (run is None or n.name in run)]
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     small: list[Any] = []
     names: set[str] = set()
     for n in nodes:
         shp = _shape(n)
-        if shp is not None and len(shp) == 4 and all(a.name in outside or a.name in names for a in n.all_input_nodes):
+        if shp is not None and len(shp) == 4 and all(a.name in given or a.name in names for a in n.all_input_nodes):
             small.append(n)
             names.add(n.name)
     rest = [n for n in nodes if n.name not in names]
-    keep = {a.name for n in [*rest, out_node] for a in n.all_input_nodes if a.name in names}
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in keep}
-    for s0 in range(0, B, micro) if small else []:
-        sel = slice(s0, min(B, s0 + micro))
-        env: dict[str, Any] = {}
+    keep = list(dict.fromkeys(a.name for n in [*rest, out_node] for a in n.all_input_nodes if a.name in names))
 
-        def val(a: Any, sel: slice = sel, env: dict = env) -> Any:
-            if a.name not in env:
-                env[a.name] = outside[a.name](sel)
-            return env[a.name]
+    def build(body: list[Any], result: Any) -> tuple[Any, list[str]]:
+        g = fx.Graph()
+        env: dict[Any, Any] = {}
+        inputs: list[str] = []
+        for n in body:
+            for a in n.all_input_nodes:
+                if a not in env and a.name in given:
+                    env[a] = g.placeholder(f"in_{a.name}")
+                    inputs.append(a.name)
+            env[n] = g.node_copy(n, lambda a: env[a])
+        g.output(result(env))
+        return fx.GraphModule(gm, g), inputs
 
-        for n in small:
-            env[n.name] = _call(gm, n, torch.fx.node.map_arg(n.args, val), torch.fx.node.map_arg(n.kwargs, val))
-        for k in keep:
-            parts[k].append(env[k])
-        del env
-    whole: dict[str, Any] = {k: (torch.cat(v) if len(v) > 1 else v[0]) for k, v in parts.items()}
+    small_gm, small_in = build(small, lambda env: tuple(env[n] for n in small if n.name in keep))
+    kept = [n for n in small if n.name in keep]
 
-    def val_all(a: Any) -> Any:
-        if a.name not in whole:
-            whole[a.name] = outside[a.name](slice(0, B))
-        return whole[a.name]
+    def rest_body(env: dict) -> Any:
+        return fx.node.map_arg(out_node.args[0], lambda a: env[a])
 
-    for n in rest:
-        whole[n.name] = _call(gm, n, torch.fx.node.map_arg(n.args, val_all), torch.fx.node.map_arg(n.kwargs, val_all))
-    return _logits(torch.fx.node.map_arg(out_node.args[0], val_all))
+    g = fx.Graph()
+    env: dict[Any, Any] = {n: g.placeholder(f"keep_{n.name}") for n in kept}
+    rest_in: list[str] = []
+    for n in [*rest, out_node]:
+        for a in n.all_input_nodes:
+            if a not in env and a.name in given:
+                env[a] = g.placeholder(f"in_{a.name}")
+                rest_in.append(a.name)
+        if n is not out_node:
+            env[n] = g.node_copy(n, lambda a: env[a])
+    g.output(rest_body(env))
+    split = _Split(small_gm if small else None, small_in, [n.name for n in kept], fx.GraphModule(gm, g), rest_in)
+    memo[(given, run)] = split
+    return split
+
+
+def _run_full(gm: Any, outside: dict[str, Any], B: int, micro: int, run: set[str] | None = None) -> torch.Tensor:
+    """Logits ``(B, K)`` of a traced ``gm`` whose node values named in ``outside`` are given (``outside[name]
+    (slice of the batch) -> value``). Nodes with a 4-D output run in ``micro``-sized slices of the batch (cache-
+    sized conv work); the rest (flatten, Linear, ...) run once on the whole batch, so a large Linear's weights
+    are read once per ``B`` copies, not once per micro-batch. ``run``: the nodes to compute (default: all but
+    the inputs). Both parts run as fx-generated code (:func:`_split`). Needs ``tensor_meta`` on the nodes."""
+    sp = _split(gm, frozenset(outside), frozenset(run) if run is not None else None)
+    parts: list[tuple] = []
+    if sp.small is not None:
+        for s0 in range(0, B, micro):
+            sel = slice(s0, min(B, s0 + micro))
+            parts.append(sp.small(*[outside[k](sel) for k in sp.small_in]))
+    kept = [torch.cat([p[i] for p in parts]) if len(parts) > 1 else parts[0][i] for i in range(len(sp.keep))]
+    whole = slice(0, B)
+    return _logits(sp.rest(*kept, *[outside[k](whole) for k in sp.rest_in]))
 
 
 def _occlusion_incremental(plan: IncrementalPlan, x: torch.Tensor, target: int, baseline: torch.Tensor,
@@ -709,6 +762,27 @@ def _occlusion_incremental(plan: IncrementalPlan, x: torch.Tensor, target: int, 
         for b, (i, j) in enumerate(chunk):
             diffs[i, j] = d[b]
     return diffs, base
+
+
+def _micro_batch(module: nn.Module, device: torch.device, batch_size: int, names: set[str] | None = None) -> int:
+    """Copies per forward for the nodes ``names`` of a traced ``module`` (default: all): ``batch_size`` on
+    GPU; on CPU :data:`CPU_OCCLUSION_MICRO_BATCH`, or fewer for memory-bound nodes (see the constants)."""
+    if device.type != "cpu":
+        return batch_size
+    if not isinstance(module, torch.fx.GraphModule):
+        return CPU_OCCLUSION_MICRO_BATCH
+    macs = elems = 0.0
+    largest = 0
+    for n in module.graph.nodes:
+        shp = _shape(n)
+        if (names is not None and n.name not in names) or n.op == "placeholder" or shp is None or len(shp) != 4:
+            continue
+        macs += _node_flops(module, n) / shp[0]
+        elems += math.prod(shp[1:])
+        largest = max(largest, math.prod(shp[1:]) * 4)
+    if elems == 0 or macs / elems >= _MEMORY_BOUND_MAC:
+        return CPU_OCCLUSION_MICRO_BATCH
+    return max(1, min(CPU_OCCLUSION_MICRO_BATCH, _CACHE_BYTES // max(largest, 1)))
 
 
 def _placeholder(module: nn.Module) -> str | None:
@@ -807,7 +881,6 @@ def occlusion(model: nn.Module, inputs: torch.Tensor, target, window: int = 16, 
                     "changed; planning again")
         plan = None
     wr, wc = window_starts(H, window, stride), window_starts(W, window, stride)
-    micro = CPU_OCCLUSION_MICRO_BATCH if inputs.device.type == "cpu" else batch_size
     x = inputs.detach()
     with torch.inference_mode():
         if incremental and plan is None:
@@ -821,6 +894,7 @@ def occlusion(model: nn.Module, inputs: torch.Tensor, target, window: int = 16, 
         diffs: dict[int, torch.Tensor] = {}
         base = torch.empty(N, dtype=torch.float32, device=x.device)
         if incremental and plan is not None:
+            micro = _micro_batch(plan.module, x.device, batch_size, {k for k, v in plan.mode.items() if v == "full"})
             for n in range(N):
                 diffs[n], base[n] = _occlusion_incremental(plan, x[n:n + 1], int(target[n]),
                                                            bl[n:n + 1] if bl.shape[0] > 1 else bl, wr, wc,
@@ -828,6 +902,7 @@ def occlusion(model: nn.Module, inputs: torch.Tensor, target, window: int = 16, 
         todo = [n for n in range(N) if n not in diffs]
         if todo:
             _ensure_meta(module, (C, H, W), x.device)
+            micro = _micro_batch(module, x.device, batch_size)
             base[todo] = target_scores(module, x[todo].contiguous(memory_format=torch.channels_last),
                                        target[todo]).float()
             diffs.update(_occlusion_batched(module, x, target, base, bl, wr, wc, batch_size, todo, micro))

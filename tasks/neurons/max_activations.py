@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from storage.errors import UsageError
-from tasks.core.forward import pick_device
+from tasks.core.forward import pick_device, worker_context
 from tasks.core.models import Preprocess
 from tasks.neurons.common import (
     Normalised,
@@ -150,7 +150,8 @@ def max_activation_pass(net: Normalised, files: Sequence[str | Path], pre: Prepr
     if files and "://" in str(files[0]):
         workers = 0  # fsspec filesystems (s3fs, ...) are not fork-safe: decode in-process, as extraction does
     loader = torch.utils.data.DataLoader(ImageFiles(files, pre), batch_size=batch_size, shuffle=False,
-                                         num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda")
+                                         num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+                                         multiprocessing_context=worker_context() if workers else None)
     top: TopK | None = None
     size = (0, 0)
     skipped: list[int] = []

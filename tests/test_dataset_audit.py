@@ -264,3 +264,186 @@ def test_demo_dataset_plants_copies_and_flips(tmp_path: Path) -> None:
         assert (tmp_path / fl["path"]).is_file() and fl["label"] != fl["true_label"]
         assert fl["path"].split("/")[1] == fl["label"] and f"digit_{fl['true_label']}_" in fl["path"]
     assert build_demo_dataset(tmp_path, per_class=4)["written"] == 0
+
+
+# ------------------------------------------------------------------------------------------ scale (issue 19)
+
+
+def _dense_label_vote(idmap, graph, k: int, min_votes: int) -> dict[int, tuple[str, float]]:
+    """The label vote as it used to be computed (a dense rows x labels table, one pandas row at a time), as the
+    oracle: ``{row: (suggested label, 1 - p(given))}`` of the questioned rows."""
+    import pandas as pd
+
+    g = graph[graph["rank"] <= k]
+    q, nb = g["row"].to_numpy(np.int64), g["neighbor_row"].to_numpy(np.int64)
+    w = np.clip(1.0 - g["distance"].to_numpy(np.float64), 0.0, None) + 1e-6
+    labels = idmap["label"].to_numpy(dtype=object)
+    has = pd.notna(labels)
+    ok = has[q] & has[nb] & (q != nb)
+    df = pd.DataFrame({"q": q[ok], "lab": labels[nb][ok], "w": w[ok]})
+    votes = df.groupby(["q", "lab"])["w"].sum().unstack(fill_value=0.0)
+    counts, totals = df.groupby("q").size(), votes.sum(axis=1)
+    out = {}
+    for r in votes.index:
+        if counts[r] < min_votes:
+            continue
+        p = votes.loc[r] / totals[r]
+        p_given = float(p.get(labels[r], 0.0))
+        top = str(p.idxmax())
+        if top != labels[r] and p_given < 0.5:
+            out[int(r)] = (top, 1.0 - p_given)
+    return out
+
+
+def _random_knn_case(n: int, k: int, n_labels: int, seed: int):
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    labels = np.array([f"c{v}" for v in rng.integers(0, n_labels, n)], dtype=object)
+    labels[rng.random(n) < 0.1] = None
+    idmap = pd.DataFrame({"row": np.arange(n), "image_id": [f"{i:064x}" for i in range(n)],
+                          "path": [f"p/{i:06d}.png" for i in range(n)], "label": labels,
+                          "split": np.where(rng.random(n) < 0.25, "test", "train")})
+    graph = pd.DataFrame({"row": np.repeat(np.arange(n), k), "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), n),
+                          "neighbor_row": rng.integers(0, n, n * k),
+                          "distance": np.sort(rng.uniform(0.0, 0.6, (n, k)), axis=1).ravel().astype(np.float32)})
+    return idmap, graph
+
+
+def test_label_vote_on_edge_arrays_equals_the_dense_vote() -> None:
+    """The vectorised vote (label_votes on the (N, k) edge arrays) questions the same images, with the same suggested
+    label and score, as the dense rows x labels table it replaced, on a random case with unlabelled images,
+    self-edges and k below the graph's."""
+    from tasks.index.dataset_audit import audit_knn, label_votes
+
+    idmap, graph = _random_knn_case(600, 8, 5, seed=11)
+    graph.loc[::37, "neighbor_row"] = graph.loc[::37, "row"]  # a few self-edges: never a vote
+    for k, min_votes in ((8, 3), (5, 2)):
+        want = _dense_label_vote(idmap, graph, k, min_votes)
+        assert 50 < len(want) < 600
+        f = audit_knn(idmap, graph, AuditParams(k=k, dup_threshold=0.99999, confirm="none", min_label_votes=min_votes))
+        lab = f[f["finding"] == "label-disagreement"]
+        got = {int(p[2:8]): (s, sc) for p, s, sc in zip(lab["path"], lab["suggested_label"], lab["score"])}
+        assert set(got) == set(want)
+        for r, (sug, score) in want.items():
+            assert got[r][0] == sug and got[r][1] == pytest.approx(score, abs=1e-12)
+    # the primitive on a hand-made case: row 0 votes b (0.9) over a (0.5 + 0.1), row 1 a tie -> the smaller code
+    q, nb = np.array([0, 0, 0, 1, 1]), np.array([1, 2, 3, 0, 2])
+    sim = np.array([0.5, 0.9, 0.1, 0.4, 0.4])
+    rows, votes, p_given, top, p_top = label_votes(q, nb, sim, np.array([0, 0, 1, 0]), 2)
+    assert rows.tolist() == [0, 1] and votes.tolist() == [3, 2] and top.tolist() == [1, 0]
+    assert p_given[0] == pytest.approx((0.5 + 0.1 + 2e-6) / (1.5 + 3e-6)) and p_top[1] == pytest.approx(0.5)
+
+
+def test_audit_knn_memory_is_edge_arrays_not_per_image_records() -> None:
+    """50k images x 200 classes, k = 3, nothing to report: the audit's traced peak stays far below what one dict per
+    image (``idmap.to_dict("records")``) plus a dense 50k x 200 float64 vote table need (the code before measured
+    ~120 MiB here; the edge-array audit ~13 MiB)."""
+    import tracemalloc
+
+    import pandas as pd
+
+    from tasks.index.dataset_audit import audit_knn
+
+    n, k, n_cls = 50_000, 3, 200
+    rng = np.random.default_rng(0)
+    cls = np.arange(n) % n_cls
+    idmap = pd.DataFrame({"row": np.arange(n), "image_id": [f"{i:064x}" for i in range(n)],
+                          "path": [f"train/c{c}/{i:07d}.png" for i, c in enumerate(cls)],
+                          "label": [f"c{c}" for c in cls], "split": "train"})
+    members = np.arange(n).reshape(-1, n_cls).T  # rows of each class
+    pos = np.arange(n) // n_cls
+    nb = members[cls[:, None], (pos[:, None] + rng.integers(1, n // n_cls, (n, k))) % (n // n_cls)]
+    graph = pd.DataFrame({"row": np.repeat(np.arange(n), k), "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), n),
+                          "neighbor_row": nb.ravel(),
+                          "distance": np.sort(rng.uniform(0.05, 0.3, (n, k)), axis=1).ravel().astype(np.float32)})
+    tracemalloc.start()
+    try:
+        f = audit_knn(idmap, graph, AuditParams(k=k, dup_threshold=0.999, confirm="none"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(f) == 0  # every image agrees with its classmates; no copies, no outlier
+    assert peak < 40 * 2**20, f"audit_knn traced peak {peak / 2**20:.1f} MiB at 50k rows"
+
+
+def _copies_set(root: Path, n_pictures: int) -> tuple[list[str], set[tuple[int, int]]]:
+    """``n_pictures`` distinct generated pictures + 6 near-copies of some of them; returns (paths, planted row pairs)."""
+    rng = np.random.default_rng(7)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n_pictures):
+        rel = f"img/p{i:04d}.png"
+        _pattern(("stripes", "blobs", "boxes")[i % 3], rng, size=48).save(root / rel)
+        paths.append(rel)
+    planted = set()
+    for j, (src, how) in enumerate(((3, "jpeg"), (40, "resize"), (77, "light"), (120, "crop"), (151, "jpeg"),
+                                    (199, "crop"))):
+        rel = f"img/copy{j}.png"
+        with Image.open(root / paths[src]) as im:
+            _copy(im.convert("RGB"), how).save(root / rel)
+        planted.add((src, len(paths)))
+        paths.append(rel)
+    return paths, planted
+
+
+def test_pixel_candidates_above_the_threshold_use_the_auto_index_and_spill(tmp_path: Path) -> None:
+    """Above ``pixel_exact_max_rows`` the 16x16 candidate search runs on the ``auto`` FAISS index (IVF-PQ + exact
+    re-rank) instead of the exact all-vs-all kNN, and above ``spill_rows`` the thumbnails live in a temp file; on
+    generated pictures with six planted near-copies (and no feature edges at all) both runs confirm exactly the
+    planted pairs, like the exact in-memory run, and pre-filter the feature edges alike."""
+    import pandas as pd
+
+    from tasks.index.dataset_audit import find_near_copies
+
+    paths, planted = _copies_set(tmp_path / "data", 210)
+    n = len(paths)
+    idmap = pd.DataFrame({"row": np.arange(n), "image_id": [f"{i:064x}" for i in range(n)], "path": paths,
+                          "label": None, "split": "train"})
+    # three random "feature" neighbours per image (every edge a candidate: no feature threshold), so the unaligned
+    # pre-filter of feature edges runs on the vectors each search path holds
+    nbr = np.random.default_rng(1).integers(0, n, (n, 3))
+    graph = pd.DataFrame({"row": np.repeat(np.arange(n), 3), "rank": np.tile(np.arange(1, 4, dtype=np.int32), n),
+                          "neighbor_row": nbr.ravel(), "distance": np.full(3 * n, 0.2, np.float32)})
+    nan = lambda a, b: float("nan")  # noqa: E731
+    exact = find_near_copies(idmap, graph, str(tmp_path / "data"), AuditParams(k=5), None, nan)
+    assert exact.record["candidates"]["pixel_index"]["exact"] is True and exact.record["thumbnails_spilled"] is False
+    assert set(exact.pairs) == planted
+    assert 0 < exact.record["candidates"]["feature_knn_edges"] < 3 * n  # the pre-filter dropped some, kept some
+    spill = tmp_path / "cache"
+    auto = find_near_copies(idmap, graph, str(tmp_path / "data"), AuditParams(k=5), None, nan,
+                            pixel_exact_max_rows=100, spill_rows=50, spill_dir=spill)
+    pix = auto.record["candidates"]["pixel_index"]
+    assert pix["exact"] is False and pix["factory"].startswith("IVF") and pix["factory"].endswith(",RFlat")
+    assert pix["rows"] == n and pix["nprobe"] >= 1
+    assert auto.record["thumbnails_spilled"] is True and spill.is_dir() and not any(spill.iterdir())  # temp file gone
+    assert set(auto.pairs) == planted
+    assert auto.record["confirmed_pairs"] == exact.record["confirmed_pairs"] == len(planted)
+    assert auto.record["candidates"]["feature_knn_edges"] == exact.record["candidates"]["feature_knn_edges"]
+
+
+def test_thumb_store_spills_to_a_temp_file_and_reads_back(tmp_path: Path) -> None:
+    """A ThumbStore above its spill limit writes to a temp file (nothing held as an array) and reads every row,
+    block and scattered take back exactly; below it it is an in-memory array."""
+    from tasks.index.near_copy import THUMB, ThumbStore, load_thumbs
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (7, THUMB, THUMB), dtype=np.uint8)
+    with ThumbStore(7, tmp_path / "spill", spill_rows=3) as st:
+        assert st.spilled
+        with pytest.raises(RuntimeError):
+            st.array()
+        st.write(0, data[:4])
+        st.write(4, data[4:])
+        assert np.array_equal(st.read(0, 7), data) and np.array_equal(st.read(5, 99), data[5:])
+        assert np.array_equal(st.get(3), data[3]) and np.array_equal(st.take(np.array([6, 0, 6])), data[[6, 0, 6]])
+    small = ThumbStore(7, spill_rows=7)
+    assert not small.spilled and small.array().shape == (7, THUMB, THUMB)
+    # load_thumbs fills a spilled store block by block; an unreadable image is a zero row with ok False
+    (tmp_path / "d").mkdir()
+    for i in range(5):
+        Image.fromarray(data[i]).save(tmp_path / "d" / f"{i}.png")
+    with ThumbStore(6, tmp_path / "spill", spill_rows=2) as st:
+        _, ok, failures = load_thumbs(str(tmp_path / "d"), [f"{i}.png" for i in range(5)] + ["gone.png"], out=st)
+        assert ok.tolist() == [True] * 5 + [False] and len(failures) == 1
+        assert np.array_equal(st.read(0, 5), data[:5]) and not st.get(5).any()

@@ -131,14 +131,14 @@ def test_plan_in_chunks_of_7_gives_the_unchunked_manifest(tmp_path: Path, monkey
         p.unlink()  # 50 files
     (data / "train" / "red" / "empty.png").write_bytes(b"")  # a reject the hashing stage finds
     chunks: list[int] = []
-    real = fx.iter_hashed
+    real = fx.iter_hashed_tables
 
     def spy(*a, **k):
         for ok, rej in real(*a, **k):
             chunks.append(len(ok) + len(rej))
             yield ok, rej
 
-    monkeypatch.setattr(fx, "iter_hashed", spy)
+    monkeypatch.setattr(fx, "iter_hashed_tables", spy)
     m7 = run_extraction(_cfg(data, tmp_path / "s7", plan_chunk=7, part_rows=16))
     assert chunks == [7] * 7 + [2]  # 51 listed records, 7 at a time
     chunks.clear()

@@ -18,14 +18,19 @@ directory by directory (a folder) or row by row (a list); :func:`list_dataset` c
 
 Hashing (``image_id`` = sha256 of the file's bytes) streams too: :func:`iter_hashed` takes records in chunks of
 ``chunk_size``, worker threads ``stat`` and hash them, and the caller gets each chunk back in listing order. A
-cache keyed by path, size and mtime (:class:`HashCache`) skips files that did not change; it is written
+cache keyed by path, size, mtime and inode (:class:`HashCache`) skips files that did not change; it is written
 incrementally (an append-only journal per run next to the cache file, flushed after every chunk), so a killed
 first run resumes from the files it had hashed, and compacted into one Parquet file when a run completes.
 
-Memory: O(chunk) records inside the hashing machinery. What stays O(number of files): the records the caller
-keeps (:class:`ImageRecord`, slotted: ~400 B each with a 64-char path, hashed) and the hash cache, held as
-Arrow columns plus a sorted 8-byte key per entry (~190 B each with a 64-char path). Stored image ids are compared
-as 32-byte digests (:func:`image_digests`, :class:`DigestSet`), never as a set of Python strings.
+The planner's path is columnar (:func:`iter_hashed_tables`, :func:`hash_listing`): a folder's walk ``stat`` goes
+straight into a :class:`RecordTable` (Arrow / numpy columns, no Python object per file) and each chunk is looked
+up in the cache in one vectorised step; only files to hash become :class:`ImageRecord` s.
+
+Memory: O(chunk) records inside the hashing machinery. What stays O(number of files): what the caller keeps — a
+:class:`RecordTable` (97 B per file with a 25-character path, measured) or a list of :class:`ImageRecord` (slotted:
+~500 B each hashed) — and, while hashing, the hash cache, held as Arrow columns plus a sorted 8-byte key per entry
+(~170 B each with a 47-character file path). Stored image ids are compared as 32-byte digests
+(:func:`image_digests`, :class:`DigestSet`), never as a set of Python strings.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import os
 import secrets
 import stat
 from collections.abc import Mapping
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -68,6 +74,9 @@ __all__ = [
     "HashCache",
     "iter_hashed",
     "hash_records",
+    "RecordTable",
+    "iter_hashed_tables",
+    "hash_listing",
     "image_digests",
     "DigestSet",
     "display_path",
@@ -133,7 +142,7 @@ NO_EXTRAS = _NoExtras()
 @dataclass(slots=True)
 class ImageRecord:
     """One listed image. ``path`` is relative to the dataset root (display form); ``src`` opens it. Slotted: a
-    hashed record with a 64-character path takes ~400 B (588 B as a plain dataclass)."""
+    hashed record with a 25-character path takes ~500 B (a :class:`RecordTable` row: ~100 B)."""
 
     path: str
     src: str
@@ -143,6 +152,7 @@ class ImageRecord:
     image_id: str | None = None
     size: int | None = None
     mtime_ns: int | None = None
+    ino: int | None = None  # inode (local files): a file replaced by another of the same size and mtime is re-hashed
 
 
 @dataclass
@@ -322,9 +332,26 @@ def _duplicate(path: str, first: int, again: int) -> Reject:
                   f"listed again at row {again + 1} (first at row {first + 1}); only the first entry is kept")
 
 
-def _walk_folder(root: Path, allow_outside: bool, out: Listing) -> Iterator[list[ImageRecord]]:
-    """Walk ``root`` (a resolved directory) in sorted, depth-first order, yielding each directory's records;
-    hidden names are skipped. Rejects go to ``out.rejects``, the count of non-image files to ``out.skipped``.
+@dataclass(slots=True)
+class _DirBatch:
+    """One directory's listed candidates, in sorted order: ``names`` (raw, as the OS gives them), and for a plain
+    regular file its ``size`` (bytes), ``mtime_ns`` and inode from the listing's ``stat``; ``-1`` when not stat-ed
+    (a symlink, a directory named like an image, an unknown type or a failed stat: stat-ed when hashed)."""
+
+    dirpath: str  # the directory as walked: a file's source is f"{dirpath}{os.sep}{name}"
+    prefix: str  # its path relative to the root, raw, with a trailing separator ("" for the root)
+    label: str | None
+    split: str | None
+    names: list[str]
+    sizes: list[int]
+    mtimes: list[int]
+    inos: list[int]
+
+
+def _walk_folder(root: Path, allow_outside: bool, out: Listing) -> Iterator[_DirBatch]:
+    """Walk ``root`` (a resolved directory) in sorted, depth-first order, yielding each directory's candidates
+    (:class:`_DirBatch`); hidden names are skipped. Rejects go to ``out.rejects``, the count of non-image files to
+    ``out.skipped``.
 
     A symlink (file or directory) whose target lies outside ``root`` becomes an ``outside-root`` reject row
     unless ``allow_outside``, when a linked directory is walked too (each real directory at most once through
@@ -348,17 +375,20 @@ def _walk_folder(root: Path, allow_outside: bool, out: Listing) -> Iterator[list
             rejects.append(Reject(display_path(rel_s or "."), "unreadable", f"cannot list directory: {err.strerror}"))
             continue
         try:
-            yield from _scan_directory(dfd, dirpath, rel_s, root_s, inside, allow_outside, walked_links, stack, out)
+            batch = _scan_directory(dfd, dirpath, rel_s, root_s, inside, allow_outside, walked_links, stack, out)
         finally:
             os.close(dfd)
+        if batch is not None:
+            yield batch
 
 
 def _scan_directory(dfd: int, dirpath: str, rel_s: str, root_s: str, inside: Any, allow_outside: bool,
-                    walked_links: set[str], stack: list[tuple[str, str]], out: Listing) -> Iterator[list[ImageRecord]]:
-    """One directory of :func:`_walk_folder` (open as ``dfd``): yields its records, pushes its sub-directories.
+                    walked_links: set[str], stack: list[tuple[str, str]], out: Listing) -> _DirBatch | None:
+    """One directory of :func:`_walk_folder` (open as ``dfd``): its candidates (``None`` when it has none); pushes
+    its sub-directories.
 
-    A plain regular file gets its ``size`` / ``mtime_ns`` here (``stat`` relative to ``dfd``), so hashing does
-    not ``stat`` it again; anything else (a symlink, an unknown type) is ``stat``-ed when it is hashed."""
+    A plain regular file gets its ``size`` / ``mtime_ns`` / inode here (``stat`` relative to ``dfd``), so hashing
+    does not ``stat`` it again; anything else (a symlink, an unknown type) is ``stat``-ed when it is hashed."""
     rejects = out.rejects
     sep = os.sep
     try:
@@ -366,18 +396,35 @@ def _scan_directory(dfd: int, dirpath: str, rel_s: str, root_s: str, inside: Any
             entries = list(it)
     except OSError as err:
         rejects.append(Reject(display_path(rel_s or "."), "unreadable", f"cannot list directory: {err.strerror}"))
-        return
-    plain: dict[str, os.DirEntry] = {}
+        return None
     parts = tuple(rel_s.split(sep)) if rel_s else ()
     split, label = _split_label(parts)
     prefix = rel_s + sep if rel_s else ""
-    files: list[str] = []
+    rows: list[tuple[str, int, int, int]] = []  # (name, size, mtime_ns, inode); -1s: stat-ed when hashed
     dirs: list[str] = []  # walked below
     dir_names: list[str] = []  # every sub-directory, walked or not (a directory named like an image is listed)
-    for entry in entries:  # hot loop over 100k files on a rerun: d_type only, no syscall unless a symlink
+    suffixes = _CANDIDATE_SUFFIXES
+    is_reg = stat.S_ISREG
+    skipped = 0
+    for entry in entries:  # hot loop over 100k files on a rerun: d_type, then one fstatat per candidate file
         name = entry.name
         if name[:1] == ".":
             continue  # hidden file or directory
+        if entry.is_file(follow_symlinks=False):  # a regular file (d_type; no syscall)
+            dot = name.rfind(".")
+            if dot <= 0 or name[dot:].lower() not in suffixes:
+                skipped += 1
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                rows.append((name, -1, -1, -1))  # stat-ed (and rejected with its reason) when hashed
+                continue
+            if is_reg(st.st_mode):
+                rows.append((name, st.st_size, st.st_mtime_ns, st.st_ino))
+            else:
+                rows.append((name, -1, -1, -1))
+            continue
         if entry.is_symlink():
             full = f"{dirpath}{sep}{name}"
             real = os.path.realpath(full)
@@ -392,7 +439,7 @@ def _scan_directory(dfd: int, dirpath: str, rel_s: str, root_s: str, inside: Any
                                               f"a symlink to {display_path(real)}, outside "
                                               f"{display_path(root_s)}; pass --allow-outside-root to permit"))
                     else:
-                        out.skipped += 1
+                        skipped += 1
                     continue
                 if is_dir:
                     dir_names.append(name)
@@ -403,41 +450,43 @@ def _scan_directory(dfd: int, dirpath: str, rel_s: str, root_s: str, inside: Any
             elif is_dir:
                 dir_names.append(name)  # listed at its real path; not walked twice
                 continue
-            files.append(name)
-            continue
-        try:
-            is_dir = entry.is_dir(follow_symlinks=False)
-        except OSError:
-            is_dir = False
-        if is_dir:
-            dir_names.append(name)
-            dirs.append(name)
         else:
-            files.append(name)
-            plain[name] = entry
-    # A sub-directory named like an image is listed so it becomes a reject row, not silently lost.
-    names = sorted(files) + sorted(d for d in dir_names if _is_candidate(d))
-    records: list[ImageRecord] = []
-    for name in names:
-        dot = name.rfind(".")
-        if dot < 0 or name[dot:].lower() not in _CANDIDATE_SUFFIXES:
-            out.skipped += 1
-            continue
-        rel = prefix + name
-        rec = ImageRecord(rel if rel.isascii() else display_path(rel), f"{dirpath}{sep}{name}", label, split)
-        entry = plain.get(name)
-        if entry is not None:
             try:
-                st = entry.stat(follow_symlinks=False)
+                is_dir = entry.is_dir(follow_symlinks=False)
             except OSError:
-                st = None  # stat-ed (and rejected with its reason) when hashed
-            if st is not None and stat.S_ISREG(st.st_mode):
-                rec.size, rec.mtime_ns = st.st_size, st.st_mtime_ns
-        records.append(rec)
+                is_dir = False
+            if is_dir:
+                dir_names.append(name)
+                dirs.append(name)
+                continue
+        # a symlink to a file, or a FIFO / socket / device: stat-ed (and judged) when hashed
+        if _is_candidate(name):
+            rows.append((name, -1, -1, -1))
+        else:
+            skipped += 1
+    out.skipped += skipped
+    rows.sort()  # by name (names are unique in a directory)
+    # A sub-directory named like an image is listed so it becomes a reject row, not silently lost.
+    rows.extend((name, -1, -1, -1) for name in sorted(d for d in dir_names if _is_candidate(d)))
     for name in sorted(dirs, reverse=True):  # popped in sorted order: depth-first, like os.walk
         stack.append((f"{dirpath}{sep}{name}", prefix + name))
-    if records:
-        yield records
+    if not rows:
+        return None
+    names, sizes, mtimes, inos = map(list, zip(*rows))
+    return _DirBatch(dirpath, prefix, label, split, names, sizes, mtimes, inos)
+
+
+def _batch_records(batch: _DirBatch) -> list[ImageRecord]:
+    """A directory's candidates as :class:`ImageRecord` s (size / mtime / inode filled where the listing stat-ed)."""
+    sep = os.sep
+    records = []
+    for name, size, mtime, ino in zip(batch.names, batch.sizes, batch.mtimes, batch.inos):
+        rel = batch.prefix + name
+        rec = ImageRecord(rel if rel.isascii() else display_path(rel), f"{batch.dirpath}{sep}{name}", batch.label, batch.split)
+        if size >= 0:
+            rec.size, rec.mtime_ns, rec.ino = size, mtime, ino
+        records.append(rec)
+    return records
 
 
 def _read_list(path: Path, limits: ListLimits) -> pd.DataFrame:
@@ -521,6 +570,8 @@ class Listing:
     records: Iterator[ImageRecord] = field(default_factory=lambda: iter(()))
     rejects: list[Reject] = field(default_factory=list)
     skipped: int = 0
+    batches: Iterator[_DirBatch] | None = None  # a folder: the walk itself, one directory at a time (``records``
+    # reads it too: consume one or the other)
 
 
 def _rows_to_records(rows: Iterator[tuple[ImageRecord | None, Reject | None]], out: Listing) -> Iterator[ImageRecord]:
@@ -531,9 +582,9 @@ def _rows_to_records(rows: Iterator[tuple[ImageRecord | None, Reject | None]], o
             yield rec  # type: ignore[misc]
 
 
-def _folder_records(root: Path, allow_outside: bool, out: Listing) -> Iterator[ImageRecord]:
-    for batch in _walk_folder(root, allow_outside, out):
-        yield from batch
+def _folder_records(batches: Iterator[_DirBatch], root: Path, out: Listing) -> Iterator[ImageRecord]:
+    for batch in batches:
+        yield from _batch_records(batch)
     if out.skipped:
         log.info("skipped %d non-image files in %s", out.skipped, root)
 
@@ -562,7 +613,8 @@ def open_listing(data: str | os.PathLike[str], root: str | os.PathLike[str] | No
     if path.is_dir():
         root_path = path.resolve()
         out = Listing(root_path)
-        out.records = _folder_records(root_path, allow_outside, out)
+        out.batches = _walk_folder(root_path, allow_outside, out)
+        out.records = _folder_records(out.batches, root_path, out)
         return out
     if path.suffix.lower() in _LIST_SUFFIXES:
         base, rows = _list_table(path.resolve(), Path(root).resolve() if root else None, allow_outside, limits)
@@ -582,7 +634,16 @@ def list_dataset(data: str | os.PathLike[str], root: str | os.PathLike[str] | No
     return records, listing.rejects, listing.root
 
 
-_CACHE_SCHEMA = pa.schema([("src", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("image_id", pa.string())])
+_CACHE_SCHEMA = pa.schema([("src", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("image_id", pa.string()),
+                           ("ino", pa.int64())])
+
+
+def _as_cache(data: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
+    """A cache table or journal batch in :data:`_CACHE_SCHEMA`; one written before inodes were recorded gets
+    ``ino = -1`` (unknown: matched on size and mtime alone, and filled in by the next complete run)."""
+    if "ino" not in data.schema.names:
+        data = data.append_column("ino", pa.array(np.full(data.num_rows, -1, np.int64)))
+    return data.select(_CACHE_SCHEMA.names).cast(_CACHE_SCHEMA)
 HASH_CHUNK = 4096
 """Records per hashing chunk (:func:`iter_hashed`): what the planner holds in flight, and how often the cache
 journal is flushed."""
@@ -597,14 +658,16 @@ def _src_keys(srcs: Any) -> np.ndarray:
 
 
 class HashCache:
-    """``src -> (size, mtime_ns, image_id)`` for one dataset root: ``<cache>.parquet`` plus the journals of runs
+    """``src -> (size, mtime_ns, image_id, ino)`` for one dataset root: ``<cache>.parquet`` plus the journals of runs
     that did not finish (``<cache>.journal-*.arrows``, Arrow IPC streams, read up to their last whole batch).
 
     Lookup is vectorised per chunk: a sorted array of 64-bit keys of the ``src`` strings (the strings of each hit
     are compared too, so a key collision is never a hit). New hashes are appended to this run's journal and
     flushed after every chunk (:meth:`add`); :meth:`close` with ``complete`` rewrites the Parquet file with exactly
-    the entries this run used or added (atomically) and removes the journals it read. Memory: the entries as
-    Arrow columns plus 17 B of key, order and used flag each: ~190 B per entry with a 64-character path.
+    the entries this run used or added (atomically) and removes the journals it read. A cache written before
+    inodes were recorded is read with ``ino = -1`` (matched on size and mtime) and gets the inodes on its next
+    complete run. Memory: the entries as Arrow columns plus 25 B of key, order, inode copy and used flag each:
+    ~170 B per entry with a 47-character file path.
     """
 
     def __init__(self, path: Path | None) -> None:
@@ -617,7 +680,7 @@ class HashCache:
         tables = []
         if self.path is not None and self.path.is_file():
             try:
-                tables.append(pq.read_table(self.path).cast(_CACHE_SCHEMA))
+                tables.append(_as_cache(pq.read_table(self.path)))
             except (OSError, pa.ArrowException) as exc:
                 log.warning("ignoring unreadable hash cache %s: %s", self.path, exc)
         if self.path is not None and self.path.parent.is_dir():
@@ -631,6 +694,8 @@ class HashCache:
         self._src = self.table.column("src")
         self._size = self.table.column("size").to_numpy(zero_copy_only=False)
         self._mtime = self.table.column("mtime_ns").to_numpy(zero_copy_only=False)
+        self._ino = np.array(self.table.column("ino").to_numpy(zero_copy_only=False), np.int64)  # writable: filled
+        self._ino_filled = False
         keys = np.concatenate([_src_keys(self._src.slice(i, 1 << 20).to_numpy(zero_copy_only=False))
                                for i in range(0, len(self.table), 1 << 20)]) if len(self.table) else np.zeros(0, np.uint64)
         order = np.argsort(keys, kind="stable")
@@ -645,35 +710,65 @@ class HashCache:
     def __len__(self) -> int:
         return self.entries
 
-    def lookup(self, srcs: list[str], sizes: Sequence[int], mtimes: Sequence[int]) -> list[str | None]:
-        """The cached ``image_id`` for each ``(src, size, mtime_ns)`` (``None`` on a miss; ``mtime_ns < 0`` never
-        hits); a hit marks its entry used."""
-        out: list[str | None] = [None] * len(srcs)
-        if not len(self._keys) or not srcs:
-            return out
-        q = _src_keys(srcs)
+    def lookup_rows(self, keys: np.ndarray, sizes: np.ndarray, mtimes: np.ndarray,
+                    inos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Vectorised lookup of ``(src, size, mtime_ns, inode)``: ``keys`` ``(n,) object`` (display ``src``
+        strings), the rest ``(n,) int64``. Returns ``(hits, rows)``, both ``(h,) int64``: the query positions that
+        hit and their cache rows (for :meth:`digests`). A hit needs the same src string, size and mtime
+        (``mtime_ns < 0`` never hits) and the same inode (an entry written before inodes were recorded, ``-1``,
+        matches any and takes this one). Marks hits used. Memory: O(n)."""
+        none = np.zeros(0, np.int64)
+        if not len(self._keys) or not len(keys):
+            return none, none
+        q = _src_keys(keys)
         pos = np.minimum(np.searchsorted(self._keys, q), len(self._keys) - 1)
         rows = self._order[pos]
         sz = np.asarray(sizes, np.int64)
         mt = np.asarray(mtimes, np.int64)
-        cand = np.flatnonzero((self._keys[pos] == q) & (self._size[rows] == sz) & (self._mtime[rows] == mt) & (mt >= 0))
+        ino = np.asarray(inos, np.int64)
+        cino = self._ino[rows]
+        cand = np.flatnonzero((self._keys[pos] == q) & (self._size[rows] == sz) & (self._mtime[rows] == mt) & (mt >= 0)
+                              & ((cino == ino) | (cino < 0)))
         if not len(cand):
-            return out
-        hit_rows = rows[cand]
-        names = self._src.take(pa.array(hit_rows)).to_pylist()
-        ids = self.table.column("image_id").take(pa.array(hit_rows)).to_pylist()
-        for i, r, name, iid in zip(cand.tolist(), hit_rows.tolist(), names, ids):
-            if name == srcs[i]:
-                out[i] = iid
-                self.used[r] = True
+            return none, none
+        names = self._src.take(pa.array(rows[cand]))
+        same = pc.equal(names, pa.array(keys[cand], pa.string())).to_numpy(zero_copy_only=False)
+        hits = cand[same.astype(bool)]
+        hit_rows = rows[hits]
+        self.used[hit_rows] = True
+        legacy = np.flatnonzero(self._ino[hit_rows] < 0)
+        if len(legacy) and (ino[hits[legacy]] >= 0).any():
+            self._ino[hit_rows[legacy]] = ino[hits[legacy]]
+            self._ino_filled = True
+        return hits.astype(np.int64), hit_rows.astype(np.int64)
+
+    def digests(self, rows: np.ndarray) -> np.ndarray:
+        """The ``(n,) S32`` image digests of cache ``rows`` (from :meth:`lookup_rows`)."""
+        return image_digests(self.table.column("image_id").take(pa.array(rows, pa.int64())))
+
+    def lookup(self, srcs: list[str], sizes: Sequence[int], mtimes: Sequence[int],
+               inos: Sequence[int] | None = None) -> list[str | None]:
+        """The cached ``image_id`` for each ``(src, size, mtime_ns, inode)`` (``None`` on a miss; see
+        :meth:`lookup_rows`; ``inos`` ``None``: all unknown, ``-1``); a hit marks its entry used."""
+        out: list[str | None] = [None] * len(srcs)
+        keys = np.empty(len(srcs), object)
+        keys[:] = srcs
+        hits, rows = self.lookup_rows(keys, np.asarray(sizes, np.int64), np.asarray(mtimes, np.int64),
+                                      np.full(len(srcs), -1, np.int64) if inos is None else np.asarray(inos, np.int64))
+        ids = self.table.column("image_id").take(pa.array(rows, pa.int64())).to_pylist()
+        for i, iid in zip(hits.tolist(), ids):
+            out[i] = iid
         return out
 
-    def add(self, srcs: list[str], sizes: list[int], mtimes: list[int], ids: list[str]) -> None:
-        """Record new hashes: appended to this run's journal and flushed (a killed run keeps them)."""
+    def add(self, srcs: list[str], sizes: list[int], mtimes: list[int], ids: list[str],
+            inos: list[int] | None = None) -> None:
+        """Record new hashes (``inos``: ``-1`` where unknown, e.g. an object store): appended to this run's journal
+        and flushed (a killed run keeps them)."""
         if not srcs:
             return
         batch = pa.record_batch([pa.array(srcs, pa.string()), pa.array(sizes, pa.int64()), pa.array(mtimes, pa.int64()),
-                                 pa.array(ids, pa.string())], schema=_CACHE_SCHEMA)
+                                 pa.array(ids, pa.string()),
+                                 pa.array([-1] * len(srcs) if inos is None else inos, pa.int64())], schema=_CACHE_SCHEMA)
         self._new.append(batch)
         if self.path is None:
             return
@@ -688,7 +783,7 @@ class HashCache:
     @property
     def dirty(self) -> bool:
         """True when the Parquet file would change: new hashes, entries not used this run, or journals to fold in."""
-        return bool(self._new) or bool(self._journal_paths) or not bool(self.used.all())
+        return bool(self._new) or bool(self._journal_paths) or self._ino_filled or not bool(self.used.all())
 
     def close(self, complete: bool) -> None:
         """End the run: with ``complete`` (every record was looked up) write the compacted cache when it changed and
@@ -700,7 +795,10 @@ class HashCache:
         if not complete or self.path is None:
             return
         if self.dirty:
-            kept = self.table.filter(pa.array(self.used))
+            table = self.table
+            if self._ino_filled:
+                table = table.set_column(table.schema.get_field_index("ino"), "ino", pa.array(self._ino))
+            kept = table.filter(pa.array(self.used))
             table = pa.concat_tables([kept, pa.Table.from_batches(self._new, _CACHE_SCHEMA)]) if self._new else kept
             sink = pa.BufferOutputStream()
             pq.write_table(table, sink)
@@ -716,10 +814,10 @@ def _read_journal(path: Path) -> list[pa.RecordBatch]:
     """The whole batches of a cache journal (a run killed mid-write leaves a torn last batch: dropped)."""
     batches: list[pa.RecordBatch] = []
     try:
-        with pa.ipc.open_stream(pa.memory_map(str(path))) as reader:
+        with pa.memory_map(str(path)) as src, pa.ipc.open_stream(src) as reader:
             while True:
                 try:
-                    batches.append(reader.read_next_batch().cast(_CACHE_SCHEMA))
+                    batches.append(_as_cache(reader.read_next_batch()))
                 except StopIteration:
                     break
     except (OSError, pa.ArrowException) as exc:
@@ -739,7 +837,7 @@ def _stat_local(rec: ImageRecord) -> Reject | None:
         return Reject(rec.path, "not-a-file", "not a regular file (FIFO, socket or device)")
     if st.st_size == 0:
         return Reject(rec.path, "empty-file", "0 bytes")
-    rec.size, rec.mtime_ns = st.st_size, st.st_mtime_ns
+    rec.size, rec.mtime_ns, rec.ino = st.st_size, st.st_mtime_ns, st.st_ino
     return None
 
 
@@ -793,6 +891,28 @@ def _digest_many(recs: list[ImageRecord]) -> list[Reject | None]:
     return [_digest(r) for r in recs]
 
 
+def _digest_parallel(pool: cf.ThreadPoolExecutor, recs: list[ImageRecord], workers: int) -> list[Reject | None]:
+    """:func:`_digest` over ``recs`` in ``pool`` (contiguous pieces, one thread task each), in order."""
+    res: list[Reject | None] = []
+    for part in pool.map(_digest_many, _split(recs, 4 * max(1, workers), 8)):
+        res.extend(part)
+    return res
+
+
+def _stat_parallel(pool: cf.ThreadPoolExecutor, recs: list[ImageRecord], workers: int) -> list[Reject | None]:
+    """``stat`` of ``recs`` in ``pool`` (:func:`_stat_local` / :func:`_stat_url`), in order."""
+    res: list[Reject | None] = []
+    for part in pool.map(_stat_many, _split(recs, max(1, workers))):
+        res.extend(part)
+    return res
+
+
+def _cache_add(cache: HashCache, done: list[ImageRecord]) -> None:
+    cache.add([display_path(r.src) for r in done], [int(r.size or 0) for r in done],
+              [int(r.mtime_ns if r.mtime_ns is not None else -1) for r in done], [str(r.image_id) for r in done],
+              [-1 if r.ino is None else int(r.ino) for r in done])
+
+
 def _split(items: list[Any], parts: int, min_size: int = 64) -> list[list[Any]]:
     """``items`` cut into at most ``parts`` contiguous pieces of at least ``min_size`` (one thread task each)."""
     n = max(1, min(parts, len(items) // max(1, min_size)))
@@ -804,7 +924,7 @@ def iter_hashed(records: Iterable[ImageRecord], cache_path: Path | None = None, 
                 progress: bool = False, chunk_size: int = HASH_CHUNK,
                 stats: dict[str, int] | None = None) -> Iterator[tuple[list[ImageRecord], list[Reject]]]:
     """Stream ``records`` in chunks of ``chunk_size``: fill each record's ``image_id`` (from the cache by path +
-    size + mtime, else hashed) and yield ``(hashed, rejects)`` per chunk, records in input order.
+    size + mtime + inode, else hashed) and yield ``(hashed, rejects)`` per chunk, records in input order.
 
     Worker threads (``workers``) ``stat`` and hash; this generator merges their results in order. ``stats`` (when
     given) is updated in place: ``{"hashed": n, "cached": m}``. The cache (:class:`HashCache`) journals every
@@ -844,7 +964,8 @@ def iter_hashed(records: Iterable[ImageRecord], cache_path: Path | None = None, 
                     else:
                         rejects.append(rej)
                 hits = cache.lookup([r.src if r.src.isascii() else display_path(r.src) for r in ok],
-                                    [r.size for r in ok], [r.mtime_ns for r in ok])
+                                    [r.size for r in ok], [r.mtime_ns for r in ok],
+                                    [-1 if r.ino is None else r.ino for r in ok])
                 misses = []
                 for r, iid in zip(ok, hits):
                     if iid is None:
@@ -858,9 +979,7 @@ def iter_hashed(records: Iterable[ImageRecord], cache_path: Path | None = None, 
                         from tqdm.auto import tqdm
 
                         bar = tqdm(desc="hash", unit="file", leave=False)
-                    res: list[Reject | None] = []
-                    for part in pool.map(_digest_many, _split(misses, 4 * max(1, workers), 8)):
-                        res.extend(part)
+                    res = _digest_parallel(pool, misses, workers)
                     done = []
                     for r, rej in zip(misses, res):
                         if rej is not None:
@@ -869,8 +988,7 @@ def iter_hashed(records: Iterable[ImageRecord], cache_path: Path | None = None, 
                         else:
                             done.append(r)
                     stats["hashed"] += len(done)
-                    cache.add([display_path(r.src) for r in done], [int(r.size or 0) for r in done],
-                              [int(r.mtime_ns if r.mtime_ns is not None else -1) for r in done], [str(r.image_id) for r in done])
+                    _cache_add(cache, done)
                     if bar is not None:
                         bar.update(len(misses))
                 yield ([r for r in ok if id(r) not in failed] if failed else ok), rejects
@@ -893,6 +1011,345 @@ def hash_records(records: Iterable[ImageRecord], cache_path: Path | None = None,
         hashed.extend(ok)
         rejects.extend(rej)
     return hashed, rejects, stats
+
+
+# --------------------------------------------------------------------------------------------- columnar listing
+
+
+class RecordTable(SequenceABC):
+    """Listed images as columns: a read-only ``Sequence`` of :class:`ImageRecord` (each built on access) that
+    holds no Python object per file.
+
+    Columns, row ``i`` = one image in listing order: ``paths`` (Arrow ``large_string``, display form, relative to
+    ``root``), ``label_codes`` / ``split_codes`` (``(n,) int32`` into ``labels`` / ``splits``, code 0 = ``None``),
+    ``sizes`` (bytes), ``mtimes`` (ns), ``inos`` (``(n,) int64``; ``-1`` = unknown / not stat-ed yet; a size of
+    ``-1`` means the row has not been stat-ed), ``digests`` (``(n,) S32`` sha256 of the bytes; zeros before
+    hashing). A row's source is ``root + sep + path`` unless ``srcs`` holds it (an undecodable name, a list entry
+    spelled otherwise, an absolute entry); ``extras`` (a list's extra columns) is one mapping per row or ``None``.
+    Memory: ~80 B + the path's length per row (a list of :class:`ImageRecord` takes ~475 B + strings).
+    """
+
+    __slots__ = ("root", "sep", "paths", "srcs", "label_codes", "labels", "split_codes", "splits", "extras",
+                 "sizes", "mtimes", "inos", "digests")
+
+    def __init__(self, root: Path | str, paths: pa.Array, srcs: dict[int, str], label_codes: np.ndarray,
+                 labels: list[str | None], split_codes: np.ndarray, splits: list[str | None],
+                 extras: list[Mapping[str, Any]] | None, sizes: np.ndarray, mtimes: np.ndarray, inos: np.ndarray,
+                 digests: np.ndarray) -> None:
+        self.root = root
+        self.sep = "/" if isinstance(root, str) and is_url(root) else os.sep
+        self.paths = paths
+        self.srcs = srcs
+        self.label_codes, self.labels = label_codes, labels
+        self.split_codes, self.splits = split_codes, splits
+        self.extras = extras
+        self.sizes, self.mtimes, self.inos, self.digests = sizes, mtimes, inos, digests
+
+    # -- construction
+
+    @classmethod
+    def empty(cls, root: Path | str) -> RecordTable:
+        z = np.zeros(0, np.int64)
+        return cls(root, pa.array([], pa.large_string()), {}, np.zeros(0, np.int32), [None], np.zeros(0, np.int32),
+                   [None], None, z, z.copy(), z.copy(), np.zeros(0, "S32"))
+
+    @classmethod
+    def from_records(cls, records: Sequence[ImageRecord], root: Path | str) -> RecordTable:
+        """The columns of ``records`` (``image_id`` ``None`` anywhere: digests left zero)."""
+        n = len(records)
+        if not n:
+            return cls.empty(root)
+        prefix = str(root) + ("/" if isinstance(root, str) and is_url(root) else os.sep)
+        paths = [r.path for r in records]
+        srcs = {i: r.src for i, r in enumerate(records) if r.src != prefix + r.path}
+        lab: dict[str | None, int] = {None: 0}
+        spl: dict[str | None, int] = {None: 0}
+        label_codes = np.fromiter((lab.setdefault(r.label, len(lab)) for r in records), np.int32, n)
+        split_codes = np.fromiter((spl.setdefault(r.split, len(spl)) for r in records), np.int32, n)
+        extras = [r.extras for r in records] if any(r.extras for r in records) else None
+        sizes = np.fromiter((-1 if r.size is None else r.size for r in records), np.int64, n)
+        mtimes = np.fromiter((-1 if r.mtime_ns is None else r.mtime_ns for r in records), np.int64, n)
+        inos = np.fromiter((-1 if r.ino is None else r.ino for r in records), np.int64, n)
+        ids = [r.image_id for r in records]
+        digests = image_digests(ids) if all(i is not None for i in ids) else np.zeros(n, "S32")
+        return cls(root, pa.array(paths, pa.large_string()), srcs, label_codes, list(lab), split_codes, list(spl),
+                   extras, sizes, mtimes, inos, digests)
+
+    @classmethod
+    def _from_batches(cls, batches: list[_DirBatch], root: Path) -> RecordTable:
+        """The columns of folder batches (:func:`_walk_folder`), not hashed."""
+        paths: list[str] = []
+        srcs: dict[int, str] = {}
+        lab: dict[str | None, int] = {None: 0}
+        spl: dict[str | None, int] = {None: 0}
+        lcodes, scodes, sizes, mtimes, inos = [], [], [], [], []
+        sep = os.sep
+        for b in batches:
+            n0 = len(paths)
+            prefix = b.prefix
+            if prefix.isascii() and all(name.isascii() for name in b.names):
+                paths.extend([prefix + name for name in b.names])
+            else:
+                for k, name in enumerate(b.names):
+                    rel = prefix + name
+                    disp = display_path(rel)
+                    paths.append(disp)
+                    if disp != rel:
+                        srcs[n0 + k] = f"{b.dirpath}{sep}{name}"
+            lcodes.append(np.full(len(b.names), lab.setdefault(b.label, len(lab)), np.int32))
+            scodes.append(np.full(len(b.names), spl.setdefault(b.split, len(spl)), np.int32))
+            sizes.extend(b.sizes)
+            mtimes.extend(b.mtimes)
+            inos.extend(b.inos)
+        n = len(paths)
+        return cls(root, pa.array(paths, pa.large_string()), srcs, np.concatenate(lcodes) if lcodes else np.zeros(0, np.int32),
+                   list(lab), np.concatenate(scodes) if scodes else np.zeros(0, np.int32), list(spl), None,
+                   np.asarray(sizes, np.int64), np.asarray(mtimes, np.int64), np.asarray(inos, np.int64), np.zeros(n, "S32"))
+
+    @classmethod
+    def concat(cls, tables: Sequence[RecordTable], root: Path | str) -> RecordTable:
+        """One table of ``tables`` in order (labels and splits re-coded into one dictionary each)."""
+        tables = [t for t in tables if len(t)]
+        if not tables:
+            return cls.empty(root)
+        if len(tables) == 1:
+            return tables[0]
+
+        def recode(which: str) -> tuple[np.ndarray, list[str | None]]:
+            values: dict[str | None, int] = {None: 0}
+            out = []
+            for t in tables:
+                vals = t.labels if which == "label" else t.splits
+                codes = t.label_codes if which == "label" else t.split_codes
+                remap = np.array([values.setdefault(v, len(values)) for v in vals], np.int32)
+                out.append(remap[codes])
+            return np.concatenate(out), list(values)
+
+        lc, labels = recode("label")
+        sc, splits = recode("split")
+        srcs: dict[int, str] = {}
+        extras: list[Mapping[str, Any]] | None = None
+        offset = 0
+        if any(t.extras is not None for t in tables):
+            extras = []
+        for t in tables:
+            srcs.update((offset + i, s) for i, s in t.srcs.items())
+            if extras is not None:
+                extras.extend(t.extras if t.extras is not None else [NO_EXTRAS] * len(t))
+            offset += len(t)
+        paths = pa.chunked_array([t.paths for t in tables], pa.large_string()).combine_chunks()
+        return cls(root, paths, srcs, lc, labels, sc, splits, extras,
+                   np.concatenate([t.sizes for t in tables]), np.concatenate([t.mtimes for t in tables]),
+                   np.concatenate([t.inos for t in tables]), np.concatenate([t.digests for t in tables]))
+
+    def take(self, idx: np.ndarray) -> RecordTable:
+        """The rows ``idx`` (``(k,) int``, in that order) as a new table."""
+        idx = np.asarray(idx, np.int64)
+        pos = {int(i): k for k, i in enumerate(idx)} if self.srcs else {}
+        srcs = {pos[i]: s for i, s in self.srcs.items() if i in pos}
+        extras = [self.extras[i] for i in idx.tolist()] if self.extras is not None else None
+        return RecordTable(self.root, self.paths.take(pa.array(idx)), srcs, self.label_codes[idx], self.labels,
+                           self.split_codes[idx], self.splits, extras, self.sizes[idx], self.mtimes[idx],
+                           self.inos[idx], self.digests[idx])
+
+    # -- reading
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return self.take(np.arange(len(self))[i])
+        n = len(self)
+        i = int(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"row {i} out of range for {n} records")
+        return next(self._records(i, i + 1))
+
+    def __iter__(self) -> Iterator[ImageRecord]:
+        for start in range(0, len(self), 8192):
+            yield from self._records(start, min(len(self), start + 8192))
+
+    def _records(self, start: int, stop: int) -> Iterator[ImageRecord]:
+        paths = self.paths.slice(start, stop - start).to_pylist()
+        hexes = self.digests[start:stop].tobytes().hex()
+        zero = "0" * 64
+        prefix = str(self.root) + self.sep
+        for k, path in enumerate(paths):
+            i = start + k
+            size = int(self.sizes[i])
+            iid = hexes[64 * k:64 * k + 64]
+            ino = int(self.inos[i])
+            yield ImageRecord(path, self.srcs.get(i) or prefix + path, self.labels[self.label_codes[i]],
+                              self.splits[self.split_codes[i]], self.extras[i] if self.extras is not None else NO_EXTRAS,
+                              None if iid == zero else iid, None if size < 0 else size,
+                              None if size < 0 else int(self.mtimes[i]), None if ino < 0 else ino)
+
+    def keys(self, idx: np.ndarray) -> np.ndarray:
+        """``(k,) object``: the hash-cache key (the display form of the source) of rows ``idx``."""
+        prefix = display_path(str(self.root)) + self.sep
+        paths = self.paths.take(pa.array(np.asarray(idx, np.int64))).to_pylist()
+        out = np.empty(len(paths), object)
+        out[:] = [prefix + p for p in paths]
+        if self.srcs:
+            for k, i in enumerate(np.asarray(idx).tolist()):
+                s = self.srcs.get(i)
+                if s is not None:
+                    out[k] = display_path(s)
+        return out
+
+    def extra_columns(self) -> list[str]:
+        """The names of the extra list columns any row carries, sorted."""
+        names: set[str] = set()
+        for e in self.extras or ():
+            if e:
+                names.update(e)
+        return sorted(names)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the columns (Arrow + numpy; the ``srcs`` / ``extras`` Python objects not counted)."""
+        return int(self.paths.nbytes + self.label_codes.nbytes + self.split_codes.nbytes + self.sizes.nbytes
+                   + self.mtimes.nbytes + self.inos.nbytes + self.digests.nbytes)
+
+
+def _table_chunks(listing: Listing, chunk_size: int) -> Iterator[RecordTable]:
+    """``listing`` cut into unhashed :class:`RecordTable` s of ``chunk_size`` rows (the last may be shorter). A
+    folder goes straight from its directory batches to columns; a list / URL listing from its records."""
+    if listing.batches is None:
+        it = iter(listing.records)
+        while chunk := list(itertools.islice(it, chunk_size)):
+            yield RecordTable.from_records(chunk, listing.root)
+        return
+    root = listing.root
+    pending: list[_DirBatch] = []
+    count = 0
+    for b in listing.batches:
+        while b.names:
+            room = chunk_size - count
+            if len(b.names) <= room:
+                pending.append(b)
+                count += len(b.names)
+                break
+            pending.append(_DirBatch(b.dirpath, b.prefix, b.label, b.split, b.names[:room], b.sizes[:room],
+                                     b.mtimes[:room], b.inos[:room]))
+            b = _DirBatch(b.dirpath, b.prefix, b.label, b.split, b.names[room:], b.sizes[room:], b.mtimes[room:],
+                          b.inos[room:])
+            count = chunk_size
+            yield RecordTable._from_batches(pending, root)  # type: ignore[arg-type]
+            pending, count = [], 0
+        if count >= chunk_size:
+            yield RecordTable._from_batches(pending, root)  # type: ignore[arg-type]
+            pending, count = [], 0
+    if pending:
+        yield RecordTable._from_batches(pending, root)  # type: ignore[arg-type]
+    if listing.skipped:
+        log.info("skipped %d non-image files in %s", listing.skipped, root)
+
+
+def _hash_table(tab: RecordTable, cache: HashCache, pool: cf.ThreadPoolExecutor, workers: int,
+                stats: dict[str, int]) -> tuple[RecordTable, list[Reject], int]:
+    """Fill ``tab.digests`` in place: cache hits by a vectorised lookup, the rest stat-ed (rows the listing did
+    not stat) and hashed in ``pool``. Returns ``(rows that hashed, rejects, files hashed now)``."""
+    n = len(tab)
+    bad = np.zeros(n, bool)
+    early: list[tuple[int, Reject]] = []
+    unknown = np.flatnonzero(tab.sizes < 0)
+    if len(unknown):
+        recs = list(tab.take(unknown))  # in bulk: one Arrow slice, not one per row
+        for i, r, rej in zip(unknown.tolist(), recs, _stat_parallel(pool, recs, workers)):
+            if rej is not None:
+                bad[i] = True
+                early.append((i, rej))
+            else:
+                tab.sizes[i], tab.mtimes[i] = int(r.size or 0), int(r.mtime_ns if r.mtime_ns is not None else -1)
+                tab.inos[i] = -1 if r.ino is None else r.ino
+    empty = np.flatnonzero((tab.sizes == 0) & ~bad)
+    if len(empty):
+        bad[empty] = True
+        early.extend((int(i), Reject(tab.paths[int(i)].as_py(), "empty-file", "0 bytes")) for i in empty)
+    early.sort(key=lambda t: t[0])
+    rejects = [r for _, r in early]
+    ok = np.flatnonzero(~bad)
+    hits, rows = cache.lookup_rows(tab.keys(ok), tab.sizes[ok], tab.mtimes[ok], tab.inos[ok])
+    if len(hits):
+        tab.digests[ok[hits]] = cache.digests(rows)
+    stats["cached"] += len(hits)
+    hit_mask = np.zeros(len(ok), bool)
+    hit_mask[hits] = True
+    miss = ok[~hit_mask]
+    hashed = 0
+    if len(miss):
+        recs = list(tab.take(miss))
+        done = []
+        done_idx = []
+        for i, r, rej in zip(miss.tolist(), recs, _digest_parallel(pool, recs, workers)):
+            if rej is not None:
+                bad[i] = True
+                rejects.append(rej)
+            else:
+                done.append(r)
+                done_idx.append(i)
+        if done:
+            tab.digests[np.asarray(done_idx, np.int64)] = image_digests([str(r.image_id) for r in done])
+            _cache_add(cache, done)
+        hashed = len(done)
+        stats["hashed"] += hashed
+    return (tab.take(np.flatnonzero(~bad)) if bad.any() else tab), rejects, len(miss)
+
+
+def iter_hashed_tables(listing: Listing, cache_path: Path | None = None, workers: int = 8, progress: bool = False,
+                       chunk_size: int = HASH_CHUNK,
+                       stats: dict[str, int] | None = None) -> Iterator[tuple[RecordTable, list[Reject]]]:
+    """Stream ``listing`` (:func:`open_listing`) in chunks of ``chunk_size`` rows as hashed
+    :class:`RecordTable` s: yields ``(hashed rows, rejects)`` per chunk, in listing order (``listing.rejects`` fills
+    up as it goes, as it does for :func:`iter_hashed`).
+
+    The columnar twin of :func:`iter_hashed` (same cache, journal, stats and rejects): a folder's rows go from the
+    walk's ``stat`` (size, mtime, inode) to columns and one vectorised cache lookup per chunk, with no Python
+    object per file; only files to ``stat`` again or to hash become :class:`ImageRecord` s, in worker threads.
+    A file whose size, mtime or inode changed is hashed again. Memory: O(chunk_size) in flight, plus the cache and
+    whatever the caller keeps (a :class:`RecordTable`: ~80 B + the path per row)."""
+    if chunk_size < 1:
+        raise UsageError(f"chunk size must be >= 1, got {chunk_size}")
+    stats = stats if stats is not None else {}
+    stats.setdefault("hashed", 0)
+    stats.setdefault("cached", 0)
+    cache = HashCache(cache_path)
+    bar = None
+    complete = False
+    with cf.ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="convlens-hash") as pool:
+        try:
+            for tab in _table_chunks(listing, chunk_size):
+                ok, rejects, tried = _hash_table(tab, cache, pool, workers, stats)
+                if tried and progress:
+                    if bar is None:
+                        from tqdm.auto import tqdm
+
+                        bar = tqdm(desc="hash", unit="file", leave=False)
+                    bar.update(tried)
+                yield ok, rejects
+            complete = True
+        finally:
+            if bar is not None:
+                bar.close()
+            cache.close(complete)
+
+
+def hash_listing(listing: Listing, cache_path: Path | None = None, workers: int = 8, progress: bool = False,
+                 chunk_size: int = HASH_CHUNK) -> tuple[RecordTable, list[Reject], dict[str, int]]:
+    """Hash a whole listing into one :class:`RecordTable` (:func:`iter_hashed_tables`, collected). Returns
+    ``(table, rejects, stats)``: rejects of hashing only (the listing's own are in ``listing.rejects``), stats
+    ``{"hashed": n, "cached": m}``. Memory: the table (~80 B + the path per row) plus the cache."""
+    stats: dict[str, int] = {}
+    tables: list[RecordTable] = []
+    rejects: list[Reject] = []
+    for ok, rej in iter_hashed_tables(listing, cache_path, workers, progress, chunk_size, stats):
+        tables.append(ok)
+        rejects.extend(rej)
+    return RecordTable.concat(tables, listing.root), rejects, stats
 
 
 # --------------------------------------------------------------------------------------------- image digests

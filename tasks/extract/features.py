@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -42,11 +42,23 @@ from storage.features import (
 from storage.locks import artefact_lock
 from storage.manifest import MANIFEST_NAME, file_entry, read_manifest, write_manifest
 from storage.paths import Store, artefact_id
-from tasks.core.datasets import HASH_CHUNK, DigestSet, ImageRecord, ListLimits, Reject, image_digests, iter_hashed, open_listing
+from tasks.core.datasets import (
+    HASH_CHUNK,
+    DigestSet,
+    ImageRecord,
+    ListLimits,
+    RecordTable,
+    Reject,
+    image_digests,
+    iter_hashed_tables,
+    open_listing,
+)
 from tasks.core.forward import (
     DECODE_CHOICES,
     TENSOR_DECODES,
+    CpuStreams,
     PendingFeatures,
+    cpu_streams_plan,
     decode_preprocess_jpegs,
     forward_batch_async,
     has_head,
@@ -56,6 +68,7 @@ from tasks.core.forward import (
     preprocess_uint8,
     resolve_decode,
     resolve_precision,
+    worker_context,
 )
 from tasks.core.hooks import LayerRef, resolve_layer
 from tasks.core.images import DecodeLimits, ImageHeader, RejectedImage, decode_image_sized, draft_request, inspect_image, read_file_bytes
@@ -184,21 +197,6 @@ def _tensor_decodable(hdr: ImageHeader, data: bytes) -> bool:
             and data.rstrip(b"\x00").endswith(b"\xff\xd9"))
 
 
-def _worker_context() -> str | None:
-    """``fork`` (fast start) from a single-threaded process; ``forkserver`` once other threads run (a Prefect
-    flow or task run, a Dask worker): forking a process that has live event-loop / logging threads could leave
-    a decode worker dead at start ("DataLoader worker exited unexpectedly"), seen under Prefect's test server."""
-    import threading
-
-    # our heartbeat, tqdm's monitor (named "tqdm_monitor" by tqdm >= 4.60: before that was listed, every CLI run
-    # with a progress bar started its decode workers through a forkserver, ~3 s of extra start-up on 2 cores), ...
-    ours = ("convlens-", "MainThread", "pin_memory", "TMonitor", "tqdm_monitor", "Thread-")
-    foreign = [t for t in threading.enumerate() if not t.name.startswith(ours)]
-    if foreign or threading.current_thread() is not threading.main_thread():
-        return "forkserver"
-    return None
-
-
 def _worker_init(_worker_id: int) -> None:
     # Decode workers resize with PIL; one torch thread each keeps them from fighting the model for cores.
     torch.set_num_threads(1)
@@ -230,14 +228,15 @@ def _with_jpegs(idx: list[int], batch: torch.Tensor | None, sizes: list[tuple[in
 class ExtractPlan:
     """What a run will do: small records only (no tensors).
 
-    O(listed images): ``records`` (slotted :class:`ImageRecord`, ~400 B each with a 64-character path) and
-    ``stored_ids`` (a :class:`DigestSet`, 32 B per stored image). ``todo`` is O(images to extract)."""
+    O(listed images): ``records`` (a columnar :class:`tasks.core.datasets.RecordTable`, read as a sequence of
+    :class:`ImageRecord`: ~80 B + the path per image) and ``stored_ids`` (a :class:`DigestSet`, 32 B per stored
+    image). ``todo`` is O(images to extract)."""
 
     config: ExtractConfig
     artefact_id: str
     artefact_dir: Path
     dataset_root: Path | str
-    records: list[ImageRecord]
+    records: Sequence[ImageRecord]  # a RecordTable from plan_extraction
     rejects: list[Reject]
     todo: list[ImageRecord]
     stored_ids: DigestSet
@@ -287,9 +286,10 @@ def plan_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> tuple[
     which images are new. Published parts that no longer verify are dropped (``plan.repaired``): their images
     are extracted again.
 
-    Streamed: the listing yields records directory by directory, :func:`tasks.core.datasets.iter_hashed` stats and
-    hashes them ``cfg.plan_chunk`` at a time in worker threads (journalling new hashes, so a killed plan resumes)
-    and the planner merges each chunk in listing order. Published files are trusted by their stamps
+    Streamed and columnar: the listing yields directory by directory, :func:`tasks.core.datasets.iter_hashed_tables`
+    looks ``cfg.plan_chunk`` files at a time up in the hash cache (path, size, mtime, inode; vectorised) and hashes
+    the rest in worker threads (journalling new hashes, so a killed plan resumes); the planner keeps the listing as
+    one :class:`tasks.core.datasets.RecordTable` (no Python object per file). Published files are trusted by their stamps
     (:class:`storage.features.FileStamps`), hashed in full only when a stamp changed."""
     cfg.validate()
     if cfg.plan_chunk < 1:
@@ -327,19 +327,15 @@ def plan_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> tuple[
             log.warning("dropping journalled part %s: %s", e.get("name"), exc)
     stamps.save()
     stats: dict[str, int] = {}
-    hashed: list[ImageRecord] = []
+    tables: list[RecordTable] = []  # columnar: ~80 B + the path per listed file, no Python object per file
     hrejects: list[Reject] = []
-    digests: list[np.ndarray] = []
-    extra_set: set[str] = set()
-    for ok, rej in iter_hashed(listing.records, cache, progress=cfg.progress, chunk_size=cfg.plan_chunk, stats=stats):
-        hashed.extend(ok)
+    for ok, rej in iter_hashed_tables(listing, cache, progress=cfg.progress, chunk_size=cfg.plan_chunk, stats=stats):
+        tables.append(ok)
         hrejects.extend(rej)
-        digests.append(image_digests([r.image_id for r in ok]))
-        for r in ok:
-            if r.extras:
-                extra_set.update(r.extras)
+    hashed = RecordTable.concat(tables, root)
+    del tables
     rejects = listing.rejects + hrejects
-    listed = np.concatenate(digests) if digests else np.zeros(0, "S32")
+    listed = hashed.digests
     is_new = ~stored.contains(listed)
     # Identity is the content hash: features of the same bytes under the same model/layer/preprocessing in any
     # other dataset of this store (e.g. a copy in another bucket) are reused, not re-extracted.
@@ -371,14 +367,10 @@ def plan_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> tuple[
         if donated:
             stored = stored.union(np.concatenate(donated))
             is_new = ~stored.contains(listed)
-    seen: set[bytes] = set()
-    todo = []
-    for i in np.flatnonzero(is_new).tolist():
-        d = listed[i]
-        if d not in seen:
-            seen.add(d)
-            todo.append(hashed[i])
-    extra = sorted(extra_set)
+    new_rows = np.flatnonzero(is_new)
+    first = np.sort(new_rows[np.unique(listed[new_rows], return_index=True)[1]]) if len(new_rows) else new_rows
+    todo = [hashed[i] for i in first.tolist()]  # the first listed copy of each new image, in listing order
+    extra = hashed.extra_columns()
     return ExtractPlan(cfg, aid, adir, root, hashed, rejects, todo, stored, ref, lm.spec, lm.preprocess, stats, extra,
                        donors, repaired, stamps_path), lm
 
@@ -409,7 +401,7 @@ def extract_records(plan: ExtractPlan, lm: LoadedModel, records: list[ImageRecor
         num_workers=use_workers, collate_fn=_collate,
         pin_memory=device.type == "cuda", persistent_workers=False, worker_init_fn=_worker_init,
         prefetch_factor=4 if use_workers else None,
-        multiprocessing_context=_worker_context() if use_workers else None,
+        multiprocessing_context=worker_context() if use_workers else None,
     )
     with_preds = has_head(module)
     writer: PartWriter | None = None
@@ -437,17 +429,22 @@ def extract_records(plan: ExtractPlan, lm: LoadedModel, records: list[ImageRecor
                          "width": w, "height": h, **r.extras})
         writer.add(meta, feats, preds, probs)
 
-    # On CUDA one batch stays in flight: batch k is queued on the GPU (decode, resize, forward, copy to pinned
-    # memory) before batch k-1's rows are written, so reading / writing overlaps the GPU. On CPU rows are written
-    # as soon as their batch is done (forward_batch_async is then synchronous).
+    # One batch stays in flight: batch k is queued (on CUDA: decode, resize, forward, copy to pinned memory) before
+    # batch k-1's rows are written, so reading / writing overlaps the GPU. On CPU forward_batch_async has finished
+    # when it returns: the rows are the same, written one batch later.
     in_flight: tuple[list[int], list[tuple[int, int]], PendingFeatures] | None = None
     threads_before = torch.get_num_threads()
-    if device.type == "cpu" and workers:
-        # Decode processes + the model's threads must not oversubscribe the cores: intra-op (OpenMP) threads that get
-        # preempted by a decode process stall at every barrier. Measured here (2 cores, 1 decode process, 600
-        # JPEGs): 2 model threads 146 s / 59 CPU-s vs 1 thread 49 s / 19 CPU-s on a loaded machine. Set from the
-        # configured workers (not whether this call starts them), so a resumed tail runs with the same threads.
-        torch.set_num_threads(max(1, min(threads_before, (os.cpu_count() or 1) - workers)))
+    streams: CpuStreams | None = None
+    if device.type == "cpu":
+        # Intra-op (OpenMP) threads that a decode process or another job preempts stall at every barrier: measured
+        # here (2 cores, 1 decode process, 600 JPEGs, loaded) 2 model threads took 146 s / 59 CPU-s, 1 thread 49 s /
+        # 19 CPU-s. So the cores run independent streams (micro-batches on parameter-sharing copies of the model),
+        # one intra-op thread each (tasks.core.forward.CpuStreams), within torch's thread budget (OMP_NUM_THREADS or
+        # the cores). The plan depends on the batch size and that budget only, so a resumed tail computes with the
+        # same threads as the run it continues.
+        n_streams, per_stream = cpu_streams_plan(cfg.batch_size, threads_before)
+        torch.set_num_threads(per_stream)
+        streams = CpuStreams(module, n_streams) if n_streams > 1 else None
     try:
         for idx, batch, sizes, bad, jpegs in loader:
             n_in = len(idx) + len(bad) + len(jpegs)
@@ -461,21 +458,19 @@ def extract_records(plan: ExtractPlan, lm: LoadedModel, records: list[ImageRecor
                 rejects.append(Reject(records[i].path, reason, detail))
             if x_u8 is not None:
                 x = normalise(x_u8, plan.preprocess)
-                pending = forward_batch_async(module, x, plan.layer, cfg.pool, device, with_preds, cfg.precision)
+                pending = forward_batch_async(module, x, plan.layer, cfg.pool, device, with_preds, cfg.precision, streams)
                 if in_flight is not None:
                     write(*in_flight)
-                    in_flight = None
-                if device.type == "cuda":
-                    in_flight = (idx, sizes, pending)
-                else:
-                    write(idx, sizes, pending)
+                in_flight = (idx, sizes, pending)
             done += n_in
             if bar is not None:
-                bar.update(len(idx) + len(bad))
+                bar.update(n_in)
                 bar.set_postfix(img_s=f"{done / max(time.perf_counter() - t0, 1e-9):.1f}", rejects=len(rejects))
         if in_flight is not None:
             write(*in_flight)
     finally:
+        if streams is not None:
+            streams.close()
         torch.set_num_threads(threads_before)
         if bar is not None:
             bar.close()

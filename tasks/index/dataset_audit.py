@@ -34,8 +34,13 @@ penultimate space; 50k distinct noise images under a random-weight ResNet-18 all
 images are not readable (e.g. synthetic features). The calibration and the counts of candidates / confirmed /
 unverifiable pairs are recorded in the audit manifest (``calibration``).
 
-``rank`` orders rows within a finding type (1 = most severe). Memory O(N x k) small records + O(N x 4 KiB) grey
-thumbnails for the pixel check.
+``rank`` orders rows within a finding type (1 = most severe). Memory and work (N id-map rows, E = N x k graph
+edges, U unique images): the findings are computed on NumPy arrays of the edges (label vote: one sort of the E
+(row, label) keys, no dense N x labels matrix), with Python objects only per finding / candidate pair; the pixel
+check keeps U grey thumbnails (4 KiB each) in memory up to :data:`~tasks.index.near_copy.SPILL_ROWS`, else in a temp
+file under the store's ``cache/``, and U 16x16 vectors (1 KiB each); its 16x16 neighbour search is exact up to
+:data:`~tasks.core.faiss_index.AUTO_EXACT_MAX_ROWS` images and the ``auto`` FAISS index (IVF-PQ + exact re-rank) above,
+so no step is quadratic in N.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -52,7 +58,7 @@ import pandas as pd
 from storage.audits import FINDING_COLUMNS, FINDING_TYPES
 from storage.errors import ConvlensError, UsageError
 
-__all__ = ["AuditParams", "NearCopies", "audit_knn", "find_near_copies", "calibrate_feature_threshold",
+__all__ = ["AuditParams", "NearCopies", "audit_knn", "label_votes", "find_near_copies", "calibrate_feature_threshold",
            "summarise_findings", "run_dataset_audit", "audit_dataset", "summarise", "calibration_line"]
 
 log = logging.getLogger(__name__)
@@ -125,6 +131,20 @@ def _s(v: Any) -> str | None:
     return None if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA else str(v)
 
 
+class _Records:
+    """Id-map rows as small dicts, made on demand: one per *finding* row, never one per image (at 1M rows
+    ``idmap.to_dict("records")`` held ~0.5-1 GB of dicts). ``rec[r]`` -> ``{image_id, path, label, split}`` of row
+    position ``r``."""
+
+    _COLS = ("image_id", "path", "label", "split")
+
+    def __init__(self, idmap: pd.DataFrame) -> None:
+        self._cols = {c: idmap[c] for c in self._COLS if c in idmap.columns}
+
+    def __getitem__(self, r: int | np.integer) -> dict[str, Any]:
+        return {c: s.iat[int(r)] for c, s in self._cols.items()}
+
+
 def _row(finding: str, score: float, me: dict, other: dict | None = None, cluster: int = -1,
          suggested: str | None = None, detail: str = "") -> dict[str, Any]:
     o = other or {}
@@ -134,33 +154,101 @@ def _row(finding: str, score: float, me: dict, other: dict | None = None, cluste
             "other_split": _s(o.get("split")), "suggested_label": suggested, "detail": detail}
 
 
+def _id_codes(ids: pd.Series) -> np.ndarray:
+    """``image_id`` column ``(N,)`` -> ``(N,) int64`` codes, equal codes = equal ids (a missing id is its own code)."""
+    codes, uniq = pd.factorize(ids, sort=False)
+    codes = np.asarray(codes, np.int64)
+    missing = codes < 0
+    if missing.any():
+        codes = codes.copy()
+        codes[missing] = len(uniq) + np.arange(int(missing.sum()))
+    return codes
+
+
+def _same_id_groups(codes: np.ndarray) -> list[np.ndarray]:
+    """Rows that share a code, for codes held by >= 2 rows only: a list of ``(m,) int64`` sorted row arrays,
+    ordered by first row. O(N) NumPy, Python work only per group."""
+    if not len(codes):
+        return []
+    cnt = np.bincount(codes)
+    rows = np.flatnonzero(cnt[codes] > 1)
+    if not len(rows):
+        return []
+    rows = rows[np.argsort(codes[rows], kind="stable")]  # by code, rows ascending inside each code
+    cuts = np.flatnonzero(np.diff(codes[rows])) + 1
+    return sorted(np.split(rows.astype(np.int64), cuts), key=lambda r: int(r[0]))
+
+
+def _edges(graph: pd.DataFrame, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The graph's edges with ``rank <= k``: ``(row (E,) int64, neighbor_row (E,) int64, distance (E,) float32,
+    similarity (E,) float64)``, as NumPy arrays (no filtered copy of the DataFrame when every edge qualifies)."""
+    q = graph["row"].to_numpy(np.int64)
+    nb = graph["neighbor_row"].to_numpy(np.int64)
+    dist = graph["distance"].to_numpy()
+    m = graph["rank"].to_numpy() <= k
+    if not m.all():
+        q, nb, dist = q[m], nb[m], dist[m]
+    return q, nb, dist, 1.0 - dist.astype(np.float64)
+
+
+def label_votes(q: np.ndarray, nb: np.ndarray, sim: np.ndarray, label_codes: np.ndarray, n_labels: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Similarity-weighted kNN label vote on the edge arrays, without a dense N x labels matrix.
+
+    ``q``, ``nb`` ``(E,) int64`` rows of the edges, ``sim`` ``(E,) float64`` cosine similarity, ``label_codes``
+    ``(N,) int64`` (-1 = no label; codes in sorted-label order), ``n_labels`` = number of codes. A vote is an edge
+    between two labelled, different rows, weighted ``max(sim, 0) + 1e-6``. Returns, for the rows that got >= 1 vote
+    (ascending), ``(rows (R,) int64, votes (R,) int64, p_given (R,) float64, top_code (R,) int64, p_top (R,)
+    float64)``: ``p_*`` = share of the row's vote weight; ``top_code`` = the heaviest label (ties: the smallest
+    code). Memory O(E) (one sort of the (row, label) keys); no Python loop.
+    """
+    ok = (label_codes[q] >= 0) & (label_codes[nb] >= 0) & (q != nb)
+    qq = q[ok]
+    w = np.clip(sim[ok], 0.0, None) + 1e-6
+    if not len(qq):
+        z = np.zeros(0, np.int64)
+        return z, z, np.zeros(0), z, np.zeros(0)
+    key = qq * np.int64(max(n_labels, 1)) + label_codes[nb[ok]]
+    ukey, inv = np.unique(key, return_inverse=True)
+    vsum = np.bincount(inv.ravel(), weights=w)  # weight per (row, label), rows then labels ascending
+    uq, uc = ukey // max(n_labels, 1), ukey % max(n_labels, 1)
+    rows, first = np.unique(uq, return_index=True)
+    totals = np.add.reduceat(vsum, first)
+    votes = np.bincount(qq)[rows]
+    order = np.lexsort((uc, -vsum, uq))  # per row: heaviest first, smallest code on ties
+    starts = np.searchsorted(uq[order], rows)
+    top_code, top_w = uc[order][starts], vsum[order][starts]
+    given = uc == label_codes[uq]
+    g_w = np.zeros(len(rows))
+    g_w[np.searchsorted(rows, uq[given])] = vsum[given]
+    return rows, votes, g_w / totals, top_code, top_w / totals
+
+
 def audit_knn(idmap: pd.DataFrame, graph: pd.DataFrame, params: AuditParams = AuditParams(),
               near: NearCopies | None = None) -> pd.DataFrame:
     """Findings (columns :data:`FINDING_COLUMNS`) from an id map and a cosine kNN graph (see module docstring).
 
     ``near``: the confirmed near-copy pairs (:func:`find_near_copies`); without it, near-duplicates are the kNN
-    edges with cosine >= ``params.dup_threshold`` (which must then be given).
+    edges with cosine >= ``params.dup_threshold`` (which must then be given). Memory: O(N + E) NumPy arrays for N
+    id-map rows and E graph edges (the label vote sorts one int64 key per edge); Python objects only per finding.
     """
     params.validate()
     if near is None and params.dup_threshold is None:
         raise UsageError("audit_knn without confirmed pairs needs an explicit dup_threshold")
-    idmap = idmap.sort_values("row").reset_index(drop=True)
+    if not idmap["row"].is_monotonic_increasing:
+        idmap = idmap.sort_values("row", kind="stable")
     n = len(idmap)
     if n and not (idmap["row"].to_numpy() == np.arange(n)).all():
         raise UsageError("id map rows must be 0..N-1")
-    recs = idmap.to_dict("records")
-    g = graph[graph["rank"] <= params.k]
-    q = g["row"].to_numpy(np.int64)
-    nb = g["neighbor_row"].to_numpy(np.int64)
-    sim = 1.0 - g["distance"].to_numpy(np.float64)
+    recs = _Records(idmap)
+    q, nb, dist, sim = _edges(graph, params.k)
     out: list[dict[str, Any]] = []
 
     # exact duplicates: same bytes (image_id) at several paths
     pairs: dict[tuple[int, int], float] = {}
     evidence: dict[tuple[int, int], str] = {}
-    ids = idmap["image_id"]
-    exact_groups = [np.sort(rows) for rows in idmap.groupby("image_id", sort=False).indices.values() if len(rows) > 1]
-    for ci, rows in enumerate(sorted(exact_groups, key=lambda r: r[0])):
+    codes = _id_codes(idmap["image_id"])
+    for ci, rows in enumerate(_same_id_groups(codes)):
         for r in rows:
             other = rows[0] if r != rows[0] else rows[1]
             out.append(_row("exact-duplicate", 1.0, recs[r], recs[other], ci, detail=f"{len(rows)} paths with identical bytes"))
@@ -178,11 +266,17 @@ def audit_knn(idmap: pd.DataFrame, graph: pd.DataFrame, params: AuditParams = Au
                 evidence[key] = why
     else:
         m = (sim >= float(params.dup_threshold)) & (q != nb)
-        for a, b, s in zip(q[m], nb[m], sim[m]):
-            key = (int(min(a, b)), int(max(a, b)))
-            if key not in evidence or evidence[key] != "identical bytes":
-                pairs[key] = max(pairs.get(key, -1.0), float(s))
-                evidence[key] = f"feature cosine {pairs[key]:.4f} >= {params.dup_threshold}"
+        if m.any():  # best similarity per unordered pair in NumPy (pairs in order of first edge); Python per pair
+            lo, hi, s_m = np.minimum(q[m], nb[m]), np.maximum(q[m], nb[m]), sim[m]
+            key = lo * np.int64(max(n, 1)) + hi
+            _, first, inv = np.unique(key, return_index=True, return_inverse=True)
+            top = np.full(len(first), -np.inf)
+            np.maximum.at(top, inv.ravel(), s_m)
+            for j in np.argsort(first, kind="stable").tolist():
+                a, b = int(lo[first[j]]), int(hi[first[j]])
+                if (a, b) not in evidence or evidence[(a, b)] != "identical bytes":
+                    pairs[(a, b)] = max(pairs.get((a, b), -1.0), float(top[j]))
+                    evidence[(a, b)] = f"feature cosine {pairs[(a, b)]:.4f} >= {params.dup_threshold}"
     uf = _UnionFind(n)
     best: dict[int, tuple[float, int]] = {}
     for (a, b), s in pairs.items():
@@ -193,11 +287,18 @@ def audit_knn(idmap: pd.DataFrame, graph: pd.DataFrame, params: AuditParams = Au
     comps: dict[int, list[int]] = {}
     for r in best:
         comps.setdefault(uf.find(r), []).append(r)
+    split_of: dict[int, str | None] = {}
+
+    def split(r: int) -> str | None:
+        if r not in split_of:
+            split_of[r] = _s(recs[r].get("split"))
+        return split_of[r]
+
     for ci, root in enumerate(sorted(comps)):
         members = sorted(comps[root])
         for r in members:
             s, o = best[r]
-            kind = "an exact" if ids.iat[r] == ids.iat[o] else "a near"
+            kind = "an exact" if codes[r] == codes[o] else "a near"
             out.append(_row("near-duplicate", s, recs[r], recs[o], ci,
                             detail=f"cluster of {len(members)}; closest member is {kind} duplicate "
                                    f"({evidence[(min(r, o), max(r, o))]})"))
@@ -205,7 +306,7 @@ def audit_knn(idmap: pd.DataFrame, graph: pd.DataFrame, params: AuditParams = Au
     # leakage: duplicate pairs that cross splits
     leaked: set[int] = set()
     for (a, b), s in sorted(pairs.items(), key=lambda it: -it[1]):
-        sa, sb = _s(recs[a].get("split")), _s(recs[b].get("split"))
+        sa, sb = split(a), split(b)
         if sa and sb and sa != sb:
             (me_r, other_r) = (b, a) if sa == "train" else (a, b)
             me, other = recs[me_r], recs[other_r]
@@ -220,43 +321,35 @@ def audit_knn(idmap: pd.DataFrame, graph: pd.DataFrame, params: AuditParams = Au
     for root in sorted(comps):
         members = sorted(comps[root])
         for r in members:
-            sr = _s(recs[r].get("split"))
+            sr = split(r)
             if not sr or sr == "train" or r in leaked:
                 continue
-            others = [o for o in members if _s(recs[o].get("split")) not in (None, sr)]
+            others = [o for o in members if split(o) not in (None, sr)]
             if not others:
                 continue
-            o = min(others, key=lambda x: (_s(recs[x].get("split")) != "train", x))
+            o = min(others, key=lambda x: (split(x) != "train", x))
             leaked.add(r)
             out.append(_row("leakage", best[r][0], recs[r], recs[o], root,
                             detail=f"{sr} image is in a near-copy cluster of {len(members)} with a "
-                                   f"{_s(recs[o].get('split'))} image (linked through other copies of the same picture)"))
+                                   f"{split(o)} image (linked through other copies of the same picture)"))
 
-    # kNN label disagreement (cleanlab-style self-confidence from a similarity-weighted kNN vote)
-    labels = idmap["label"].to_numpy(dtype=object)
-    has = np.array([_s(v) is not None for v in labels])
-    if has.any():
-        w = np.clip(sim, 0.0, None) + 1e-6
-        lab_nb = labels[nb]
-        ok = has[q] & has[nb] & (q != nb)
-        df = pd.DataFrame({"q": q[ok], "lab": lab_nb[ok], "w": w[ok]})
-        votes = df.groupby(["q", "lab"])["w"].sum().unstack(fill_value=0.0)
-        counts = df.groupby("q").size()
-        totals = votes.sum(axis=1)
-        for r in votes.index:
-            if counts[r] < params.min_label_votes:
-                continue
-            given = labels[r]
-            p = votes.loc[r] / totals[r]
-            p_given = float(p.get(given, 0.0))
-            top = str(p.idxmax())
-            if top != given and p_given < 0.5:
-                out.append(_row("label-disagreement", 1.0 - p_given, recs[r], cluster=-1, suggested=top,
-                                detail=f"p(given)={p_given:.3f}, p({top})={float(p[top]):.3f} over {int(counts[r])} labelled neighbours"))
+    # kNN label disagreement (cleanlab-style self-confidence from a similarity-weighted kNN vote), on the (N, k)
+    # edge arrays: no dense N x labels matrix, no per-row pandas
+    if "label" in idmap.columns:
+        lcodes, luniq = pd.factorize(idmap["label"], sort=True)
+        lcodes = np.asarray(lcodes, np.int64)
+        if (lcodes >= 0).any():
+            rows, votes, p_given, top, p_top = label_votes(q, nb, sim, lcodes, len(luniq))
+            flag = (votes >= params.min_label_votes) & (top != lcodes[rows]) & (p_given < 0.5)
+            for r, pg, t, pt, v in zip(rows[flag].tolist(), p_given[flag].tolist(), top[flag].tolist(),
+                                       p_top[flag].tolist(), votes[flag].tolist()):
+                name = str(luniq[t])
+                out.append(_row("label-disagreement", 1.0 - pg, recs[r], cluster=-1, suggested=name,
+                                detail=f"p(given)={pg:.3f}, p({name})={pt:.3f} over {int(v)} labelled neighbours"))
 
     # outliers: far from their k-th neighbour
-    if len(g):
-        kth = g.groupby("row")["distance"].max()
+    if len(q):
+        kth = pd.Series(dist).groupby(q).max()
         med = float(kth.median())
         mad = float((kth - med).abs().median()) * 1.4826
         scale = mad if mad > 1e-12 else max(float(kth.std()), 1e-12)
@@ -280,11 +373,17 @@ def audit_knn(idmap: pd.DataFrame, graph: pd.DataFrame, params: AuditParams = Au
 # ------------------------------------------------------------------------------------------------ near copies
 
 
-def _unique_rows(idmap: pd.DataFrame) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """First row of each image_id ``(U,) int64`` and every image_id's rows."""
-    groups = {str(k): np.sort(v) for k, v in idmap.groupby("image_id", sort=False).indices.items()}
-    reps = np.array(sorted(int(v[0]) for v in groups.values()), np.int64)
-    return reps, groups
+def _unique_rows(idmap: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+    """Rows by image: ``reps`` ``(U,) int64`` the first row of each image_id (ascending), ``rep_of`` ``(N,) int64``
+    each row's first row, and ``{first row: (m,) int64 sorted rows}`` for the image_ids held by >= 2 rows only.
+    O(N) NumPy; Python objects only per repeated image_id."""
+    codes = _id_codes(idmap["image_id"])
+    if not len(codes):
+        z = np.zeros(0, np.int64)
+        return z, z, {}
+    _, first = np.unique(codes, return_index=True)  # first row of each code
+    first = first.astype(np.int64)
+    return np.sort(first), first[codes], {int(g[0]): g for g in _same_id_groups(codes)}
 
 
 def calibrate_feature_threshold(fmanifest: dict[str, Any], root: str | None, idmap: pd.DataFrame, sample: int,
@@ -311,7 +410,7 @@ def calibrate_feature_threshold(fmanifest: dict[str, Any], root: str | None, idm
     from tasks.index.near_copy import self_copies
 
     rec: dict[str, Any] = {"method": "self-copies", "quantile": COPY_QUANTILE, "threshold": None}
-    reps, _ = _unique_rows(idmap)
+    reps = _unique_rows(idmap)[0]
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(reps))
     originals, copies, owner, rows = [], [], [], []
@@ -366,7 +465,8 @@ def calibrate_feature_threshold(fmanifest: dict[str, Any], root: str | None, idm
 
 def find_near_copies(idmap: pd.DataFrame, graph: pd.DataFrame, root: str | None, params: AuditParams,
                      feature_threshold: float | None, cosine: Callable[[int, int], float],
-                     calibration: dict[str, Any] | None = None) -> NearCopies:
+                     calibration: dict[str, Any] | None = None, *, pixel_exact_max_rows: int | None = None,
+                     spill_dir: str | os.PathLike[str] | None = None, spill_rows: int | None = None) -> NearCopies:
     """Confirmed same-picture pairs of id-map rows (see the module docstring).
 
     Candidates: kNN edges (rank <= k) with cosine >= ``feature_threshold`` (every edge when None) whose unaligned
@@ -374,117 +474,156 @@ def find_near_copies(idmap: pd.DataFrame, graph: pd.DataFrame, root: str | None,
     neighbours in that 16x16 space with correlation >= the same :data:`~tasks.index.near_copy.PREFILTER`. Each candidate
     is confirmed by :func:`tasks.index.near_copy.match` + :func:`~tasks.index.near_copy.is_near_copy` against both
     images' self-copy tolerance. ``cosine(a, b)`` gives the feature cosine of rows not joined by a kNN edge.
-    Exact duplicates (same ``image_id``) are left to :func:`audit_knn`. Memory O(N x 4 KiB) thumbnails.
+    Exact duplicates (same ``image_id``) are left to :func:`audit_knn`.
+
+    The 16x16 neighbour search is exact (``Flat``) up to ``pixel_exact_max_rows`` structured images (default
+    :data:`~tasks.core.faiss_index.AUTO_EXACT_MAX_ROWS`) and above it the ``auto`` FAISS index
+    (:func:`~tasks.core.faiss_index.resolve_factory`: IVF-PQ fast-scan + exact re-rank), so no step is quadratic in
+    N. Memory: U unique images' grey thumbnails (4 KiB each) in memory up to ``spill_rows`` (default
+    :data:`~tasks.index.near_copy.SPILL_ROWS`), else in a temp file in ``spill_dir``; the 16x16 vectors (1 KiB each,
+    held once: in memory on the exact path, as the index's re-rank store above it); O(N) int64 row maps; O(E)
+    NumPy arrays for the E graph edges; Python objects per candidate pair only.
     """
-    from tasks.core.faiss_index import knn_search
+    from tasks.core.faiss_index import AUTO_EXACT_MAX_ROWS
     from tasks.core.images import RejectedImage, open_stored_image
     from tasks.index import near_copy as nc
 
-    reps, groups = _unique_rows(idmap)
-    ids = idmap["image_id"].astype(str).to_numpy()
-    rep_of = {k: int(v[0]) for k, v in groups.items()}
-    rep_paths = [str(p) for p in idmap["path"].to_numpy()[reps]]
-    g = graph[(graph["rank"] <= params.k) & (graph["row"] != graph["neighbor_row"])]
-    sim = 1.0 - g["distance"].to_numpy(np.float64)
-    keep = np.ones(len(g), bool) if feature_threshold is None else sim >= feature_threshold
+    exact_max = AUTO_EXACT_MAX_ROWS if pixel_exact_max_rows is None else int(pixel_exact_max_rows)
+    if not idmap["row"].is_monotonic_increasing:
+        idmap = idmap.sort_values("row", kind="stable")
+    path_col = idmap["path"]
+    reps, rep_of, multi = _unique_rows(idmap)
+    n, u = len(idmap), len(reps)
+    rep_paths = path_col.to_numpy(dtype=object)[reps]
+    q, nb, _, sim = _edges(graph, params.k)
+    keep = q != nb
+    if feature_threshold is not None:
+        keep &= sim >= feature_threshold
+    q, nb, sim = q[keep], nb[keep], sim[keep]
     # probe a few images first: a store whose images are all gone (or never existed, e.g. synthetic features)
     # must not cost one failed open per image
-    probe = np.random.default_rng(0).permutation(len(reps))[:32]
+    probe = np.random.default_rng(0).permutation(u)[:32]
     _, probe_ok, probe_fail = nc.load_thumbs(root, [rep_paths[i] for i in probe])
     if len(probe) and not probe_ok.any():
         out = NearCopies()
-        ends = set(zip(g["row"].to_numpy()[keep].tolist(), g["neighbor_row"].to_numpy()[keep].tolist()))
-        n_unv = len({(min(a, b), max(a, b)) for a, b in ends if ids[a] != ids[b]})
-        out.record = {"candidates": {"feature_knn_edges": int(keep.sum()), "pixel_knn_edges": 0, "pairs": n_unv},
-                      "confirmed_pairs": 0, "rejected_pairs": 0, "unverified_pairs": n_unv, "unreadable_images": len(reps),
+        differ = rep_of[q] != rep_of[nb]
+        n_unv = int(len(np.unique(np.minimum(q, nb)[differ] * np.int64(max(n, 1)) + np.maximum(q, nb)[differ])))
+        out.record = {"candidates": {"feature_knn_edges": int(len(q)), "pixel_knn_edges": 0, "pairs": n_unv},
+                      "confirmed_pairs": 0, "rejected_pairs": 0, "unverified_pairs": n_unv, "unreadable_images": u,
                       "unreadable_reason": f"none of {len(probe)} probed images could be opened (e.g. {probe_fail[0][0]}: "
                                            f"{probe_fail[0][1]}); no near-copy is reported without its pixels — pass "
                                            "--confirm none --dup-threshold X to trust the features alone",
                       "tolerances_computed": 0, "pixel_rule": nc.rule_record()}
         log.warning("near-copy check skipped: %s", out.record["unreadable_reason"])
         return out
-    thumbs, ok, failures = nc.load_thumbs(root, rep_paths)
-    slot = {int(r): i for i, r in enumerate(reps)}
-    coarse = nc.coarse_vectors(thumbs)
-    has_struct = ok & (np.abs(coarse).sum(axis=1) > 0)
+    slot = np.full(n, -1, np.int64)
+    slot[reps] = np.arange(u)
+    row_slot = slot[rep_of]  # id-map row -> slot of its image's first row (reps ascending, so slots keep row order)
+    del slot
+    t0 = time.perf_counter()
+    with nc.ThumbStore(u, spill_dir, spill_rows) as thumbs:
+        _, ok, failures = nc.load_thumbs(root, rep_paths, out=thumbs)
+        del rep_paths
+        keep_coarse = u <= exact_max
+        coarse = np.zeros((u, 16 * 16), np.float32) if keep_coarse else None
+        has_struct = np.zeros(u, bool)
+        for start in range(0, u, _BLOCK):
+            c = nc.coarse_vectors(thumbs.read(start, start + _BLOCK))
+            has_struct[start:start + len(c)] = ok[start:start + len(c)] & (np.abs(c).sum(axis=1) > 0)
+            if coarse is not None:
+                coarse[start:start + len(c)] = c
+        struct = np.flatnonzero(has_struct)
+        t1 = time.perf_counter()
 
-    cands: dict[tuple[int, int], dict[str, Any]] = {}
-
-    def add(a: int, b: int, via: str, cos: float | None = None) -> None:
-        a, b = rep_of[ids[a]], rep_of[ids[b]]
-        if a == b:
-            return
-        key = (min(a, b), max(a, b))
-        c = cands.setdefault(key, {"via": set(), "cos": None})
-        c["via"].add(via)
-        if cos is not None:
-            c["cos"] = max(cos, c["cos"]) if c["cos"] is not None else cos
-
-    q, nb = g["row"].to_numpy(np.int64)[keep], g["neighbor_row"].to_numpy(np.int64)[keep]
-    n_feat = 0
-    for a, b, s in zip(q, nb, sim[keep]):
-        ia, ib = slot[rep_of[ids[a]]], slot[rep_of[ids[b]]]
-        if ia == ib:
-            continue
-        if has_struct[ia] and has_struct[ib] and float(coarse[ia] @ coarse[ib]) < nc.PREFILTER:
-            continue  # not worth aligning: no near-copy measured so far sits this far apart unaligned
-        add(int(a), int(b), "feature kNN", float(s))  # unreadable images land here too: counted as unverified
-        n_feat += 1
-    struct = np.flatnonzero(has_struct)
-    n_pix = 0
-    if len(struct) > 1:
+        # the 16x16 pixel-space kNN over the structured images: exact up to exact_max, the auto FAISS index above
         kk = min(params.k, len(struct) - 1)
-        pidx, pdist = knn_search(coarse[struct], kk, "cosine")
-        for i, (row_i, row_d) in enumerate(zip(pidx, pdist)):
-            for j, d in zip(row_i, row_d):
-                if j >= 0 and 1.0 - float(d) >= nc.PREFILTER:
-                    add(int(reps[struct[i]]), int(reps[struct[j]]), "pixel kNN")
-                    n_pix += 1
+        pix_a, pix_b, pix_index, vec_of = _pixel_knn(thumbs, struct, kk, coarse, exact_max)
 
-    def tol(r: int) -> tuple[float, float] | None:
-        try:
-            img = open_stored_image(root, str(idmap.at[r, "path"]), draft=(4 * nc.THUMB, 4 * nc.THUMB))
-            return nc.tolerance(img)
-        except (RejectedImage, OSError, ValueError) as exc:
-            log.warning("cannot reopen %s for its self-copy tolerance: %s", idmap.at[r, "path"], exc)
-            return None
+        # feature kNN edges -> slot pairs, dropped when both images have structure and their unaligned 16x16
+        # correlation is below the prefilter (no near-copy measured so far sits that far apart unaligned)
+        ia, ib = row_slot[q], row_slot[nb]
+        m = ia != ib
+        ia, ib, s_f = ia[m], ib[m], sim[m]
+        both = np.flatnonzero(has_struct[ia] & has_struct[ib])
+        drop = np.zeros(len(ia), bool)
+        for start in range(0, len(both), 65_536):
+            e = both[start:start + 65_536]
+            drop[e] = np.einsum("ij,ij->i", vec_of(ia[e]), vec_of(ib[e])) < nc.PREFILTER
+        ia, ib, s_f = ia[~drop], ib[~drop], s_f[~drop]  # unreadable images stay: counted as unverified
+        n_feat, n_pix = int(len(ia)), int(len(pix_a))
 
-    # aligned matches, then the self-copy tolerance of every image a surviving pair needs; OpenCV and NumPy release
-    # the GIL, so a small thread pool runs them on every core
-    readable = [key for key in sorted(cands) if ok[slot[key[0]]] and ok[slot[key[1]]]]
-    unverified = len(cands) - len(readable)
-    workers = min(4, os.cpu_count() or 1)
-    with cf.ThreadPoolExecutor(max_workers=workers) as pool:
-        scores = dict(zip(readable, pool.map(lambda key: nc.match(thumbs[slot[key[0]]], thumbs[slot[key[1]]]), readable)))
-        alive = [key for key in readable if scores[key][0] >= nc.CORR_FLOOR]
-        need = sorted({r for key in alive for r in key})
-        tol_cache = dict(zip(need, pool.map(tol, need)))
+        # one candidate per unordered slot pair: how it was found (1 feature kNN, 2 pixel kNN) and its best cosine
+        lo = np.concatenate([np.minimum(ia, ib), np.minimum(pix_a, pix_b)])
+        hi = np.concatenate([np.maximum(ia, ib), np.maximum(pix_a, pix_b)])
+        via = np.concatenate([np.ones(n_feat, np.int8), np.full(n_pix, 2, np.int8)])
+        cos_e = np.concatenate([s_f, np.full(n_pix, np.nan)])
+        del ia, ib, s_f, pix_a, pix_b
+        key = lo * np.int64(max(u, 1)) + hi
+        order = np.argsort(key, kind="stable")
+        key, via, cos_e = key[order], via[order], cos_e[order]
+        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, np.int64)
+        c_lo, c_hi = key[starts] // max(u, 1), key[starts] % max(u, 1)
+        c_via = np.bitwise_or.reduceat(via, starts) if len(starts) else via
+        c_cos = np.fmax.reduceat(cos_e, starts) if len(starts) else cos_e
+        del key, via, cos_e, order, lo, hi
+        t2 = time.perf_counter()
+
+        def tol(r: int) -> tuple[float, float] | None:
+            try:
+                img = open_stored_image(root, str(path_col.iat[r]), draft=(4 * nc.THUMB, 4 * nc.THUMB))
+                return nc.tolerance(img)
+            except (RejectedImage, OSError, ValueError) as exc:
+                log.warning("cannot reopen %s for its self-copy tolerance: %s", path_col.iat[r], exc)
+                return None
+
+        # aligned matches, then the self-copy tolerance of every image a surviving pair needs; OpenCV and NumPy release
+        # the GIL, so a small thread pool runs them on every core (fed in blocks: bounded queued work)
+        readable = np.flatnonzero(ok[c_lo] & ok[c_hi])
+        unverified = len(c_lo) - len(readable)
+        corr = np.full(len(c_lo), -2.0)
+        resid = np.full(len(c_lo), np.inf)
+        workers = min(4, os.cpu_count() or 1)
+        with cf.ThreadPoolExecutor(max_workers=workers) as pool:
+            for start in range(0, len(readable), _BLOCK):
+                js = readable[start:start + _BLOCK].tolist()
+                for j, (cr, rs) in zip(js, pool.map(lambda j: nc.match(thumbs.get(c_lo[j]), thumbs.get(c_hi[j])), js)):
+                    corr[j], resid[j] = cr, rs
+            alive = readable[corr[readable] >= nc.CORR_FLOOR]
+            need = np.unique(np.concatenate([reps[c_lo[alive]], reps[c_hi[alive]]])).tolist()
+            tol_cache: dict[int, tuple[float, float] | None] = {}
+            for start in range(0, len(need), _BLOCK):
+                tol_cache.update(zip(need[start:start + _BLOCK], pool.map(tol, need[start:start + _BLOCK])))
     out = NearCopies()
     aligned_below_floor = len(readable) - len(alive)
     rejected = 0
-    for a, b in alive:
-        c = cands[(a, b)]
-        corr, resid = scores[(a, b)]
+    for j in alive.tolist():
+        a, b = int(reps[c_lo[j]]), int(reps[c_hi[j]])
+        cr, rs = float(corr[j]), float(resid[j])
         ta, tb = tol_cache[a], tol_cache[b]
         if ta is None or tb is None:
             unverified += 1
             continue
-        if not nc.is_near_copy(corr, resid, ta, tb):
+        if not nc.is_near_copy(cr, rs, ta, tb):
             rejected += 1
             continue
-        cos = c["cos"] if c["cos"] is not None else cosine(a, b)
+        cos = float(c_cos[j]) if c_via[j] & 1 else cosine(a, b)
         if cos != cos:  # not reconstructable from this index kind: rank by the pixel evidence instead
-            cos = corr
+            cos = cr
         tol_r = nc.MARGIN * max(ta[1], tb[1], nc.MIN_RESID_TOL)
-        why = (f"same picture: aligned pixel correlation {corr:.4f}, residual {resid:.2f} <= {tol_r:.2f} "
-               f"(self-copy tolerance x {nc.MARGIN:g}), feature cosine {cos:.4f}; found by {' + '.join(sorted(c['via']))}")
-        for ra in groups[ids[a]]:
-            for rb in groups[ids[b]]:
+        found = " + ".join(name for bit, name in ((1, "feature kNN"), (2, "pixel kNN")) if c_via[j] & bit)
+        why = (f"same picture: aligned pixel correlation {cr:.4f}, residual {rs:.2f} <= {tol_r:.2f} "
+               f"(self-copy tolerance x {nc.MARGIN:g}), feature cosine {cos:.4f}; found by {found}")
+        for ra in multi.get(a, (a,)):
+            for rb in multi.get(b, (b,)):
                 out.pairs[(int(min(ra, rb)), int(max(ra, rb)))] = (float(cos), why)
-    out.record = {"candidates": {"feature_knn_edges": n_feat, "pixel_knn_edges": n_pix, "pairs": len(cands)},
+    out.record = {"candidates": {"feature_knn_edges": n_feat, "pixel_knn_edges": n_pix, "pairs": int(len(c_lo)),
+                                 "pixel_index": pix_index},
                   "confirmed_pairs": int(sum(1 for _ in out.pairs)), "rejected_pairs": rejected + aligned_below_floor,
-                  "unverified_pairs": unverified, "unreadable_images": len(failures),
-                  "tolerances_computed": len(tol_cache), "pixel_rule": nc.rule_record()}
+                  "unverified_pairs": int(unverified), "unreadable_images": len(failures),
+                  "tolerances_computed": len(tol_cache), "thumbnails_spilled": bool(thumbs.spilled),
+                  "seconds": {"thumbnails": round(t1 - t0, 3), "candidates": round(t2 - t1, 3),
+                              "confirm": round(time.perf_counter() - t2, 3)},
+                  "pixel_rule": nc.rule_record()}
     if calibration and calibration.get("_copies"):
         originals, copies, owner, cos = calibration["_copies"]
         thumbs_o = [nc.grey_thumb(im) for im in originals]
@@ -494,10 +633,104 @@ def find_near_copies(idmap: pd.DataFrame, graph: pd.DataFrame, root: str | None,
             t_o, t_c = thumbs_o[o], nc.grey_thumb(img_c)
             v = nc.coarse_vectors(np.stack([t_o, t_c]))
             proposed = feature_threshold is None or s >= feature_threshold or float(v[0] @ v[1]) >= nc.PREFILTER
-            corr, resid = nc.match(t_o, t_c)
-            hit += bool(proposed and nc.is_near_copy(corr, resid, tols_o[o], tols_o[o]))
+            corr_c, resid_c = nc.match(t_o, t_c)
+            hit += bool(proposed and nc.is_near_copy(corr_c, resid_c, tols_o[o], tols_o[o]))
         out.record["self_copy_recall"] = round(hit / max(1, len(copies)), 4)
     return out
+
+
+_BLOCK = 4096  # images / pairs per block in the near-copy search
+
+
+def _pixel_knn(thumbs: Any, struct: np.ndarray, k: int, coarse: np.ndarray | None, exact_max: int
+               ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], Callable[[np.ndarray], np.ndarray]]:
+    """The ``k`` nearest neighbours of every structured image in the 16x16 grey space, kept when their correlation is
+    >= :data:`~tasks.index.near_copy.PREFILTER`.
+
+    ``thumbs``: the :class:`~tasks.index.near_copy.ThumbStore` of the U unique images; ``struct`` ``(S,) int64``
+    their slots with structure; ``coarse`` ``(U, 256) float32`` their 16x16 vectors when held in memory (else they
+    are computed from ``thumbs`` block by block). Exact (``knn_search``, the 16x16 vectors of ``struct`` in memory:
+    S x 1 KiB) for ``S <= exact_max``; above it the ``auto`` FAISS index (:func:`~tasks.core.faiss_index.resolve_factory`:
+    ``IVF<nlist>,PQ64x4fs,RFlat``, trained on a seeded sample, nprobe and re-rank factor as ``convlens index`` sets
+    them), searched block by block (memory: the index, S x ~1.05 KiB, + O(block x k)). Returns ``(a (P,) int64, b
+    (P,) int64)`` slot pairs (query, neighbour), the record of the search and ``vec_of(slots) -> (m, 256) float32``
+    (the 16x16 vector of structured slots, for the feature edges' prefilter).
+    """
+    from tasks.core.faiss_index import (
+        AUTO_K_FACTOR,
+        add_vectors,
+        default_nprobe,
+        finalize_index,
+        knn_search,
+        needs_training,
+        new_index,
+        nlist_of,
+        prepare_vectors,
+        reserve_rows,
+        resolve_factory,
+        search_index,
+        train_index,
+    )
+    from tasks.index import near_copy as nc
+
+    s_n = len(struct)
+    empty = np.zeros(0, np.int64)
+    pos = np.full(len(thumbs), -1, np.int64)
+    pos[struct] = np.arange(s_n)
+
+    def coarse_of(slots: np.ndarray) -> np.ndarray:
+        if coarse is not None:
+            return coarse[slots]
+        out = np.empty((len(slots), 16 * 16), np.float32)
+        for start in range(0, len(slots), _BLOCK):  # contiguous runs read in one go when slots are sorted
+            part = slots[start:start + _BLOCK]
+            if len(part) and int(part[-1]) - int(part[0]) + 1 == len(part):
+                out[start:start + len(part)] = nc.coarse_vectors(thumbs.read(int(part[0]), int(part[-1]) + 1))
+            else:
+                out[start:start + len(part)] = nc.coarse_vectors(thumbs.take(part))
+        return out
+
+    if s_n <= exact_max or s_n < 2:
+        sv = coarse[struct] if coarse is not None else coarse_of(struct)
+
+        def vec_exact(slots: np.ndarray) -> np.ndarray:
+            return coarse[slots] if coarse is not None else sv[pos[slots]]
+
+        if s_n < 2:
+            return empty, empty, {"factory": "Flat", "exact": True, "rows": int(s_n)}, vec_exact
+        pidx, pdist = knn_search(sv, k, "cosine")
+        hit = (pidx >= 0) & (1.0 - pdist.astype(np.float64) >= nc.PREFILTER)
+        a = np.repeat(struct, k).reshape(s_n, k)[hit]
+        return a, struct[pidx[hit]], {"factory": "Flat", "exact": True, "rows": int(s_n)}, vec_exact
+
+    factory = resolve_factory("auto", s_n, 16 * 16, exact_max)
+    index = new_index(16 * 16, factory, "cosine")
+    nlist = nlist_of(index)
+    if needs_training(index):
+        rows = min(s_n, 100_000, 50 * nlist) if nlist else min(s_n, 100_000)
+        sample = np.sort(np.random.default_rng(0).choice(s_n, rows, replace=False))
+        train_index(index, prepare_vectors(coarse_of(struct[sample]), "cosine"))
+    reserve_rows(index, s_n)
+    for start in range(0, s_n, _BLOCK):
+        add_vectors(index, prepare_vectors(coarse_of(struct[start:start + _BLOCK]), "cosine"))
+    nprobe = default_nprobe(nlist) if nlist else None
+    finalize_index(index, nprobe, AUTO_K_FACTOR)
+    kq = min(s_n, k + 1)
+    a_parts, b_parts = [], []
+    for start in range(0, s_n, _BLOCK):
+        rows = np.arange(start, min(s_n, start + _BLOCK))
+        idx, dist = search_index(index, prepare_vectors(coarse_of(struct[rows]), "cosine"), kq, "cosine")
+        order = np.argsort(idx == rows[:, None], axis=1, kind="stable")[:, :k]  # self out, first k others kept
+        idx, dist = np.take_along_axis(idx, order, axis=1), np.take_along_axis(dist, order, axis=1)
+        hit = (idx >= 0) & (idx != rows[:, None]) & (1.0 - dist.astype(np.float64) >= nc.PREFILTER)
+        a_parts.append(struct[np.repeat(rows, k).reshape(len(rows), k)[hit]])
+        b_parts.append(struct[idx[hit]])
+
+    def vec_index(slots: np.ndarray) -> np.ndarray:
+        return index.reconstruct_batch(pos[slots]) if len(slots) else np.zeros((0, 16 * 16), np.float32)
+
+    record = {"factory": factory, "exact": False, "rows": int(s_n), "nprobe": nprobe, "k_factor": AUTO_K_FACTOR}
+    return np.concatenate(a_parts), np.concatenate(b_parts), record, vec_index
 
 
 def calibration_line(cal: dict[str, Any] | None) -> str:
@@ -654,7 +887,7 @@ def _near_copies(s: Any, im: dict[str, Any], aid_i: str, idmap: pd.DataFrame, gr
             return float("nan")
         return float(np.dot(va, vb) / max(float(np.linalg.norm(va) * np.linalg.norm(vb)), 1e-12))
 
-    near = find_near_copies(idmap, graph, root, params, threshold, cosine, fcal)
+    near = find_near_copies(idmap, graph, root, params, threshold, cosine, fcal, spill_dir=s.kind_dir("cache"))
     fcal.pop("_copies", None)
     cal = {"confirm": "pixels", "feature_threshold": threshold, "feature": fcal, **near.record}
     return near, cal

@@ -27,7 +27,8 @@ Why not a perceptual hash (pHash / dHash): measured while designing this on the 
 16-20 bits while two *different* upscaled handwritten digits can sit 2 bits apart, so no hash cut-off separates
 copies from distinct images of the same kind; the aligned residual separates them (digits: copies <= 0.27, nearest distinct digits >= 0.45).
 
-Cost (2 shared CPU cores): a thumbnail is one decode + resize (4 KiB kept as uint8); a match ~2-4 ms; a tolerance
+Cost (2 shared CPU cores): a thumbnail is one decode + resize (4 KiB kept as uint8, in memory up to
+:data:`SPILL_ROWS` images, else in a temp file: :class:`ThumbStore`); a match ~2-4 ms; a tolerance
 ~20-30 ms (ten edits of the image shrunk to <= 256 px, each matched). Nothing here depends on the model.
 """
 
@@ -37,6 +38,8 @@ import concurrent.futures as cf
 import io
 import logging
 import os
+import tempfile
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -46,7 +49,7 @@ from tasks.core.images import RejectedImage, decode_image, open_stored_image
 
 __all__ = ["THUMB", "BLUR_SIGMA", "SCALES", "CORR_FLOOR", "MARGIN", "MIN_RESID_TOL", "RESID_QUANTILE", "PREFILTER",
            "TRANSFORMS", "grey_thumb", "coarse_vectors", "self_copies", "match", "tolerance", "is_near_copy",
-           "load_thumbs", "rule_record"]
+           "SPILL_ROWS", "LOAD_BLOCK", "ThumbStore", "load_thumbs", "rule_record"]
 
 log = logging.getLogger(__name__)
 
@@ -199,15 +202,100 @@ def is_near_copy(corr: float, resid: float, tol_a: tuple[float, float], tol_b: t
     return bool(corr >= CORR_FLOOR and (1.0 - corr) <= MARGIN * max(1.0 - tol_corr, 1e-4) and resid <= MARGIN * tol_resid)
 
 
-def load_thumbs(root: str | None, paths: Sequence[str], workers: int | None = None
-                ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-    """Thumbnails of stored images ``root`` + ``path``, decoded in a thread pool.
+SPILL_ROWS = 65_536
+"""Thumbnails kept in memory up to this many images (256 MiB); above, :class:`ThumbStore` keeps them in a temp file."""
+LOAD_BLOCK = 1024
+"""Images decoded per block by :func:`load_thumbs` (bounds the thread pool's queued futures and results)."""
+_BYTES = THUMB * THUMB
 
-    Returns ``(thumbs (N, THUMB, THUMB) uint8, ok (N,) bool, failures [(path, reason)])``; rows that could not be
-    read are zeros with ``ok`` false. Memory O(N x 4 KiB).
+
+class ThumbStore:
+    """``(N, THUMB, THUMB) uint8`` thumbnails: an in-memory array up to ``spill_rows`` rows (default
+    :data:`SPILL_ROWS`), else an unlinked temp file in ``spill_dir`` (default: the system temp dir) written and read
+    with positional reads / writes, so the process holds O(block) of them (4 KiB per image on disk; 4 GB at 1M).
+    Reads are thread-safe. Rows never written read as zeros. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, n: int, spill_dir: str | os.PathLike[str] | None = None, spill_rows: int | None = None) -> None:
+        self.n = int(n)
+        self.spilled = self.n > (SPILL_ROWS if spill_rows is None else int(spill_rows))
+        self._mem: np.ndarray | None = None
+        self._file = None
+        if self.spilled:
+            if spill_dir is not None:
+                Path(spill_dir).mkdir(parents=True, exist_ok=True)
+            self._file = tempfile.TemporaryFile(prefix="convlens-thumbs-", dir=spill_dir)
+            self._file.truncate(self.n * _BYTES)
+        else:
+            self._mem = np.zeros((self.n, THUMB, THUMB), np.uint8)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __enter__(self) -> "ThumbStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the temp file (spilled) or the array."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._mem = None
+
+    def array(self) -> np.ndarray:
+        """The in-memory ``(N, THUMB, THUMB) uint8`` array (not for a spilled store)."""
+        if self._mem is None:
+            raise RuntimeError("a spilled ThumbStore has no in-memory array; read it with read() / get()")
+        return self._mem
+
+    def write(self, start: int, block: np.ndarray) -> None:
+        """Store ``block`` ``(m, THUMB, THUMB) uint8`` as rows ``start .. start + m - 1``."""
+        block = np.ascontiguousarray(block, np.uint8)
+        if self._mem is not None:
+            self._mem[start:start + len(block)] = block
+        elif self._file is not None:
+            os.pwrite(self._file.fileno(), block.tobytes(), int(start) * _BYTES)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start .. stop - 1`` as ``(m, THUMB, THUMB) uint8`` (a view when in memory, else a fresh array)."""
+        stop = min(int(stop), self.n)
+        if self._mem is not None:
+            return self._mem[start:stop]
+        if self._file is None:
+            raise RuntimeError("ThumbStore is closed")
+        m = max(0, stop - int(start))
+        buf = os.pread(self._file.fileno(), m * _BYTES, int(start) * _BYTES)
+        return np.frombuffer(buf, np.uint8).reshape(m, THUMB, THUMB)
+
+    def get(self, i: int) -> np.ndarray:
+        """Row ``i`` as ``(THUMB, THUMB) uint8``."""
+        return self.read(int(i), int(i) + 1)[0]
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (any order) as ``(len(rows), THUMB, THUMB) uint8``."""
+        rows = np.asarray(rows, np.int64)
+        if self._mem is not None:
+            return self._mem[rows]
+        out = np.empty((len(rows), THUMB, THUMB), np.uint8)
+        for j, r in enumerate(rows.tolist()):
+            out[j] = self.get(r)
+        return out
+
+
+def load_thumbs(root: str | None, paths: Sequence[str], workers: int | None = None, out: ThumbStore | None = None
+                ) -> tuple[np.ndarray | ThumbStore, np.ndarray, list[tuple[str, str]]]:
+    """Thumbnails of stored images ``root`` + ``path``, decoded in a thread pool, :data:`LOAD_BLOCK` at a time.
+
+    Returns ``(thumbs, ok (N,) bool, failures [(path, reason)])``: ``thumbs`` is ``(N, THUMB, THUMB) uint8`` in
+    memory, or ``out`` (a :class:`ThumbStore` of N rows, possibly spilled to disk) when given; rows that could not
+    be read are zeros with ``ok`` false. Memory O(N x 4 KiB) without ``out``, O(block) beyond ``out``.
     """
     n = len(paths)
-    out = np.zeros((n, THUMB, THUMB), np.uint8)
+    store = out if out is not None else ThumbStore(n, spill_rows=n)
+    if len(store) != n:
+        raise ValueError(f"ThumbStore holds {len(store)} rows for {n} paths")
     ok = np.zeros(n, bool)
     failures: list[tuple[str, str]] = []
 
@@ -218,16 +306,20 @@ def load_thumbs(root: str | None, paths: Sequence[str], workers: int | None = No
             return i, None, str(exc)
 
     with cf.ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
-        for i, t, err in pool.map(one, range(n)):
-            if t is None:
-                failures.append((str(paths[i]), err))
-            else:
-                out[i] = t
-                ok[i] = True
+        for start in range(0, n, LOAD_BLOCK):
+            stop = min(n, start + LOAD_BLOCK)
+            block = np.zeros((stop - start, THUMB, THUMB), np.uint8)
+            for i, t, err in pool.map(one, range(start, stop)):
+                if t is None:
+                    failures.append((str(paths[i]), err))
+                else:
+                    block[i - start] = t
+                    ok[i] = True
+            store.write(start, block)
     if failures:
         log.warning("%d of %d images could not be opened for the near-copy check (e.g. %s: %s); their pairs stay "
                     "unconfirmed", len(failures), n, *failures[0])
-    return out, ok, failures
+    return (store if out is not None else store.array()), ok, failures
 
 
 def rule_record() -> dict[str, object]:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -488,14 +489,19 @@ def copies_to_retry(plan: ExtractPlan, decode_rejects: list[Reject]) -> list[Ima
     The plan extracts each distinct ``image_id`` once and patches its other paths from that row; when that one
     copy is rejected (vanished, changed, unreadable, ...), the other copies would have no row and no reject.
     Returns every such copy not decoded yet (not in the plan's todo), in listing order: decode them too (a copy
-    of corrupt bytes is then rejected with its own reason)."""
+    of corrupt bytes is then rejected with its own reason). Matched on the listing's columns
+    (:meth:`RecordTable.locate`, digests): records are built only for the copies, O(rejects + copies)."""
     if not decode_rejects:
         return []
-    tried = {r.path for r in plan.todo}
+    table = _listing_table(plan)
     failed_paths = {r.path for r in decode_rejects}
-    by_path = {r.path: r for r in plan.records}
-    failed_ids = {by_path[p].image_id for p in failed_paths if p in by_path}
-    return [r for r in plan.records if r.image_id in failed_ids and r.path not in tried and r.path not in failed_paths]
+    at = table.locate(pa.array(sorted(failed_paths), pa.large_string()))
+    at = at[at >= 0]
+    if not len(at):
+        return []
+    copies = np.flatnonzero(DigestSet(table.digests[at]).contains(table.digests))
+    tried = {r.path for r in plan.todo}
+    return [r for r in table.take(copies) if r.path not in tried and r.path not in failed_paths]
 
 
 def extract_copies(plan: ExtractPlan, lm: LoadedModel, entries: list[dict[str, Any]], rejects: list[Reject],
@@ -525,20 +531,67 @@ def _merge_stats(stats: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _unextracted_rejects(plan: ExtractPlan, paths: list[str], decode_rejects: list[Reject],
+def _listing_table(plan: ExtractPlan) -> RecordTable:
+    """The plan's listing as a :class:`RecordTable` (``plan_extraction`` gives one; a plain list of records, as a
+    hand-built plan may hold, is turned into one)."""
+    recs = plan.records
+    return recs if isinstance(recs, RecordTable) else RecordTable.from_records(list(recs), plan.dataset_root)
+
+
+def _norm_values(values: Sequence[Any]) -> pa.Array:
+    """A label / split dictionary as ``large_string`` (``None`` and NaN -> null, anything else ``str``)."""
+    return pa.array([None if v is None or (isinstance(v, float) and v != v) else str(v) for v in values],
+                    pa.large_string())
+
+
+def _str_column(t: pa.Table, name: str) -> pa.Array:
+    """Column ``name`` of a part as ``large_string`` (NaN -> null; all nulls where the part lacks it)."""
+    if name not in t.column_names:
+        return pa.nulls(len(t), pa.large_string())
+    col = t.column(name).combine_chunks()
+    if pa.types.is_floating(col.type):
+        col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
+    return col.cast(pa.large_string())
+
+
+def _same(a: pa.Array, b: pa.Array) -> np.ndarray:
+    """``(n,) bool``: ``a == b`` row by row, two nulls equal."""
+    eq = pc.fill_null(pc.equal(a, b), False)
+    return pc.or_(eq, pc.and_(pc.is_null(a), pc.is_null(b))).to_numpy(zero_copy_only=False)
+
+
+def _distinct_digests(digests: np.ndarray, mask: np.ndarray) -> int:
+    """How many distinct ``(n,) S32`` ``digests`` the rows in ``mask`` (``(n,) bool``) hold. Exact; counted on the
+    8-byte prefixes (sorted: 16 B per row, transient), full digests compared only where two prefixes are equal."""
+    if not mask.any():
+        return 0
+    raw = np.ascontiguousarray(digests).view(np.uint8).reshape(len(digests), 32)
+    prefix = np.ascontiguousarray(raw[mask, :8]).view(np.uint64).ravel()
+    ordered = np.sort(prefix)
+    clash = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    distinct = 1 + int(np.count_nonzero(ordered[1:] != ordered[:-1]))
+    if len(clash):  # same prefix: count the distinct full digests behind each
+        rows = np.flatnonzero(mask)[np.isin(prefix, clash)]
+        distinct += len(np.unique(digests[rows])) - len(clash)
+    return distinct
+
+
+def _unextracted_rejects(table: RecordTable, rows: np.ndarray, decode_rejects: list[Reject],
                          skipped: list[str]) -> list[Reject]:
-    """One reject row per listed path that ends the publish without a row (never dropped in silence)."""
-    by_path = {r.path: r for r in plan.records}
-    rejected_copy: dict[str, Reject] = {}
-    for rej in decode_rejects:
-        rec = by_path.get(rej.path)
-        if rec is not None:
-            rejected_copy.setdefault(str(rec.image_id), rej)
+    """One reject row per listed row in ``rows`` (``(k,) int`` into ``table``) that ends the publish without a
+    feature row (never dropped in silence). O(k + rejects)."""
+    if not len(rows):
+        return []
+    rejected_copy: dict[bytes, Reject] = {}
+    if decode_rejects:
+        at = table.locate(pa.array([r.path for r in decode_rejects], pa.large_string()))
+        for rej, i in zip(decode_rejects, at.tolist()):
+            if i >= 0:
+                rejected_copy.setdefault(table.digests[i].tobytes(), rej)
     out = []
-    for p in paths:
-        iid = str(by_path[p].image_id)
-        if iid in rejected_copy:
-            copy = rejected_copy[iid]
+    for p, d in zip(table.paths.take(pa.array(rows)).to_pylist(), table.digests[rows]):
+        copy = rejected_copy.get(d.tobytes())
+        if copy is not None:
             out.append(Reject(p, "not-extracted", f"identical bytes to {copy.path}, which was rejected ({copy.reason}: "
                                                    f"{copy.detail}); this copy was not decoded. Rerun to decode it"))
         else:
@@ -554,8 +607,38 @@ def _rejects_table(rejects: list[Reject]) -> pa.Table:
                      "detail": [r.detail for r in rejects], "image_id": [None] * len(rejects)}, schema=rejects_schema())
 
 
-def _row_key(d: dict[str, Any], extra: list[str]) -> tuple:
-    return (d["image_id"], d.get("label"), d.get("split"), *[None if d.get(c) is None else str(d.get(c)) for c in extra])
+def _matching_rows(table: RecordTable, t: pa.Table, desired: np.ndarray, extra: list[str],
+                   labels: pa.Array, splits: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Match one part's meta columns ``t`` against the listing ``table``.
+
+    Returns ``(at, same)``: ``at`` ``(m,) int64`` the listed row of each part row whose path is listed and wanted
+    (``desired``, ``(n,) bool`` over ``table``), else -1; ``same`` ``(m,) bool`` where that listed row also has the
+    part row's ``image_id`` (32-byte digests), label, split (``labels`` / ``splits``: the table's dictionaries as
+    strings) and extra columns. Vectorised per part; extra columns (a list's, O(rows) anyway) compared per row.
+    Memory O(part rows)."""
+    at = table.locate(_str_column(t, "path"))
+    listed = at >= 0
+    listed[listed] = desired[at[listed]]
+    at = np.where(listed, at, -1)
+    same = np.zeros(len(at), bool)
+    rows = np.flatnonzero(listed)
+    if not len(rows):
+        return at, same
+    j = at[rows]
+    take = pa.array(rows)
+    ids = _str_column(t, "image_id").take(take)
+    ok = image_digests(ids.fill_null("")) == table.digests[j]
+    if ids.null_count:
+        ok &= ids.is_valid().to_numpy(zero_copy_only=False)
+    ok &= _same(_str_column(t, "label").take(take), labels.take(pa.array(table.label_codes[j])))
+    ok &= _same(_str_column(t, "split").take(take), splits.take(pa.array(table.split_codes[j])))
+    for c in extra:
+        theirs = _str_column(t, c).take(take).to_pylist() if c in t.column_names else [None] * len(rows)
+        ex = table.extras
+        ours = [None if ex is None or ex[i].get(c) is None else str(ex[i].get(c)) for i in j.tolist()]
+        ok &= np.fromiter((a == b for a, b in zip(theirs, ours)), bool, len(rows))
+    same[rows] = ok
+    return at, same
 
 
 def _part_meta(directory: Path, entry: dict[str, Any], columns: list[str]) -> tuple[pa.Table, pa.Schema]:
@@ -579,8 +662,15 @@ def publish_features(plan: ExtractPlan, new_entries: list[dict[str, Any]], decod
     part's entry (a published part passed the gate when it was published). Parts with deleted / renamed /
     relabelled rows are read in full (checksum verified) and rewritten; rows for duplicate or renamed files are
     patched from stored features (never re-extracted). Raises :class:`QualityGateError` (nothing published) when
-    the reject rate exceeds the threshold or a feature is NaN / Inf. Memory: one part's meta columns at a time plus
-    O(listed paths) of bookkeeping.
+    the reject rate exceeds the threshold or a feature is NaN / Inf.
+
+    Matching is columnar over the plan's :class:`RecordTable`: each part's ``path`` column is located in the
+    listing (:meth:`RecordTable.locate`, a path sort of the table made once), ``image_id`` compared as 32-byte
+    digests, label / split as strings of the matched rows, and which listed rows are wanted / already have a row
+    are ``(n,) bool`` masks. Memory: one part's meta columns at a time plus ~6 B per listed file (sort order, two
+    masks) and, at the end, the kept rows' sorted 8-byte digest prefixes for ``unique_images`` (16 B per row,
+    transient); records and dicts are built only for rows that need one (patched duplicates / renames, rejects):
+    O(changed).
     """
     cfg = plan.config
     adir = plan.artefact_dir
@@ -590,18 +680,20 @@ def publish_features(plan: ExtractPlan, new_entries: list[dict[str, Any]], decod
     candidates = (part_entries(old) if old else []) + journal.get("parts", []) + new_entries
     seen_names: set[str] = set()
     candidates = [e for e in candidates if not (e["name"] in seen_names or seen_names.add(e["name"]))]
-    rejected_paths = {r.path for r in decode_rejects}
-    desired = {r.path: r for r in plan.records if r.path not in rejected_paths}
+    table = _listing_table(plan)
+    desired = np.ones(len(table), bool)  # listed and not rejected while decoding
+    if decode_rejects:
+        at = table.locate(pa.array([r.path for r in decode_rejects], pa.large_string()))
+        desired[at[at >= 0]] = False
     extra = plan.extra_columns
-    desired_key = {p: _row_key({"image_id": r.image_id, "label": r.label, "split": r.split, **r.extras}, extra)
-                   for p, r in desired.items()}
+    labels, splits = _norm_values(table.labels), _norm_values(table.splits)
     dim = stats.get("dim") or (old or {}).get("dim")
     with_preds = stats.get("with_preds") if stats.get("dim") else (old or {}).get("with_preds")
     meta_cols = ["image_id", "path", "label", "split", *extra]
     kept: list[dict[str, Any]] = []
     readable: list[dict[str, Any]] = []
     unknown_nonzero: list[dict[str, Any]] = []  # kept published parts from before the gate counts were recorded
-    satisfied: set[str] = set()
+    satisfied = np.zeros(len(table), bool)  # listed rows that have a feature row in ``kept``
     nonfinite = 0
     nonzero = False  # quality gate: a feature column that is all zeros carries no information
     repaired = list(plan.repaired)
@@ -621,17 +713,15 @@ def publish_features(plan: ExtractPlan, new_entries: list[dict[str, Any]], decod
         if dim is None:
             dim = schema.field("feature").type.list_size
             with_preds = "pred_top5" in schema.names
-        d = t.to_pylist()
-        keep = []
-        for i, row in enumerate(d):
-            p = row["path"]
-            if p in desired_key and p not in satisfied and _row_key(row, extra) == desired_key[p]:
-                keep.append(i)
-                satisfied.add(p)
+        at, same = _matching_rows(table, t, desired, extra, labels, splits)
+        cand = np.flatnonzero(same)
+        cand = cand[~satisfied[at[cand]]]
+        keep = np.sort(cand[np.unique(at[cand], return_index=True)[1]])  # the first matching row of each listed row
+        satisfied[at[keep]] = True
         if e["name"] in old_names:
-            old_rows += len(d)
-            old_present += sum(1 for row in d if row["path"] in desired)
-        if len(keep) == len(d) and schema.names == feature_schema(dim, with_preds, extra).names:
+            old_rows += len(at)
+            old_present += int((at >= 0).sum())
+        if len(keep) == len(at) and schema.names == feature_schema(dim, with_preds, extra).names:
             kept.append(e)
             if "nonfinite" in e and "nonzero" in e:
                 nonfinite += int(e["nonfinite"])
@@ -641,46 +731,48 @@ def publish_features(plan: ExtractPlan, new_entries: list[dict[str, Any]], decod
             else:
                 nf, nz = part_gate(adir, e)
                 nonfinite, nonzero = nonfinite + nf, nonzero or nz
-        elif keep:
+        elif len(keep):
             full = read_part(adir, e).take(pa.array(keep)).cast(feature_schema(dim, with_preds, extra))
             entry = write_part(adir, full)
             feats = full.column("feature").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(len(keep), -1)
             entry.update(nonfinite=int((~np.isfinite(feats)).any(axis=1).sum()), nonzero=bool(np.any(feats != 0)))
             nonfinite, nonzero = nonfinite + entry["nonfinite"], nonzero or entry["nonzero"]
             kept.append(entry)
-    missing = [p for p in desired if p not in satisfied]
-    needed = {desired[p].image_id for p in missing}
-    donor: dict[str, tuple[dict[str, Any], int]] = {}
-    if needed:  # rows for duplicate / renamed files: the first stored row with the same bytes, here or in a sibling
+    missing = np.flatnonzero(desired & ~satisfied)  # listing order
+    donor: dict[bytes, tuple[dict[str, Any], int]] = {}  # O(missing): digest -> (part entry, row)
+    if len(missing):  # rows for duplicate / renamed files: the first stored row with the same bytes, here or in a sibling
+        needed = DigestSet(table.digests[missing])
         sources = [(adir, e) for e in readable] + list(plan.donors)
         for src_dir, e in sources:
             try:
-                ids = read_part_columns(src_dir, e, ["image_id"]).column("image_id").to_pylist()
+                col = _str_column(read_part_columns(src_dir, e, ["image_id"]), "image_id")
             except StoreError:
                 continue
             if dim is None:
                 fschema = pq.read_schema(src_dir / e["name"])
                 dim, with_preds = fschema.field("feature").type.list_size, "pred_top5" in fschema.names
-            for i, iid in enumerate(ids):
-                if iid in needed and iid not in donor:
-                    donor[iid] = (dict(e, _dir=str(src_dir)) if src_dir != adir else e, i)
-    patch_rows = []
-    for p in missing:
-        r = desired[p]
-        if r.image_id in donor:
-            patch_rows.append((p, r, donor[r.image_id]))
+            ids = image_digests(col.fill_null(""))
+            hit = np.flatnonzero(needed.contains(ids) & col.is_valid().to_numpy(zero_copy_only=False))
+            first = hit[np.unique(ids[hit], return_index=True)[1]]
+            for i in np.sort(first).tolist():
+                donor.setdefault(ids[i].tobytes(), (dict(e, _dir=str(src_dir)) if src_dir != adir else e, i))
+    patch_rows: list[tuple[int, ImageRecord, tuple[dict[str, Any], int]]] = []
+    if donor:
+        patched = missing[np.fromiter((d.tobytes() in donor for d in table.digests[missing]), bool, len(missing))]
+        for i, r in zip(patched.tolist(), table.take(patched)):
+            patch_rows.append((i, r, donor[table.digests[i].tobytes()]))
     if patch_rows:
         cache: dict[str, pa.Table] = {}
         rows = []
-        for p, r, (e, i) in patch_rows:
+        for at_row, r, (e, i) in patch_rows:
             src_dir = Path(e["_dir"]) if "_dir" in e else adir
             ckey = f"{src_dir}/{e['name']}"
             t = cache.get(ckey) or cache.setdefault(ckey, read_part(src_dir, e, verify=False))
             row = t.slice(i, 1).to_pylist()[0]
             extras = {c: None if r.extras.get(c) is None else str(r.extras.get(c)) for c in extra}
-            row.update({"path": p, "label": r.label, "split": r.split, **extras})
+            row.update({"path": r.path, "label": r.label, "split": r.split, **extras})
             rows.append(row)
-            satisfied.add(p)
+            satisfied[at_row] = True
             nonzero = nonzero or any(v != 0 for v in row["feature"])
         entry = write_part(adir, pa.Table.from_pylist(rows, schema=feature_schema(dim, with_preds, extra)))
         entry.update(nonfinite=0, nonzero=any(any(v != 0 for v in row["feature"]) for row in rows))
@@ -691,8 +783,7 @@ def publish_features(plan: ExtractPlan, new_entries: list[dict[str, Any]], decod
             if part_gate(adir, e)[1]:
                 nonzero = True
                 break
-    unextracted = [p for p in desired if p not in satisfied]
-    lost = _unextracted_rejects(plan, unextracted, decode_rejects, skipped)
+    lost = _unextracted_rejects(table, np.flatnonzero(desired & ~satisfied), decode_rejects, skipped)
     if lost:
         log.error("%d listed images have no stored feature and were not decoded; each is a reject row "
                   "'not-extracted' (e.g. %s: %s)", len(lost), lost[0].path, lost[0].detail)
@@ -722,9 +813,10 @@ def publish_features(plan: ExtractPlan, new_entries: list[dict[str, Any]], decod
         atomic_write_json(adir / "categories.json", categories)
         files.append(file_entry(adir, "categories.json", role="categories"))
     label_counts: dict[str, int] = {}
-    for p, r in desired.items():
-        if p in satisfied and r.label is not None:
-            label_counts[r.label] = label_counts.get(r.label, 0) + 1
+    per_code = np.bincount(table.label_codes[satisfied], minlength=len(table.labels))
+    for lab, k in zip(table.labels, per_code.tolist()):
+        if lab is not None and k:
+            label_counts[lab] = label_counts.get(lab, 0) + k
     manifest = {
         "kind": "features",
         "artefact_id": plan.artefact_id,
@@ -739,7 +831,7 @@ def publish_features(plan: ExtractPlan, new_entries: list[dict[str, Any]], decod
         "with_preds": bool(with_preds),
         "extra_columns": extra,
         "rows": n_rows,
-        "unique_images": len({desired[p].image_id for p in satisfied}),
+        "unique_images": _distinct_digests(table.digests, satisfied),
         "rejects": len(all_rejects),
         "labels": dict(sorted(label_counts.items())),
         "seed": cfg.seed,
@@ -749,7 +841,7 @@ def publish_features(plan: ExtractPlan, new_entries: list[dict[str, Any]], decod
             "decode_rejects": len(decode_rejects), "seconds": stats.get("seconds", 0.0),
             "images_per_s": stats.get("images_per_s", 0.0), "hash": plan.hash_stats,
             "removed": old_rows - old_present,
-            "added_paths": len(desired) - old_present,
+            "added_paths": int(desired.sum()) - old_present,
             "not_extracted": len(lost),
             "repaired": repaired,
         },
@@ -813,26 +905,28 @@ def keep_if_unchanged(plan: ExtractPlan, journal: dict[str, Any]) -> dict[str, A
 
 def unchanged_manifest(plan: ExtractPlan) -> dict[str, Any] | None:
     """The published manifest when the listing matches it exactly (same paths, bytes, labels, splits and
-    listing rejects, nothing to extract); else None. The caller checks first that no journal is pending."""
+    listing rejects, nothing to extract); else None. The caller checks first that no journal is pending.
+
+    Columnar: each published part's meta columns are matched against the plan's :class:`RecordTable`
+    (:meth:`RecordTable.locate`, digests, label / split strings); memory is one part's meta columns plus ~5 B per
+    listed file (the table's path sort order and a ``seen`` mask), no Python object per file."""
     adir = plan.artefact_dir
     if plan.todo or plan.repaired or plan.extra_columns or not (adir / MANIFEST_NAME).is_file():
         return None
     old = read_manifest(adir)
-    if int(old.get("rejects", -1)) != len(plan.rejects) or int(old.get("rows", -1)) != len(plan.records):
+    table = _listing_table(plan)
+    if int(old.get("rejects", -1)) != len(plan.rejects) or int(old.get("rows", -1)) != len(table):
         return None
-
-    def norm(v: Any) -> Any:
-        return None if v is None or (isinstance(v, float) and v != v) else str(v)
-
-    listed = {r.path: (r.image_id, norm(r.label), norm(r.split)) for r in plan.records}
-    seen: set[str] = set()
+    labels, splits = _norm_values(table.labels), _norm_values(table.splits)
+    everything = np.ones(len(table), bool)
+    seen = np.zeros(len(table), bool)
     for e in part_entries(old):  # the parts were checked by the plan (stamps); their meta columns are read here
         try:
-            t = read_part_columns(adir, e, ["path", "image_id", "label", "split"]).to_pydict()
+            t = read_part_columns(adir, e, ["path", "image_id", "label", "split"])
         except StoreError:
             return None
-        for p, i, lab, sp in zip(t["path"], t["image_id"], t["label"], t["split"]):
-            if p in seen or listed.get(p) != (i, norm(lab), norm(sp)):
-                return None
-            seen.add(p)
-    return old if len(seen) == len(listed) else None
+        at, same = _matching_rows(table, t, everything, [], labels, splits)
+        if not same.all() or seen[at].any() or len(np.unique(at)) != len(at):
+            return None
+        seen[at] = True
+    return old if seen.all() else None

@@ -376,3 +376,31 @@ def test_bad_geometry_raises():
         occlusion(m, x, torch.tensor([0]), window=32, stride=8)
     with pytest.raises(ValueError, match="target"):
         occlusion(m, x, torch.tensor([0, 1]), window=4, stride=2)
+
+
+def test_gpu_batch_is_sized_from_free_memory_and_cpu_default_is_unchanged(monkeypatch):
+    import tasks.attribution.occlusion as occ
+
+    gib = 2**30
+    # half the free memory at twice the measured per-copy peak, capped by the windows and the hard cap
+    assert occ.gpu_batch_size(per_copy_bytes=10 * 2**20, free_bytes=80 * gib, windows=729) == 729
+    assert occ.gpu_batch_size(per_copy_bytes=10 * 2**20, free_bytes=80 * gib, windows=10**6) == 2048
+    assert occ.gpu_batch_size(per_copy_bytes=2**20, free_bytes=80 * gib, windows=10**6) == occ._GPU_MAX_BATCH
+    assert occ.gpu_batch_size(per_copy_bytes=100 * 2**20, free_bytes=2 * gib, windows=729) == 5
+    assert occ.gpu_batch_size(per_copy_bytes=gib, free_bytes=gib, windows=729) == 1
+    # on CPU an omitted batch_size is DEFAULT_BATCH_SIZE and never asks CUDA
+    seen = []
+    real = occ._occlusion_batched
+
+    def spy(module, x, target, base, bl, wr, wc, batch_size, *rest):
+        seen.append(batch_size)
+        return real(module, x, target, base, bl, wr, wc, batch_size, *rest)
+
+    monkeypatch.setattr(occ, "_occlusion_batched", spy)
+    monkeypatch.setattr(occ, "_measured_gpu_batch", lambda *a: pytest.fail("asked the GPU on a CPU input"))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    x = torch.rand(1, 3, 16, 16)
+    a = occ.occlusion(model, x, 0, window=4, stride=4, incremental=False)
+    assert seen == [occ.DEFAULT_BATCH_SIZE] and a.shape == x.shape

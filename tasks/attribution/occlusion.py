@@ -55,6 +55,8 @@ from tasks.core.forward import CPU_MICRO_BATCH, prepare_module
 
 __all__ = [
     "CPU_OCCLUSION_MICRO_BATCH",
+    "DEFAULT_BATCH_SIZE",
+    "gpu_batch_size",
     "occlusion",
     "window_starts",
     "inference_copy",
@@ -74,6 +76,37 @@ log = logging.getLogger(__name__)
 CPU_OCCLUSION_MICRO_BATCH = 2 * CPU_MICRO_BATCH
 _MEMORY_BOUND_MAC = 40.0
 _CACHE_BYTES = 2 * 2**20
+DEFAULT_BATCH_SIZE = 64
+"""Occluded copies per step when ``batch_size`` is not given, on CPU (on CUDA: :func:`gpu_batch_size`)."""
+_GPU_MEMORY_FRACTION = 0.5
+_GPU_MAX_BATCH = 4096
+
+
+def gpu_batch_size(per_copy_bytes: int, free_bytes: int, windows: int, fraction: float = _GPU_MEMORY_FRACTION,
+                   cap: int = _GPU_MAX_BATCH) -> int:
+    """Occluded copies per step on a GPU: as many as fit ``fraction`` of the device's free memory
+    (``free_bytes``) at ``per_copy_bytes`` each (the measured peak of one copy's forward, doubled for the
+    caller's own tensors), at most ``windows`` (no point in a batch larger than the work) and ``cap``, at least 1."""
+    per = max(1, int(per_copy_bytes)) * 2
+    return int(max(1, min(int(windows), int(cap), int(free_bytes * fraction) // per)))
+
+
+def _measured_gpu_batch(model: nn.Module, x: torch.Tensor, windows: int) -> int:
+    """:func:`gpu_batch_size` from the device's free memory (``torch.cuda.mem_get_info``) and the peak memory of
+    one forward of one copy of ``x[:1]`` (``torch.cuda.max_memory_allocated`` before / after)."""
+    dev = x.device
+    torch.cuda.synchronize(dev)
+    before = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    with torch.inference_mode():
+        model(x[:1])
+    torch.cuda.synchronize(dev)
+    per_copy = max(1, torch.cuda.max_memory_allocated(dev) - before)
+    free, _total = torch.cuda.mem_get_info(dev)
+    n = gpu_batch_size(per_copy, free, windows)
+    log.info("occlusion: %d copies per step on %s (%.0f MiB free, %.1f MiB per copy)", n, dev, free / 2**20,
+             per_copy / 2**20)
+    return n
 
 _POINTWISE_MODULES = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
                       nn.GELU, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.Dropout2d, nn.ELU, nn.PReLU,
@@ -842,14 +875,15 @@ def _occlusion_batched(model: nn.Module, x: torch.Tensor, target: torch.Tensor, 
 
 
 def occlusion(model: nn.Module, inputs: torch.Tensor, target, window: int = 16, stride: int = 8,
-              baseline: float | torch.Tensor = 0.0, batch_size: int = 64, incremental: bool | str = "auto",
+              baseline: float | torch.Tensor = 0.0, batch_size: int | None = None, incremental: bool | str = "auto",
               plan: IncrementalPlan | None = None, info: dict | None = None) -> torch.Tensor:
     """Occlusion attributions ``(N,C,H,W) float32`` (the same value in every channel of a pixel).
 
     ``window`` / ``stride``: square occluder size and step in pixels (``stride <= window``, as Captum requires);
     ``baseline``: the occluder's value (scalar, or a tensor broadcastable to ``inputs``, e.g. per-channel
-    mean); ``batch_size``: occluded copies per step (on CPU the full-size forwards run in micro-batches of
-    :data:`CPU_OCCLUSION_MICRO_BATCH`); ``incremental``: ``"auto"`` (Krypton-style reuse when the cost model
+    mean); ``batch_size``: occluded copies per step (default: :data:`DEFAULT_BATCH_SIZE` on CPU, where the
+    full-size forwards run in micro-batches of :data:`CPU_OCCLUSION_MICRO_BATCH`; on CUDA sized from the
+    device's free memory, :func:`gpu_batch_size`); ``incremental``: ``"auto"`` (Krypton-style reuse when the cost model
     says it pays), ``True`` (same, but warn when it cannot), ``"force"`` (every node that can run on a patch
     does, even when it does not pay; for tests), ``False`` (plain batching). ``plan``: a precomputed
     :func:`plan_incremental` result to reuse across calls (same shape, window and stride). ``info``: when a
@@ -865,8 +899,12 @@ def occlusion(model: nn.Module, inputs: torch.Tensor, target, window: int = 16, 
         raise UsageError(f"window {window} is larger than the image ({H}x{W}); use a smaller --window")
     if stride > window:
         raise UsageError(f"stride {stride} > window {window} would leave pixels unoccluded; use stride <= window")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise UsageError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size is None:
+        n_windows = len(window_starts(H, window, stride)) * len(window_starts(W, window, stride))
+        batch_size = (_measured_gpu_batch(model, inputs.detach(), n_windows) if inputs.device.type == "cuda"
+                      else DEFAULT_BATCH_SIZE)
     bl = torch.as_tensor(baseline, dtype=inputs.dtype, device=inputs.device)
     try:
         bl = torch.broadcast_to(bl, inputs.shape) if bl.dim() < 4 or bl.shape[0] == N else torch.broadcast_to(bl, (1, C, H, W))

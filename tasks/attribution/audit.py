@@ -40,6 +40,7 @@ from storage.features import JOURNAL_NAME, read_journal, read_meta, read_part, r
 from storage.locks import artefact_lock
 from storage.manifest import CODE_VERSION, MANIFEST_NAME, read_manifest, verify_files, write_manifest
 from storage.paths import Store, artefact_id
+from tasks.attribution.common import decode_stored_rows
 from tasks.attribution.methods import METHODS, compute_map, method_spec, params_hash
 
 __all__ = [
@@ -252,23 +253,7 @@ class _MapWriter:
         self.buf, self.rows = [], []
 
 
-def _decode_batch(root: str | None, rows: pd.DataFrame, pre) -> tuple[list[int], torch.Tensor | None, list[str]]:
-    """Decode the stored images of ``rows`` (``root`` = the dataset root, local or URL), checking each file still
-    has the bytes it was extracted from: ``(ok row positions, (n,3,H,W) uint8, failure notes)``."""
-    from tasks.core.forward import preprocess_uint8
-    from tasks.core.images import REOPEN_LIMITS, RejectedImage, decode_image, read_stored_bytes
-
-    ok, imgs, bad = [], [], []
-    for i, r in enumerate(rows.itertuples()):
-        try:
-            data = read_stored_bytes(root, r.path)
-            if sha256_bytes(data) != r.image_id:
-                raise RejectedImage("changed", "file changed since extraction")
-            imgs.append(preprocess_uint8(decode_image(data, r.path, REOPEN_LIMITS), pre))
-            ok.append(i)
-        except RejectedImage as exc:
-            bad.append(f"{r.path}: {exc}")
-    return ok, (torch.stack(imgs) if imgs else None), bad
+_decode_batch = decode_stored_rows  # module-level name: the resume tests stop an audit here
 
 
 @dataclass

@@ -18,6 +18,7 @@ __all__ = [
     "target_scores",
     "reduce_map",
     "normalise_maps",
+    "decode_stored_rows",
 ]
 
 
@@ -76,3 +77,24 @@ def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
     lo = flat.amin(dim=1, keepdim=True)
     flat = flat - lo
     return (flat / (1e-7 + flat.amax(dim=1, keepdim=True))).view_as(maps)
+
+
+def decode_stored_rows(root: str | None, rows, pre) -> tuple[list[int], torch.Tensor | None, list[str]]:
+    """Decode the stored images of ``rows`` (a DataFrame with ``path`` and ``image_id``; ``root`` = the dataset root,
+    local or URL), checking each file still has the bytes it was extracted from: ``(ok row positions, (n,3,H,W)
+    uint8, failure notes "path: reason")``. Used by the attribution audit and its sanity check."""
+    from storage.atomic import sha256_bytes
+    from tasks.core.forward import preprocess_uint8
+    from tasks.core.images import REOPEN_LIMITS, RejectedImage, decode_image, read_stored_bytes
+
+    ok, imgs, bad = [], [], []
+    for i, r in enumerate(rows.itertuples()):
+        try:
+            data = read_stored_bytes(root, r.path)
+            if sha256_bytes(data) != r.image_id:
+                raise RejectedImage("changed", "file changed since extraction")
+            imgs.append(preprocess_uint8(decode_image(data, r.path, REOPEN_LIMITS), pre))
+            ok.append(i)
+        except RejectedImage as exc:
+            bad.append(f"{r.path}: {exc}")
+    return ok, (torch.stack(imgs) if imgs else None), bad

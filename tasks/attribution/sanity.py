@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from storage.errors import StoreError, UsageError
+from tasks.attribution.common import decode_stored_rows
 
 __all__ = [
     "MapFn",
@@ -302,25 +303,6 @@ def audit_map_fn(name: str, params: Mapping[str, Any], cam_layer: str | None, ba
     return fn
 
 
-def _load_images(root: str | None, rows: pd.DataFrame, pre) -> tuple[list[int], torch.Tensor | None]:
-    """Decode the stored images of ``rows`` (bytes checked against ``image_id``): ``(ok positions, (n,3,H,W) uint8)``."""
-    from storage.atomic import sha256_bytes
-    from tasks.core.forward import preprocess_uint8
-    from tasks.core.images import REOPEN_LIMITS, RejectedImage, decode_image, read_stored_bytes
-
-    ok, imgs = [], []
-    for i, r in enumerate(rows.itertuples()):
-        try:
-            data = read_stored_bytes(root, r.path)
-            if sha256_bytes(data) != r.image_id:
-                raise RejectedImage("changed", "file changed since extraction")
-            imgs.append(preprocess_uint8(decode_image(data, r.path, REOPEN_LIMITS), pre))
-            ok.append(i)
-        except RejectedImage as exc:
-            log.warning("sanity check skips %s: %s", r.path, exc)
-    return ok, (torch.stack(imgs) if imgs else None)
-
-
 def _pick(scores: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     """``n`` audited (image, target) rows, one per image, seeded; the predicted-class target preferred."""
     s = scores.copy()
@@ -403,7 +385,9 @@ def run_sanity(store: str | Path, audit_id: str | None = None, n: int | None = N
     net = lm.module.to(device).eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    ok, raw = _load_images(fman.get("dataset_root"), pick, lm.preprocess)
+    ok, raw, bad = decode_stored_rows(fman.get("dataset_root"), pick, lm.preprocess)
+    for note in bad:
+        log.warning("sanity check skips %s", note)
     if raw is None:
         raise StoreError(f"none of the {len(pick)} images chosen from audit {aid} could be read back; "
                          "is the dataset still where it was extracted from?")

@@ -903,8 +903,9 @@ def occlusion(model: nn.Module, inputs: torch.Tensor, target, window: int = 16, 
         raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     if batch_size is None:
         n_windows = len(window_starts(H, window, stride)) * len(window_starts(W, window, stride))
-        batch_size = (_measured_gpu_batch(model, inputs.detach(), n_windows) if inputs.device.type == "cuda"
-                      else DEFAULT_BATCH_SIZE)
+        # a model in training mode is not run for the measurement (its BatchNorm statistics would move)
+        batch_size = (_measured_gpu_batch(model, inputs.detach(), n_windows)
+                      if inputs.device.type == "cuda" and not model.training else DEFAULT_BATCH_SIZE)
     bl = torch.as_tensor(baseline, dtype=inputs.dtype, device=inputs.device)
     try:
         bl = torch.broadcast_to(bl, inputs.shape) if bl.dim() < 4 or bl.shape[0] == N else torch.broadcast_to(bl, (1, C, H, W))

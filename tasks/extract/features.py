@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,8 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from storage.atomic import atomic_write_json, sha256_bytes
-from storage.errors import QualityGateError, StoreError, UsageError
+from storage.atomic import atomic_write_json, sha256_bytes, sha256_file
+from storage.errors import ConvlensError, QualityGateError, StoreError, UsageError
 from storage.features import (
     FileStamps,
     PartWriter,
@@ -41,7 +42,7 @@ from storage.features import (
     write_part,
 )
 from storage.locks import artefact_lock
-from storage.manifest import MANIFEST_NAME, file_entry, read_manifest, write_manifest
+from storage.manifest import CODE_VERSION, MANIFEST_NAME, file_entry, read_manifest, write_manifest
 from storage.paths import Store, artefact_id
 from tasks.core.datasets import (
     HASH_CHUNK,
@@ -49,6 +50,7 @@ from tasks.core.datasets import (
     ImageRecord,
     ListLimits,
     RecordTable,
+    RecordTableBuilder,
     Reject,
     image_digests,
     iter_hashed_tables,
@@ -73,7 +75,14 @@ from tasks.core.forward import (
 )
 from tasks.core.hooks import LayerRef, resolve_layer
 from tasks.core.images import DecodeLimits, ImageHeader, RejectedImage, decode_image_sized, draft_request, inspect_image, read_file_bytes
-from tasks.core.models import LoadedModel, Preprocess, apply_preprocess_overrides, load_model, spec_identity
+from tasks.core.models import (
+    LoadedModel,
+    Preprocess,
+    apply_preprocess_overrides,
+    embedded_weights_path,
+    load_model,
+    spec_identity,
+)
 
 __all__ = [
     "keep_if_unchanged",
@@ -81,6 +90,7 @@ __all__ = [
     "ExtractConfig",
     "ExtractPlan",
     "plan_extraction",
+    "model_for_plan",
     "extract_records",
     "copies_to_retry",
     "extract_copies",
@@ -249,6 +259,7 @@ class ExtractPlan:
     donors: list[tuple[Path, dict[str, Any]]] = field(default_factory=list)  # sibling artefacts' parts (same model key)
     repaired: list[dict[str, Any]] = field(default_factory=list)  # published files dropped as corrupt (repair)
     stamps_path: Path | None = None  # FileStamps of this artefact's files (store cache); None: always hash in full
+    identity_path: Path | None = None  # the model identity cache entry this plan used or wrote (store cache)
 
 
 def _part_ids(directory: Path, entry: dict[str, Any], stamps: FileStamps) -> np.ndarray:
@@ -282,10 +293,199 @@ def _verified_ids(adir: Path, manifest: dict[str, Any], stamps: FileStamps) -> t
     return DigestSet(np.concatenate(chunks) if chunks else None), dropped
 
 
-def plan_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> tuple[ExtractPlan, LoadedModel]:
+# ------------------------------------------------------------------------------ model identity cache
+#
+# The artefact key needs only what a loaded model *says about itself*: its spec (source, arch, weights sha256,
+# num_params, locations), its preprocessing (after the overrides) and the resolved layer. Building the model for
+# that costs 1-2 s (importing torchvision, building, hashing and loading weights), all wasted on a no-op rerun.
+# These values are cached as JSON in the store's cache dir, keyed by everything that determines them; the
+# planner loads the model only when there is work for it. JSON only, and nothing read back names code: the
+# entry holds plain values that are checked field by field, and the model is still built from the user's flags.
+
+MODEL_IDENTITY_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class _ModelIdentity:
+    """What the plan needs from a loaded model: ``spec`` (manifest ``model``), ``preprocess`` (after overrides),
+    ``layer`` (the resolved hook point) and ``preprocess_default`` (the weights' own, when overridden)."""
+
+    spec: dict[str, Any]
+    preprocess: Preprocess
+    layer: LayerRef
+    preprocess_default: dict[str, Any] | None = None
+
+
+def _identity_of(lm: LoadedModel, ref: LayerRef) -> _ModelIdentity:
+    return _ModelIdentity(dict(lm.spec), lm.preprocess, ref, lm.extra.get("preprocess_default"))
+
+
+def _lib_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _file_identity(role: str, path: Path) -> dict[str, Any]:
+    """``role``, resolved path and sha256 of the bytes (never size / mtime: a same-size, same-mtime rewrite
+    must not hit). Raises OSError when the file cannot be read."""
+    return {"role": role, "path": str(path.resolve()), "sha256": sha256_file(path)}
+
+
+def _model_identity_key(cfg: ExtractConfig) -> dict[str, Any] | None:
+    """The cache key of ``cfg``'s model identity, or None when it is not cached: a ``module:factory`` model
+    (its code can change under the same name and versions), or a named file that cannot be read (then the
+    model loader reports it). Mirrors :func:`tasks.core.models.load_model`'s dispatch; hashes each weights or
+    TorchScript file it would read (~30 ms for 14 MB)."""
+    from tasks.core import hooks as core_hooks
+    from tasks.core import models as core_models
+
+    model = cfg.model or ""
+    files: list[dict[str, Any]] = []
+    kind = "torchvision"
+    name = model
+    try:
+        if model.startswith("torchscript:"):
+            kind, ts = "torchscript", Path(model.split(":", 1)[1]).expanduser()
+        elif model.startswith("timm:"):
+            kind, ts = "timm", None
+        elif model.startswith("torchvision:"):
+            kind, ts, name = "torchvision", None, model.split(":", 1)[1]
+        elif Path(model).expanduser().suffix in (".pt", ".pth", ".ts", ".zip") or Path(model).expanduser().is_file():
+            kind, ts = "torchscript", Path(model).expanduser()
+        elif ":" in model or not model:
+            return None  # user code (module:factory): always built
+        else:
+            ts = None
+        if ts is not None:
+            files.append(_file_identity("model", ts))
+        elif cfg.weights not in ("imagenet", "none", "", None):
+            files.append(_file_identity("weights", Path(cfg.weights).expanduser()))
+        elif cfg.weights == "imagenet" and kind == "torchvision" and name == "mobilenet_v2":
+            files.append(_file_identity("embedded", embedded_weights_path()))
+        code = [sha256_file(Path(m.__file__)) for m in (core_models, core_hooks)]  # type: ignore[arg-type]
+    except (OSError, ConvlensError) as exc:
+        log.debug("model identity not cached for %s: %s", model, exc)
+        return None
+    key: dict[str, Any] = {
+        "format": MODEL_IDENTITY_FORMAT, "code_version": CODE_VERSION, "code_sha256": code,
+        "torch": _lib_version("torch"), "torchvision": _lib_version("torchvision"),
+        "timm": _lib_version("timm") if kind == "timm" else None,
+        "model": model, "weights": cfg.weights, "weights_prefix": cfg.weights_prefix, "seed": cfg.seed,
+        "layer": cfg.layer, "pool": cfg.pool, "resize": cfg.resize, "crop": cfg.crop,
+        "mean": list(cfg.mean) if cfg.mean else None, "std": list(cfg.std) if cfg.std else None,
+        "interpolation": cfg.interpolation, "precision": cfg.precision, "decode": cfg.decode,
+        "full_decode": cfg.full_decode, "files": files,
+    }
+    if kind == "torchvision" and cfg.weights == "imagenet" and name != "mobilenet_v2":
+        key["hub_dir"] = str(Path(torch.hub.get_dir()).resolve())  # where the local ImageNet weights are found
+    return json.loads(json.dumps(key))  # plain JSON values, as they compare after a round trip
+
+
+def _identity_path(store: Store, key: dict[str, Any]) -> Path:
+    return store.kind_dir("cache") / f"model-{sha256_bytes(json.dumps(key, sort_keys=True).encode())[:24]}.json"
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _parse_identity(raw: Any, key: dict[str, Any]) -> _ModelIdentity:
+    """Check a cache entry field by field (ValueError / TypeError / KeyError when it is not one of ours)."""
+    if not isinstance(raw, dict) or raw.get("key") != key:
+        raise ValueError("entry is for another key")
+    spec = raw["spec"]
+    if not isinstance(spec, dict) or not all(isinstance(k, str) and isinstance(v, _SCALARS) for k, v in spec.items()):
+        raise ValueError("spec is not a flat record")
+    if {"source", "arch", "num_params"} - set(spec):
+        raise ValueError("spec lacks source / arch / num_params")
+    p = raw["preprocess"]
+    mean, std = tuple(p["mean"]), tuple(p["std"])  # as recorded (ints stay ints: the key's JSON must not change)
+    if not (type(p["resize"]) is int and type(p["crop"]) is int and isinstance(p["interpolation"], str)
+            and len(mean) == 3 and len(std) == 3
+            and all(type(x) in (int, float) for x in mean + std)):
+        raise ValueError("bad preprocess")
+    pre = Preprocess(p["resize"], p["crop"], mean, std, p["interpolation"])  # type: ignore[arg-type]
+    lay = raw["layer"]
+    token = lay.get("token")
+    if not (isinstance(lay["alias"], str) and isinstance(lay["name"], str) and lay["side"] in ("output", "input")
+            and (token is None or type(token) is int)):
+        raise ValueError("bad layer")
+    default = raw.get("preprocess_default")
+    if default is not None and not isinstance(default, dict):
+        raise ValueError("bad preprocess_default")
+    if {f["role"] for f in key["files"]} & {"weights", "embedded", "model"} and \
+            spec.get("weights_sha256") not in {f["sha256"] for f in key["files"]}:
+        raise ValueError("spec's weights sha256 is not the hashed file's")
+    if "hub_dir" in key:  # torchvision ImageNet weights from torch's hub cache: the same bytes must still be there
+        src = Path(str(spec.get("weights_source")))
+        if src.parent != Path(key["hub_dir"]) / "checkpoints" or sha256_file(src) != spec.get("weights_sha256"):
+            raise ValueError("hub weights file changed")
+    return _ModelIdentity(spec, pre, LayerRef(lay["alias"], lay["name"], lay["side"], token), default)
+
+
+def _read_model_identity(path: Path, key: dict[str, Any]) -> _ModelIdentity | None:
+    """The cached identity for ``key``, or None (no entry; an unreadable or foreign one is logged at debug)."""
+    try:
+        raw = json.loads(path.read_text("utf-8"))
+        return _parse_identity(raw, key)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.debug("ignoring model identity cache %s (%s: %s); the model is loaded", path, type(exc).__name__, exc)
+        return None
+
+
+def _write_model_identity(path: Path, key: dict[str, Any], ident: _ModelIdentity) -> None:
+    """Record ``ident`` for ``key`` (atomic JSON; a failure only costs the next run a model load)."""
+    entry = {"key": key, "spec": ident.spec, "preprocess": ident.preprocess.to_dict(),
+             "layer": {"alias": ident.layer.alias, "name": ident.layer.name, "side": ident.layer.side,
+                       "token": ident.layer.token},
+             "preprocess_default": ident.preprocess_default}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, entry)
+    except (OSError, TypeError, ValueError) as exc:
+        log.debug("could not write model identity cache %s: %s", path, exc)
+
+
+def _load_for(cfg: ExtractConfig) -> tuple[LoadedModel, LayerRef]:
+    """Build ``cfg``'s model (with its preprocessing overrides) and resolve its layer."""
+    lm = load_model(cfg.model, cfg.weights, cfg.seed, cfg.weights_prefix)
+    if any(v is not None for v in (cfg.resize, cfg.crop, cfg.mean, cfg.std, cfg.interpolation)):
+        lm = apply_preprocess_overrides(lm, cfg.resize, cfg.crop, cfg.mean, cfg.std, cfg.interpolation)
+    return lm, resolve_layer(lm.module, cfg.layer)
+
+
+def model_for_plan(plan: ExtractPlan, lm: LoadedModel | None) -> LoadedModel:
+    """The plan's model: ``lm`` when given (as :func:`plan_extraction` returned it), else built now from the
+    plan's config. A plan made from the model identity cache is checked against the built model (spec,
+    preprocessing, layer); a mismatch drops the cache entry and raises :class:`StoreError` (nothing was written
+    with the wrong identity; rerun)."""
+    if lm is not None:
+        return lm
+    lm, ref = _load_for(plan.config)
+    got = (lm.spec, lm.preprocess, (ref.alias, ref.name, ref.side, ref.token))
+    want = (plan.model_spec, plan.preprocess, (plan.layer.alias, plan.layer.name, plan.layer.side, plan.layer.token))
+    if json.dumps(got[0], sort_keys=True) != json.dumps(want[0], sort_keys=True) or got[1:] != want[1:]:
+        if plan.identity_path is not None:
+            plan.identity_path.unlink(missing_ok=True)
+        raise StoreError(f"{plan.artefact_id}: the model built from the flags does not match the cached model identity "
+                         f"it was planned with ({plan.identity_path}); the entry was dropped, rerun the command")
+    return lm
+
+
+def plan_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> tuple[ExtractPlan, LoadedModel | None]:
     """List DATA (first: a bad list fails before any model work), resolve model and layer, hash, and work out
     which images are new. Published parts that no longer verify are dropped (``plan.repaired``): their images
     are extracted again.
+
+    The model's identity (spec, preprocessing, resolved layer: all the artefact key needs) comes from the store's
+    model identity cache (``cache/model-<key>.json``, keyed by the model flags, the code and library versions
+    and the sha256 of every weights / TorchScript file) when it holds an entry; the model is then built only when
+    the plan has work for it, and the returned model is None when it looks like a no-op (nothing to extract or
+    repair, no journal): callers take :func:`model_for_plan` once :func:`keep_if_unchanged` says there is work.
+    Either way the key, artefact id and plan are the same.
 
     Streamed and columnar: the listing yields directory by directory, :func:`tasks.core.datasets.iter_hashed_tables`
     looks ``cfg.plan_chunk`` files at a time up in the hash cache (path, size, mtime, inode; vectorised) and hashes
@@ -297,20 +497,35 @@ def plan_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> tuple[
         raise UsageError(f"plan_chunk must be >= 1, got {cfg.plan_chunk}")
     listing = open_listing(cfg.data, cfg.root, cfg.allow_outside_root, cfg.list_limits())
     root = listing.root
-    lm = lm or load_model(cfg.model, cfg.weights, cfg.seed, cfg.weights_prefix)
-    if any(v is not None for v in (cfg.resize, cfg.crop, cfg.mean, cfg.std, cfg.interpolation)):
-        lm = apply_preprocess_overrides(lm, cfg.resize, cfg.crop, cfg.mean, cfg.std, cfg.interpolation)
-    ref = resolve_layer(lm.module, cfg.layer)
     store = Store(cfg.store)
+    id_key = _model_identity_key(cfg) if lm is None else None  # a caller's own model is used as given
+    id_path = _identity_path(store, id_key) if id_key is not None else None
+    ident = _read_model_identity(id_path, id_key) if id_path is not None and id_key is not None else None
+    if ident is None:
+        if lm is None:
+            lm, ref = _load_for(cfg)
+            if id_path is not None and id_key is not None:
+                _write_model_identity(id_path, id_key, _identity_of(lm, ref))
+        else:
+            if any(v is not None for v in (cfg.resize, cfg.crop, cfg.mean, cfg.std, cfg.interpolation)):
+                lm = apply_preprocess_overrides(lm, cfg.resize, cfg.crop, cfg.mean, cfg.std, cfg.interpolation)
+            ref = resolve_layer(lm.module, cfg.layer)
+        ident = _identity_of(lm, ref)
+    else:
+        log.debug("model identity of %s from %s; the model is built only if there is work", cfg.model, id_path)
+        if ident.preprocess_default is not None and ident.spec.get("weights") not in ("none", None):
+            log.warning("preprocessing %s differs from the weights' own %s; features may be off-distribution",
+                        ident.preprocess.to_dict(), ident.preprocess_default)
+    ref = ident.layer
     key = {
-        "dataset_root": str(root), "model": spec_identity(lm.spec),
-        "layer": ref.name, "side": ref.side, "pool": cfg.pool, "preprocess": _preprocessing_record(cfg, lm.preprocess),
+        "dataset_root": str(root), "model": spec_identity(ident.spec),
+        "layer": ref.name, "side": ref.side, "pool": cfg.pool, "preprocess": _preprocessing_record(cfg, ident.preprocess),
     }
     if resolve_precision(cfg.precision, cfg.device) == "bf16":
         # bf16 features differ from fp32 ones (~1e-2 relative): never mixed into one artefact
         key["compute"] = "bf16"
     root_name = root.name if isinstance(root, Path) else str(root).rstrip("/").rsplit("/", 1)[-1]
-    aid = artefact_id(f"{root_name}-{str(lm.spec.get('arch', 'model')).replace(':', '-')}-{ref.alias}", key)
+    aid = artefact_id(f"{root_name}-{str(ident.spec.get('arch', 'model')).replace(':', '-')}-{ref.alias}", key)
     adir = store.artefact_dir("features", aid)
     cache_dir = store.kind_dir("cache")
     cache = cache_dir / f"hashes-{sha256_bytes(str(root).encode())[:16]}.parquet"
@@ -328,13 +543,15 @@ def plan_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> tuple[
             log.warning("dropping journalled part %s: %s", e.get("name"), exc)
     stamps.save()
     stats: dict[str, int] = {}
-    tables: list[RecordTable] = []  # columnar: ~80 B + the path per listed file, no Python object per file
     hrejects: list[Reject] = []
-    for ok, rej in iter_hashed_tables(listing, cache, progress=cfg.progress, chunk_size=cfg.plan_chunk, stats=stats):
-        tables.append(ok)
-        hrejects.extend(rej)
-    hashed = RecordTable.concat(tables, root)
-    del tables
+    # columnar: ~80 B + the path per listed file, no Python object per file; past SPILL_ROWS files the columns go
+    # chunk by chunk to memory-mapped temp files under store/cache (file-backed pages, not anonymous memory)
+    with RecordTableBuilder(root, spill_dir=cache_dir) as builder:
+        for ok, rej in iter_hashed_tables(listing, cache, progress=cfg.progress, chunk_size=cfg.plan_chunk,
+                                          stats=stats):
+            builder.append(ok)
+            hrejects.extend(rej)
+        hashed = builder.finish()
     rejects = listing.rejects + hrejects
     listed = hashed.digests
     is_new = ~stored.contains(listed)
@@ -372,8 +589,11 @@ def plan_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> tuple[
     first = np.sort(new_rows[np.unique(listed[new_rows], return_index=True)[1]]) if len(new_rows) else new_rows
     todo = [hashed[i] for i in first.tolist()]  # the first listed copy of each new image, in listing order
     extra = hashed.extra_columns()
-    return ExtractPlan(cfg, aid, adir, root, hashed, rejects, todo, stored, ref, lm.spec, lm.preprocess, stats, extra,
-                       donors, repaired, stamps_path), lm
+    plan = ExtractPlan(cfg, aid, adir, root, hashed, rejects, todo, stored, ref, ident.spec, ident.preprocess, stats,
+                       extra, donors, repaired, stamps_path, id_path)
+    if lm is None and (todo or repaired or extra or journal.get("parts") or not (adir / MANIFEST_NAME).is_file()):
+        lm = model_for_plan(plan, None)  # work to do: build the model now (checked against the cached identity)
+    return plan, lm
 
 
 def extract_records(plan: ExtractPlan, lm: LoadedModel, records: list[ImageRecord] | None = None,
@@ -879,6 +1099,7 @@ def run_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> dict[st
         kept = keep_if_unchanged(plan, journal)
         if kept is not None:
             return kept
+        lm = model_for_plan(plan, lm)  # None from a no-op-looking plan (model identity cache): built only now
         journal.setdefault("parts", [])
 
         def on_part(entry: dict[str, Any]) -> None:

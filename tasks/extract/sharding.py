@@ -71,7 +71,7 @@ def run_sharded_extraction(cfg: Any, run_shards: RunShards | None = None, shard_
     """
     from storage.features import read_journal, write_journal
     from storage.locks import artefact_lock
-    from tasks.extract.features import extract_copies, keep_if_unchanged, plan_extraction, publish_features
+    from tasks.extract.features import extract_copies, keep_if_unchanged, model_for_plan, plan_extraction, publish_features
 
     plan, lm = plan_extraction(cfg, lm)
     adir = plan.artefact_dir
@@ -82,6 +82,7 @@ def run_sharded_extraction(cfg: Any, run_shards: RunShards | None = None, shard_
         kept = keep_if_unchanged(plan, journal)
         if kept is not None:
             return kept
+        lm = model_for_plan(plan, lm)  # None from a no-op-looking plan (model identity cache): built only now
         bounds = shard_bounds(len(plan.todo), shard_size, cfg.batch_size)
         slim = replace(plan, records=[], todo=[], rejects=[], stored_ids=set(), donors=[])
         fp = model_fingerprint(lm.module) if bounds else None

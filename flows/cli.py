@@ -1,5 +1,9 @@
 """``convlens`` command line. Each sub-command lives beside its flow: a flow module that defines
 ``register(subparsers)`` is picked up from :data:`COMMAND_MODULES` (modules not present are skipped).
+:data:`COMMAND_OWNERS` names the module that registers each sub-command, so ``convlens extract ...`` imports
+only :mod:`flows.extract_features`, not every stage (and Prefect) it does not run; ``convlens``, ``--help`` and
+an unknown command import them all, so help and argparse's "invalid choice" list every command. A new command
+goes in both tables (``tests/test_cli.py`` fails until it does).
 
 Stages run through Prefect when a Prefect API is configured (``PREFECT_API_URL``, e.g. a local
 ``prefect server start``) or ``--prefect`` is given, so runs are tracked in the UI; otherwise the same task
@@ -16,7 +20,8 @@ import os
 import sys
 from typing import Any, Sequence
 
-__all__ = ["main", "build_parser", "COMMAND_MODULES", "add_store_argument", "emit", "say"]
+__all__ = ["main", "build_parser", "COMMAND_MODULES", "COMMAND_OWNERS", "command_named", "add_store_argument", "emit",
+           "say"]
 
 COMMAND_MODULES = (
     "flows.extract_features",
@@ -33,6 +38,31 @@ COMMAND_MODULES = (
     "flows.layers",
     "flows.demo",
 )
+
+# Sub-command -> the module in COMMAND_MODULES whose ``register`` adds it (code, not data: a command line only
+# ever selects one of these fixed modules).
+COMMAND_OWNERS: dict[str, str] = {
+    "extract": "flows.extract_features",
+    "info": "flows.info",
+    "index": "flows.build_index",
+    "neighbors": "flows.build_index",
+    "audit-dataset": "flows.dataset_audit",
+    "project": "flows.project",
+    "grid": "flows.project",
+    "audit": "flows.audit",
+    "audit-sanity": "flows.audit",
+    "neurons": "flows.neurons",
+    "report": "flows.report",
+    "nightly": "flows.nightly_audit",
+    "serve": "flows.deployments",
+    "deploy": "flows.deployments",
+    "verify": "flows.verify",
+    "layers": "flows.layers",
+    "demo": "flows.demo",
+}
+
+# Global options that take no value and print nothing, so a sub-command may follow them (``-v``, ``-vv``, ...).
+_LIGHT_GLOBALS = frozenset({"--verbose", "--prefect", "--no-prefect"})
 
 
 def add_store_argument(p: argparse.ArgumentParser) -> None:
@@ -53,7 +83,31 @@ def emit(obj: Any, as_json: bool, text: str | None = None) -> None:
         say(text)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_named(argv: Sequence[str]) -> str | None:
+    """The sub-command ``argv`` (the arguments after ``convlens``) names, or ``None``.
+
+    It is the first token after the global options ``-v`` / ``-vv`` / ``--verbose`` / ``--prefect`` /
+    ``--no-prefect``; any other option before it (``-h``, ``--help``, an abbreviation, a typo) gives ``None``, so
+    the caller builds the full parser and argparse handles it exactly as before."""
+    for i, token in enumerate(argv):
+        if token == "--":
+            return argv[i + 1] if i + 1 < len(argv) else None
+        if token in _LIGHT_GLOBALS or (len(token) > 1 and token.strip("v") == "-"):
+            continue
+        return None if token.startswith("-") else token
+    return None
+
+
+def _command_modules(command: str | None) -> tuple[str, ...]:
+    """The modules to import for ``command``: its owner when :data:`COMMAND_OWNERS` knows it, else all of them."""
+    owner = COMMAND_OWNERS.get(command) if command is not None else None
+    return (owner,) if owner is not None else COMMAND_MODULES
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``convlens`` parser. With ``command`` (a name in :data:`COMMAND_OWNERS`) only the module that
+    registers it is imported and only that sub-command is added; otherwise (``None``, an unknown name, or an
+    owner module that is not installed) every module in :data:`COMMAND_MODULES` registers its commands."""
     parser = argparse.ArgumentParser(
         prog="convlens",
         description="Audit image CNNs over whole datasets: features, neighbours, maps, attributions, reports.",
@@ -64,17 +118,25 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run stages as Prefect flows (default when PREFECT_API_URL is set)")
     orch.add_argument("--no-prefect", dest="prefect", action="store_false", help="run stages in-process")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
+    modules = _command_modules(command)
+    if len(modules) == 1 and _import_command_module(modules[0]) is None:
+        modules = COMMAND_MODULES  # its owner is not installed: the full parser reports "invalid choice"
+    for name in modules:
+        module = _import_command_module(name)
         register = getattr(module, "register", None)
         if register is not None:
             register(sub)
     return parser
+
+
+def _import_command_module(name: str) -> Any:
+    """The module ``name``, or ``None`` when it is not installed (an import error inside it still raises)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:
+            return None
+        raise
 
 
 class _Terminated(KeyboardInterrupt):
@@ -106,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(command_named(argv))
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

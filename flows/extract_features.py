@@ -7,16 +7,17 @@ manifest. Incremental: a rerun extracts only images whose content hash is not st
 Scale-out: with a Dask task runner (``--runner dask``, :mod:`flows.runners`) or ``shard_size > 0`` the new
 images are split into shards extracted by parallel ``extract-shard`` tasks, each writing its own parts; the
 manifest merge / publish runs once, under the artefact lock (:func:`tasks.extract.sharding.run_sharded_extraction`).
+
+Prefect is imported when the flow or its tasks are first used (``from flows.extract_features import
+extract_features``, or a run under Prefect), so ``convlens --no-prefect extract`` does not pay its import.
 """
 
 from __future__ import annotations
 
 import argparse
+import threading
 from dataclasses import replace
 from typing import Any
-
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from flows.runners import shard_setting, submit_shards
 from tasks.core.datasets import ListLimits
@@ -25,35 +26,66 @@ from tasks.extract.sharding import ExtractShard, extract_shard, run_sharded_extr
 
 __all__ = ["extract_features", "extract_task", "extract_shard_task", "add_arguments", "config_from_args", "summarise"]
 
-
-@task(name="extract-features", retries=0)
-def extract_task(cfg: ExtractConfig) -> dict[str, Any]:
-    """Plan, extract and publish under the artefact lock; returns the published manifest."""
-    return run_extraction(cfg)
-
-
-@task(name="extract-shard", retries=0, cache_policy=NO_CACHE)
-def extract_shard_task(job: ExtractShard) -> dict[str, Any]:
-    """Extract one shard into its own parts (no lock); returns part entries, rejects and counters."""
-    return extract_shard(job)
+# Declared, not bound: module ``__getattr__`` builds them on first access (see _build_prefect_objects).
+extract_task: Any  # prefect.Task[[ExtractConfig], dict[str, Any]]
+extract_shard_task: Any  # prefect.Task[[ExtractShard], dict[str, Any]]
+extract_features: Any  # prefect.Flow[[ExtractConfig, int | None], dict[str, Any]]
+_PREFECT_NAMES = ("extract_task", "extract_shard_task", "extract_features")
+_build_lock = threading.Lock()
 
 
-@flow(name="extract-features", log_prints=False)
-def extract_features(cfg: ExtractConfig, shard_size: int | None = None) -> dict[str, Any]:
-    """Extract features of ``cfg.data`` into ``cfg.store``; returns a small summary (artefact id, rows, rejects,
-    timings).
+def _build_prefect_objects() -> dict[str, Any]:
+    """Import Prefect and define the flow and its tasks (once); returns them by name (:data:`_PREFECT_NAMES`),
+    also bound as this module's attributes."""
+    with _build_lock:
+        if "extract_features" in globals():
+            return {name: globals()[name] for name in _PREFECT_NAMES}
+        from prefect import flow, get_run_logger, task
+        from prefect.cache_policies import NO_CACHE
 
-    ``shard_size``: ``None`` shards automatically under a Dask task runner only, ``0`` never shards, ``N`` splits
-    the new images into shards of N (rounded up to a multiple of ``batch_size``) on any task runner."""
-    cfg = replace(cfg, progress=False)
-    shard, size = shard_setting(shard_size)
-    if shard:
-        manifest = run_sharded_extraction(cfg, submit_shards(extract_shard_task), size)
-    else:
-        manifest = extract_task(cfg)
-    summary = summarise(manifest)
-    get_run_logger().info("published %(artefact_id)s: %(rows)d rows, %(rejects)d rejects, %(extracted)d extracted", summary)
-    return summary
+        @task(name="extract-features", retries=0)
+        def extract_task(cfg: ExtractConfig) -> dict[str, Any]:
+            """Plan, extract and publish under the artefact lock; returns the published manifest."""
+            return run_extraction(cfg)
+
+        @task(name="extract-shard", retries=0, cache_policy=NO_CACHE)
+        def extract_shard_task(job: ExtractShard) -> dict[str, Any]:
+            """Extract one shard into its own parts (no lock); returns part entries, rejects and counters."""
+            return extract_shard(job)
+
+        @flow(name="extract-features", log_prints=False)
+        def extract_features(cfg: ExtractConfig, shard_size: int | None = None) -> dict[str, Any]:
+            """Extract features of ``cfg.data`` into ``cfg.store``; returns a small summary (artefact id, rows,
+            rejects, timings).
+
+            ``shard_size``: ``None`` shards automatically under a Dask task runner only, ``0`` never shards, ``N``
+            splits the new images into shards of N (rounded up to a multiple of ``batch_size``) on any task runner."""
+            cfg = replace(cfg, progress=False)
+            shard, size = shard_setting(shard_size)
+            if shard:
+                manifest = run_sharded_extraction(cfg, submit_shards(extract_shard_task), size)
+            else:
+                manifest = extract_task(cfg)
+            summary = summarise(manifest)
+            get_run_logger().info("published %(artefact_id)s: %(rows)d rows, %(rejects)d rejects, %(extracted)d extracted",
+                                  summary)
+            return summary
+
+        built = {"extract_task": extract_task, "extract_shard_task": extract_shard_task, "extract_features": extract_features}
+        globals().update(built)
+        return built
+
+
+def __getattr__(name: str) -> Any:
+    """``extract_features`` / ``extract_task`` / ``extract_shard_task``: built (Prefect imported) on first access."""
+    if name in _PREFECT_NAMES:
+        return _build_prefect_objects()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _flow() -> Any:
+    """The Prefect flow, for :func:`flows.runners.run_stage` (called only when the stage runs under Prefect)."""
+    return _build_prefect_objects()["extract_features"]
 
 
 def summarise(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -131,7 +163,7 @@ def _cli(args: argparse.Namespace) -> int:
     from flows.runners import run_stage
 
     cfg = config_from_args(args)
-    result = run_stage(args, extract_features, lambda: summarise(run_extraction(cfg)),
+    result = run_stage(args, _flow, lambda: summarise(run_extraction(cfg)),
                        cfg=cfg, shard_size=getattr(args, "shard_size", None))
     emit(result, args.json, (
         f"features {result['artefact_id']}: {result['rows']} rows (D={result['dim']}, layer {result['layer']}), "

@@ -127,12 +127,16 @@ def use_prefect(args: argparse.Namespace) -> bool:
 def run_stage(args: argparse.Namespace, flow_fn: Any, plain_fn: Callable[[], Any], **flow_kwargs: Any) -> Any:
     """The one way a command runs its stage: ``flow_fn(**flow_kwargs)`` under Prefect when configured (see
     :func:`use_prefect`) or when ``--runner`` asks for a distributed task runner (which needs a flow run; an
-    ephemeral Prefect API is started when none is configured), else ``plain_fn()`` in this process."""
+    ephemeral Prefect API is started when none is configured), else ``plain_fn()`` in this process.
+
+    ``flow_fn`` is the Prefect flow, or a function of no arguments that returns it: then it is called only when
+    the stage runs under Prefect, so an in-process run need not import Prefect."""
     runner = getattr(args, "runner", "local") or "local"
     task_runner = make_task_runner(runner, getattr(args, "dask_address", None), getattr(args, "dask_workers", None),
                                    getattr(args, "dask_threads", 1) or 1)
-    if task_runner is not None:
-        return with_runner(flow_fn, task_runner)(**flow_kwargs)
-    if use_prefect(args):
-        return flow_fn(**flow_kwargs)
-    return plain_fn()
+    if task_runner is None and not use_prefect(args):
+        return plain_fn()
+    from prefect import Flow
+
+    flow = flow_fn if isinstance(flow_fn, Flow) else flow_fn()
+    return with_runner(flow, task_runner)(**flow_kwargs)

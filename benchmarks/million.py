@@ -19,7 +19,9 @@ Stages (``--stages``, comma-separated, in this order):
   page      the browser side alone: a page with the report's map markup, points JSON, binary payload, scatter.js
             and report.js for ``--rows`` synthetic 2-d points, measured like ``browser``.
   quality   t-SNE trustworthiness: a full fit of a ``--quality-rows`` subset vs fitting ``--quality-fit`` of it and
-            placing the rest (the path above ``--max-fit``), same seed, same 2,000-point evaluation sample.
+            placing the rest (the path above ``--max-fit``), same seed, same 2,000-point evaluation sample;
+            then the same sample fit + placement with the IVF-Flat kNN maps use above 100k fitted rows forced
+            (t-SNE and UMAP, each against its exact-kNN twin).
 
 Each stage runs in a child process; its peak RSS is the child's ``ru_maxrss`` (``os.wait4``). Stages print one
 JSON line each; ``--json FILE`` keeps them. Nothing is downloaded.
@@ -122,7 +124,8 @@ def stage_command(stage: str, a: argparse.Namespace) -> list[str]:
     if stage == "audit":
         return convlens("audit-dataset", "--store", store, "--confirm", "none", "--dup-threshold", "0.95", "--json")
     if stage in ("pca", "tsne", "umap"):
-        return convlens("project", "--store", store, "--method", stage, "--max-fit", str(a.max_fit), "--json")
+        jobs = ["--n-jobs", str(a.tsne_jobs)] if stage == "tsne" else []
+        return convlens("project", "--store", store, "--method", stage, "--max-fit", str(a.max_fit), *jobs, "--json")
     if stage == "report":
         return convlens("report", "--store", store, "--out", str(Path(store) / "reports" / "million.html"))
     if stage in ("browser", "quality", "page"):
@@ -273,7 +276,14 @@ def bench_browser(store: Path, report: Path | None = None) -> dict:
 def bench_quality(rows: int, fit_rows: int, dim: int, clusters: int) -> dict:
     """Full t-SNE fit of ``rows`` points vs fit ``fit_rows`` + place the rest (what maps do above ``--max-fit``),
     on PCA-50 of the synthetic features (what ``project`` feeds t-SNE); trustworthiness on one 2,000-point sample."""
-    from tasks.maps.projection import fit_pca, knn_label_agreement, trustworthiness_sample, tsne_embed
+    from tasks.maps.projection import (
+        fit_pca,
+        knn_label_agreement,
+        trustworthiness_sample,
+        tsne_embed,
+        umap_available,
+        umap_embed,
+    )
 
     xs, labs = [], []
     for s in range(0, rows, 16_384):
@@ -298,6 +308,19 @@ def bench_quality(rows: int, fit_rows: int, dim: int, clusters: int) -> dict:
     out["knn_label_agreement_sample_fit"] = round(knn_label_agreement(part.coords, lab, 10, ev), 4)
     out["knn_label_agreement_full_fit"] = round(knn_label_agreement(full.coords, lab, 10, ev), 4)
     out["speedup_sample_vs_full"] = round(out["full_fit_s"] / max(out["sample_fit_s"], 1e-9), 2)
+    # the approximate (IVF-Flat) kNN that maps use above KNN_EXACT_MAX_ROWS fitted rows, forced here on the same
+    # sample fit + placement: its quality against the exact kNN's, t-SNE and UMAP
+    t0 = time.perf_counter()
+    ivf = tsne_embed(y, seed=0, init=init, max_fit=fit_rows, n_jobs=os.cpu_count() or 1, knn_exact_max_rows=0)
+    out["sample_fit_ivf_s"] = round(time.perf_counter() - t0, 1)
+    out["trust_sample_fit_ivf"] = round(trustworthiness_sample(x[ev], ivf.coords[ev], 10), 4)
+    out["trust_gap_ivf_vs_exact"] = round(out["trust_sample_fit"] - out["trust_sample_fit_ivf"], 4)
+    if umap_available():
+        for name, limit in (("exact", None), ("ivf", 0)):
+            t0 = time.perf_counter()
+            um = umap_embed(y, seed=0, init=init, max_fit=fit_rows, knn_exact_max_rows=limit)
+            out[f"umap_sample_fit_{name}_s"] = round(time.perf_counter() - t0, 1)
+            out[f"umap_trust_sample_fit_{name}"] = round(trustworthiness_sample(x[ev], um.coords[ev], 10), 4)
     return out
 
 
@@ -311,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--clusters", type=int, default=20)
     ap.add_argument("--max-fit", type=int, default=200_000)
+    ap.add_argument("--tsne-jobs", type=int, default=1,
+                    help="--n-jobs of the t-SNE stage (part of the map's identity; give it the cores)")
     ap.add_argument("--stages", default="features,pca,tsne,umap,report,browser")
     ap.add_argument("--quality-rows", type=int, default=100_000)
     ap.add_argument("--quality-fit", type=int, default=20_000)

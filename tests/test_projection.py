@@ -388,3 +388,97 @@ def test_cli_project_umap_and_previous(cluster_store, capsys):
                      "--json"]) == 0
         out = json.loads(capsys.readouterr().out)
         assert out["method"] == "umap" and out["n_neighbors"] == 10 and out["rows"] == len(x)
+
+
+# ------------------------------------------------------------------------------- approximate kNN above a size
+
+
+def test_map_knn_is_exact_up_to_the_threshold_and_ivf_above_it():
+    from tasks.core.faiss_index import knn_search
+    from tasks.maps.projection import KNN_EXACT_MAX_ROWS, _L2Search, knn_spec
+
+    assert knn_spec(KNN_EXACT_MAX_ROWS) is None
+    spec = knn_spec(200_000)
+    assert spec == {"kind": "ivf-flat", "nlist": 1024, "nprobe": 64, "seed": 1234}
+    x, _lab = clusters(n_per=800, k=5, d=16, seed=3)  # 4,000 rows
+    spec = knn_spec(len(x), exact_max_rows=1000)
+    assert spec is not None and spec["kind"] == "ivf-flat"
+    search = _L2Search(x, spec)
+    assert type(search.index).__name__ == "IndexIVFFlat" and search.index.nprobe == spec["nprobe"]
+    idx, d2 = search.self_knn(10)
+    exact_i, exact_d2 = knn_search(x, 10, metric="l2")
+    assert not (idx == np.arange(len(x))[:, None]).any()  # never its own neighbour
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, exact_i)])
+    assert recall >= 0.95
+    same = idx == exact_i  # the hits it finds carry exact distances
+    np.testing.assert_allclose(d2[same], exact_d2[same], rtol=1e-4, atol=1e-4)
+    again_i, _ = _L2Search(x, spec).self_knn(10)  # seeded k-means: the same index, the same neighbours
+    np.testing.assert_array_equal(again_i, idx)
+    q = x[:50] + 0.01
+    qi, qd = search.query(q, 7)
+    assert qi.shape == (50, 7) and (qi >= 0).all() and np.isfinite(qd).all()
+
+
+def test_approximate_knn_map_is_recorded_keyed_and_reused_for_placement(tmp_path, monkeypatch):
+    """Above the threshold a map's fit and placement use the IVF search; the spec goes into the map's key and its
+    reference, and an incremental build places with the stored spec even after the threshold moved back."""
+    import tasks.maps.projection as projection
+
+    store = tmp_path / "store"
+    x, lab = clusters(n_per=60, k=4, d=20, seed=2)
+    paths = [f"img/{i:04d}.png" for i in range(len(x))]
+    night1 = np.arange(200)
+    _publish(store, x[night1], lab[night1], [paths[i] for i in night1], "2024-01-01T00:00:00+00:00")
+    exact = build_map(MapConfig(store=str(store), method="tsne", max_fit=120, pca_first=8, seed=0))
+    assert exact["tsne"]["knn"] == "faiss exact L2" and "knn" not in _reference(store, exact).params
+
+    specs: list = []
+    real_init = projection._L2Search.__init__
+
+    def spy(self, reference, spec=None):
+        specs.append(spec)
+        real_init(self, reference, spec)
+
+    monkeypatch.setattr(projection._L2Search, "__init__", spy)
+    monkeypatch.setattr(projection, "KNN_EXACT_MAX_ROWS", 100)
+    approx = build_map(MapConfig(store=str(store), method="tsne", max_fit=120, pca_first=8, seed=0))
+    assert approx["artefact_id"] != exact["artefact_id"]  # the approximate kNN is part of the map's identity
+    assert approx["tsne"]["knn"].startswith("faiss IVF64,Flat")
+    assert _reference(store, approx).params["knn"]["kind"] == "ivf-flat"
+    assert specs and all(s is not None and s["kind"] == "ivf-flat" for s in specs)
+    xy = read_coords(Store(store).artefact_dir("maps", approx["artefact_id"]), approx)[["x", "y"]].to_numpy()
+    placed = np.setdiff1d(np.arange(200), _reference(store, approx).fit_rows)
+    assert knn_label_agreement(xy, lab[night1], k=10, queries=placed) >= 0.95
+
+    monkeypatch.setattr(projection, "KNN_EXACT_MAX_ROWS", 100_000)  # a later run: the stored spec still rules
+    specs.clear()
+    _publish(store, x, lab, paths, "2024-01-02T00:00:00+00:00")
+    inc = build_map(MapConfig(store=str(store), method="tsne", max_fit=120, pca_first=8, seed=0,
+                              previous=approx["artefact_id"]))
+    assert inc["incremental"]["placed"] == len(x) - 200
+    assert specs and all(s is not None and s["kind"] == "ivf-flat" for s in specs)
+
+
+def test_compiled_init_graph_transform_is_bit_identical_to_umap_learns():
+    from tasks.maps.projection import _init_graph_transform, umap_available
+
+    if not umap_available():
+        pytest.skip("umap-learn is not installed")
+    import scipy.sparse as sp
+    from umap.umap_ import init_graph_transform
+
+    rng = np.random.default_rng(5)
+    n, m, k = 400, 300, 15
+    rows = np.repeat(np.arange(n), k)
+    cols = rng.integers(0, m, n * k)
+    vals = rng.random(n * k).astype(np.float32)
+    vals[rng.random(n * k) < 0.2] = 0.0     # eliminated below: rows of every length, some empty
+    vals[:k] = 0.0                          # row 0: no neighbour -> NaN
+    vals[k:2 * k] = 1.0                     # row 1: an exact copy of a fitted row
+    vals[2 * k + 3] = 1.0                   # row 2: a weight of 1 after three others
+    csr = sp.coo_matrix((vals, (rows, cols)), shape=(n, m)).tocsr()
+    csr.eliminate_zeros()
+    tail = rng.normal(size=(m, 2)).astype(np.float32) * 10
+    ours, theirs = _init_graph_transform(csr, tail), init_graph_transform(csr, tail)
+    assert np.isnan(theirs[0]).all() and np.isnan(ours[0]).all()
+    assert ours[1:].tobytes() == theirs[1:].tobytes()

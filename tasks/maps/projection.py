@@ -5,11 +5,12 @@ Array-level functions (no store):
 - :func:`fit_pca` / :class:`PCAAccumulator` — exact PCA from a streamed float64 covariance (one pass over
   feature batches, memory O(D^2)), or scikit-learn's randomized PCA fitted on a row sample. Components are
   sign-normalised like scikit-learn's (largest-|.| entry of each component positive).
-- :func:`tsne_embed` — openTSNE with affinities from an exact FAISS kNN graph (``PrecomputedNeighbors``),
+- :func:`tsne_embed` — openTSNE with affinities from a FAISS kNN graph (``PrecomputedNeighbors``; exact up to
+  :data:`KNN_EXACT_MAX_ROWS` fitted rows, IVF-Flat above: :func:`knn_spec`),
   PCA initialisation, openTSNE's recommended optimisation (early exaggeration 12 for 250 iterations, then 500
   iterations, learning rate N / exaggeration, exaggeration 4 in the second phase above 100k fitted points).
   Above ``max_fit`` rows the map is fitted on a sample and the rest placed into it (:func:`place_points`).
-- :func:`umap_embed` — umap-learn fed the same exact FAISS kNN graph (``precomputed_knn``), PCA
+- :func:`umap_embed` — umap-learn fed the same kind of FAISS kNN graph (``precomputed_knn``), PCA
   initialisation; the same sample + placement path above ``max_fit``.
 - :class:`MapReference` / :func:`place_points` — what placing new points into a fitted map needs (the fitted
   rows' reduced inputs and coordinates, the PCA, the method's parameters) and the placement itself: openTSNE's
@@ -66,6 +67,8 @@ __all__ = [
     "tsne_embed",
     "umap_embed",
     "umap_available",
+    "KNN_EXACT_MAX_ROWS",
+    "knn_spec",
     "MapReference",
     "place_points",
     "row_keys",
@@ -252,32 +255,114 @@ def fit_pca(x: np.ndarray, n_components: int, solver: str = "exact", seed: int =
 # ------------------------------------------------------------------------------------------ kNN + reference
 
 
-class _ExactL2:
-    """Exact FAISS L2 search among ``reference`` (m, d) float32, built once: ``query(x, k) -> (idx int64, dist
-    float64)`` with Euclidean (not squared) distances. Memory: one copy of the reference."""
+KNN_EXACT_MAX_ROWS = 100_000
+"""t-SNE / UMAP: up to this many fitted rows every kNN of a map (the fit's graph, the placement's queries) is
+exact (FAISS ``IndexFlatL2``); above it an IVF-Flat index over the fitted rows (:func:`knn_spec`), which keeps
+exact distances for the candidates it scans. Measured on the 200k x 50 fitted rows of the 1M synthetic map
+(20 clusters of isotropic noise, the hard case for IVF): recall@15 0.9999 at nprobe = nlist / 16, 5x faster
+than exact."""
 
-    def __init__(self, reference: np.ndarray) -> None:
+
+def knn_spec(m: int, exact_max_rows: int | None = None) -> dict[str, Any] | None:
+    """How a map with ``m`` fitted rows finds neighbours: ``None`` (exact) up to ``exact_max_rows`` (default
+    :data:`KNN_EXACT_MAX_ROWS`), else
+    ``{"kind": "ivf-flat", "nlist", "nprobe", "seed"}``: ``nlist`` = :func:`auto_nlist` (1024 at 200k), ``nprobe``
+    = max(16, nlist / 16) lists, k-means seeded (FAISS's training is then the same for any thread count).
+    Stored in the map's reference, so placing rows later uses the search the map was fitted with."""
+    if m <= (KNN_EXACT_MAX_ROWS if exact_max_rows is None else exact_max_rows):
+        return None
+    from tasks.core.faiss_index import auto_nlist  # noqa: PLC0415
+
+    nlist = auto_nlist(m)
+    return {"kind": "ivf-flat", "nlist": int(nlist), "nprobe": int(min(nlist, max(16, nlist // 16))), "seed": 1234}
+
+
+def knn_description(spec: dict[str, Any] | None) -> str:
+    """The manifest's words for a :func:`knn_spec`."""
+    if spec is None:
+        return "faiss exact L2"
+    return f"faiss IVF{spec['nlist']},Flat L2, nprobe {spec['nprobe']} (exact distances of the scanned lists)"
+
+
+class _L2Search:
+    """FAISS L2 search among ``reference`` (m, d) float32, built once: exact (``spec`` None) or the IVF-Flat of a
+    :func:`knn_spec`. ``query(x, k) -> (idx int64, dist float64)`` with Euclidean (not squared) distances;
+    ``self_knn(k)`` the k nearest other fitted rows of every fitted row. A query the IVF probe leaves short of
+    ``k`` hits is answered exactly. Memory: one copy of the reference (+ its IVF lists)."""
+
+    def __init__(self, reference: np.ndarray, spec: dict[str, Any] | None = None) -> None:
         from tasks.core.faiss_index import import_faiss  # noqa: PLC0415
 
-        faiss = import_faiss()
+        self.faiss = import_faiss()
         self.reference = np.ascontiguousarray(reference, np.float32)
-        self.index = faiss.IndexFlatL2(self.reference.shape[1])
-        self.index.add(self.reference)
+        self.spec = spec
+        d = self.reference.shape[1]
+        self._flat = None
+        if spec is None:
+            self.index = self._exact()
+        else:
+            if spec.get("kind") != "ivf-flat":
+                raise UsageError(f"unknown kNN kind {spec.get('kind')!r} in a map reference; rebuild the map "
+                                 "with this version of convlens (convlens project --force)")
+            quantizer = self.faiss.IndexFlatL2(d)
+            index = self.faiss.IndexIVFFlat(quantizer, d, int(spec["nlist"]))
+            index.cp.seed = int(spec["seed"])
+            index.train(self.reference)
+            index.add(self.reference)
+            index.nprobe = int(spec["nprobe"])
+            self.index, self._quantizer = index, quantizer  # the quantizer lives as long as the index
+
+    def _exact(self):
+        if self._flat is None:
+            self._flat = self.faiss.IndexFlatL2(self.reference.shape[1])
+            self._flat.add(self.reference)
+        return self._flat
+
+    def _search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(squared distances float32, idx int64) of ``k`` hits, short IVF probes redone exactly."""
+        x = np.ascontiguousarray(x, np.float32)
+        d, i = self.index.search(x, k)
+        if self.spec is not None:
+            short = np.flatnonzero((i < 0).any(axis=1))
+            if len(short):
+                d[short], i[short] = self._exact().search(x[short], k)
+        return d, i
 
     def query(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = int(min(k, len(self.reference)))
-        d, i = self.index.search(np.ascontiguousarray(x, np.float32), k)
+        d, i = self._search(x, k)
         return i.astype(np.int64), np.sqrt(np.maximum(d, 0.0)).astype(np.float64)
+
+    def self_knn(self, k: int, block: int = _BATCH_ROWS) -> tuple[np.ndarray, np.ndarray]:
+        """``(idx (m, k) int64, squared distances (m, k) float32)``: each fitted row's k nearest *other* fitted
+        rows (itself dropped; if duplicates tie it out of the hits, the first k others are kept)."""
+        m = len(self.reference)
+        if self.spec is None:  # exact: the module's all-vs-all search, as every exact map has used
+            from tasks.core.faiss_index import knn_search  # noqa: PLC0415
+
+            return knn_search(self.reference, k, metric="l2")
+        if not 0 < k < m:
+            raise UsageError(f"k={k} is too large for {m} points")
+        idx = np.empty((m, k), np.int64)
+        dist = np.empty((m, k), np.float32)
+        for s in range(0, m, block):
+            d, i = self._search(self.reference[s:s + block], k + 1)
+            rows = np.arange(s, s + len(i))[:, None]
+            order = np.argsort(i == rows, axis=1, kind="stable")[:, :k]
+            idx[s:s + len(i)] = np.take_along_axis(i, order, axis=1)
+            dist[s:s + len(i)] = np.take_along_axis(d, order, axis=1)
+        return idx, dist
 
 
 def _faiss_neighbors_class():
-    """``PrecomputedNeighbors`` that can also be queried (exact FAISS L2), so openTSNE's ``transform`` works."""
+    """``PrecomputedNeighbors`` that can also be queried (the map's :class:`_L2Search`), so openTSNE's
+    ``transform`` works."""
     from openTSNE.nearest_neighbors import PrecomputedNeighbors  # noqa: PLC0415
 
     class FaissNeighbors(PrecomputedNeighbors):
-        def __init__(self, neighbors: np.ndarray, distances: np.ndarray, reference: np.ndarray) -> None:
+        def __init__(self, neighbors: np.ndarray, distances: np.ndarray, search: _L2Search) -> None:
             super().__init__(neighbors, distances)
-            self._search = _ExactL2(reference)
+            self._search = search
 
         def query(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
             return self._search.query(query, k)
@@ -333,10 +418,10 @@ class MapReference:
                        params=json.loads(str(z["params"])))
 
 
-def _reference_affinities(fit_x: np.ndarray, n_jobs: int):
+def _reference_affinities(fit_x: np.ndarray, n_jobs: int, knn: dict[str, Any] | None = None):
     """An openTSNE ``Affinities`` that only knows how to relate *new* points to ``fit_x`` (what
-    ``prepare_partial`` needs): perplexity-based affinities on the exact FAISS L2 kNN among the fitted rows,
-    exactly as ``PerplexityBasedNN.to_new`` computes them."""
+    ``prepare_partial`` needs): perplexity-based affinities on the FAISS L2 kNN among the fitted rows (exact, or
+    the map's :func:`knn_spec`), exactly as ``PerplexityBasedNN.to_new`` computes them."""
     import scipy.sparse as sp  # noqa: PLC0415
     from openTSNE.affinity import Affinities, joint_probabilities_nn  # noqa: PLC0415
 
@@ -345,7 +430,7 @@ def _reference_affinities(fit_x: np.ndarray, n_jobs: int):
             super().__init__()
             self._m = len(fit_x)
             self.n_jobs = n_jobs
-            self.knn_index = _ExactL2(fit_x)
+            self.knn_index = _L2Search(fit_x, knn)
             self.P = sp.csr_matrix((self._m, self._m))  # never used by prepare_partial
 
         def to_new(self, data: np.ndarray, perplexity: float = _TSNE_PLACE_PERPLEXITY, return_distances: bool = False):
@@ -370,7 +455,7 @@ class _Placer:
         self.ref, self.n_jobs, self.seed = ref, n_jobs, seed
         self._emb = None
         self._shift = None
-        self._knn: _ExactL2 | None = None
+        self._knn: _L2Search | None = None
 
     def place(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, np.float32)
@@ -393,7 +478,8 @@ class _Placer:
             # shift the placed points back, so they land in the stored frame of the fitted rows
             self._shift = (y.max(axis=0) + y.min(axis=0)) / 2
             method = "fft" if y.shape[1] <= 2 else "bh"
-            self._emb = TSNEEmbedding(y - self._shift, _reference_affinities(self.ref.fit_x, self.n_jobs),
+            self._emb = TSNEEmbedding(y - self._shift, _reference_affinities(self.ref.fit_x, self.n_jobs,
+                                                                             p.get("knn")),
                                       negative_gradient_method=method, random_state=self.seed, n_jobs=self.n_jobs,
                                       theta=0.5, verbose=False)
         part = self._emb.prepare_partial(x, initialization="median", k=25,
@@ -404,14 +490,14 @@ class _Placer:
 
     def _place_umap(self, x: np.ndarray) -> np.ndarray:
         """umap-learn's ``UMAP.transform`` steps (membership strengths to the k nearest fitted rows, weighted-mean
-        initialisation, ``n_epochs`` of SGD against the fixed fitted embedding) on an exact FAISS kNN."""
+        initialisation, ``n_epochs`` of SGD against the fixed fitted embedding) on the map's FAISS kNN (exact,
+        or the IVF-Flat of its :func:`knn_spec`)."""
         import scipy.sparse as sp  # noqa: PLC0415
         from umap.layouts import optimize_layout_euclidean  # noqa: PLC0415
         from umap.umap_ import (  # noqa: PLC0415
             INT32_MAX,
             INT32_MIN,
             compute_membership_strengths,
-            init_graph_transform,
             make_epochs_per_sample,
             smooth_knn_dist,
         )
@@ -420,7 +506,7 @@ class _Placer:
         tail = np.ascontiguousarray(self.ref.fit_y, np.float32)
         m = len(tail)
         if self._knn is None:
-            self._knn = _ExactL2(self.ref.fit_x)
+            self._knn = _L2Search(self.ref.fit_x, p.get("knn"))
         k = int(min(p["n_neighbors"], m))
         idx, dist = self._knn.query(x, k)
         dists = dist.astype(np.float32, order="C")
@@ -429,7 +515,7 @@ class _Placer:
         graph = sp.coo_matrix((vals, (rows, cols)), shape=(len(x), m))
         csr = graph.tocsr()
         csr.eliminate_zeros()
-        emb = init_graph_transform(csr, tail)
+        emb = _init_graph_transform(csr, tail)
         n_epochs = int(p.get("place_epochs", _UMAP_PLACE_EPOCHS))
         if graph.data.size:
             graph.data[graph.data < (graph.data.max() / float(n_epochs))] = 0.0
@@ -440,6 +526,74 @@ class _Placer:
                                         float(p["b"]), rng_state, 1.0, 0.25, 5.0, parallel=False, verbose=False,
                                         tqdm_kwds={"disable": True})
         return np.asarray(emb, np.float32)
+
+
+_INIT_GRAPH_KERNEL = None
+
+
+def _init_graph_kernel():
+    """The numba kernel of :func:`_init_graph_transform`, compiled on first use."""
+    global _INIT_GRAPH_KERNEL
+    if _INIT_GRAPH_KERNEL is None:
+        import numba  # noqa: PLC0415
+
+        @numba.njit(nogil=True)
+        def pairwise_sum(a, lo, n):  # pragma: no cover - compiled
+            # numpy's float32 pairwise summation (numpy/_core/src/umath/loops_utils.h.src), so a row's sum is
+            # bit for bit what scipy's ``row.sum()`` gives umap-learn
+            if n < 8:
+                res = np.float32(0.0)
+                for i in range(n):
+                    res += a[lo + i]
+                return res
+            if n <= 128:
+                r = a[lo:lo + 8].copy()
+                i = 8
+                while i < n - (n % 8):
+                    for j in range(8):
+                        r[j] += a[lo + i + j]
+                    i += 8
+                res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+                while i < n:
+                    res += a[lo + i]
+                    i += 1
+                return res
+            n2 = n // 2
+            n2 -= n2 % 8
+            return pairwise_sum(a, lo, n2) + pairwise_sum(a, lo + n2, n - n2)
+
+        @numba.njit(nogil=True)
+        def kernel(indptr, indices, data, embedding, result):  # pragma: no cover - compiled
+            for r in range(len(indptr) - 1):
+                lo, hi = indptr[r], indptr[r + 1]
+                if hi == lo:
+                    result[r, :] = np.nan
+                    continue
+                row_sum = pairwise_sum(data, lo, hi - lo)
+                for t in range(lo, hi):
+                    if data[t] == 1:
+                        result[r, :] = embedding[indices[t], :]
+                        break
+                    w = data[t] / row_sum
+                    for c in range(embedding.shape[1]):
+                        result[r, c] += w * embedding[indices[t], c]
+
+        _INIT_GRAPH_KERNEL = kernel
+    return _INIT_GRAPH_KERNEL
+
+
+def _init_graph_transform(csr: Any, tail: np.ndarray) -> np.ndarray:
+    """umap-learn's ``init_graph_transform`` (each new row at the membership-weighted mean of its fitted
+    neighbours' coordinates; at a neighbour's coordinates when a weight is exactly 1; NaN with no neighbour) for
+    ``csr`` (n, m) float32 and ``tail`` (m, dim) float32 -> (n, dim) float32, with the same float32 operations in
+    the same order: bit-identical (tested). umap-learn loops in Python over scipy row slices (1-2 s per 16,384
+    rows here, a quarter of a UMAP placement); this is the same loop compiled with numba (a umap-learn
+    dependency), ~5 ms."""
+    data = np.ascontiguousarray(csr.data, np.float32)
+    tail = np.ascontiguousarray(tail, np.float32)
+    result = np.zeros((csr.shape[0], tail.shape[1]), np.float32)
+    _init_graph_kernel()(np.asarray(csr.indptr, np.int64), np.asarray(csr.indices, np.int64), data, tail, result)
+    return result
 
 
 def place_points(ref: MapReference, x: np.ndarray, n_jobs: int = 1, seed: int = 0,
@@ -500,22 +654,23 @@ def _pca_init(xf: np.ndarray, dim: int, init: np.ndarray | None, rng: np.random.
 
 def _fit_tsne(xf: np.ndarray, init: np.ndarray | None, dim: int, perplexity: float, seed: int, n_jobs: int,
               exaggeration: float | None, n_iter: int, early_exaggeration_iter: int, negative_gradient_method: str,
-              auto_stop: bool, stop_tol: tuple[float, float]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Fit openTSNE on ``xf`` (m, d) float32; returns ``(coords (m, dim) float64 centred, info)``."""
+              auto_stop: bool, stop_tol: tuple[float, float], knn: dict[str, Any] | None = None
+              ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Fit openTSNE on ``xf`` (m, d) float32 with the kNN of ``knn`` (:func:`knn_spec`; None = exact); returns
+    ``(coords (m, dim) float64 centred, info)``."""
     from openTSNE import TSNE  # noqa: PLC0415
     from openTSNE.affinity import PerplexityBasedNN  # noqa: PLC0415
     from openTSNE.initialization import rescale  # noqa: PLC0415
-
-    from tasks.core.faiss_index import knn_search  # noqa: PLC0415
 
     rng = np.random.default_rng(seed)
     eff, k = clamp_perplexity(perplexity, len(xf))
     if eff < perplexity:
         log.info("perplexity %.1f clamped to %.2f for %d points", perplexity, eff, len(xf))
     t0 = time.perf_counter()
-    nbr, d2 = knn_search(xf, k, metric="l2")
-    knn = _faiss_neighbors_class()(nbr, np.sqrt(np.maximum(d2, 0.0)).astype(np.float64), xf)
-    affinities = PerplexityBasedNN(perplexity=eff, knn_index=knn, n_jobs=n_jobs, random_state=seed)
+    search = _L2Search(xf, knn)
+    nbr, d2 = search.self_knn(k)
+    neighbors = _faiss_neighbors_class()(nbr, np.sqrt(np.maximum(d2, 0.0)).astype(np.float64), search)
+    affinities = PerplexityBasedNN(perplexity=eff, knn_index=neighbors, n_jobs=n_jobs, random_state=seed)
     t_aff = time.perf_counter() - t0
     init_fit = rescale(_pca_init(xf, dim, init, rng), target_std=1e-4)
     if exaggeration is None:
@@ -540,7 +695,7 @@ def _fit_tsne(xf: np.ndarray, init: np.ndarray | None, dim: int, perplexity: flo
     y -= (y.max(axis=0) + y.min(axis=0)) / 2  # centred, as openTSNE's transform would leave it
     info = {
         "perplexity": float(perplexity), "effective_perplexity": float(eff), "k_neighbors": int(k),
-        "knn": "faiss exact L2", "fitted_rows": int(len(xf)),
+        "knn": knn_description(knn), "fitted_rows": int(len(xf)),
         "early_exaggeration": 12.0, "early_exaggeration_iter": int(early_exaggeration_iter),
         "exaggeration": float(exaggeration), "n_iter": int(n_iter), "learning_rate": "auto (N / exaggeration)",
         "auto_stop": bool(auto_stop), "stop_tol": list(stop_tol) if auto_stop else None,
@@ -592,15 +747,26 @@ def _embed_with_sample(method: str, x: np.ndarray, dim: int, seed: int, init: np
     return TSNEResult(coords=coords, info=info, reference=ref)
 
 
+def _tsne_place_params(knn: dict[str, Any] | None) -> dict[str, Any]:
+    """A t-SNE reference's placement parameters (``knn`` only when approximate: exact maps' references are as
+    they were)."""
+    params: dict[str, Any] = {"place_perplexity": _TSNE_PLACE_PERPLEXITY, "place_iter": _TSNE_PLACE_ITER}
+    if knn is not None:
+        params["knn"] = knn
+    return params
+
+
 def tsne_embed(x: np.ndarray, dim: int = 2, perplexity: float = 30.0, seed: int = 0,
                init: np.ndarray | None = None, n_jobs: int = 1, exaggeration: float | None = None,
                max_fit: int = 200_000, transform_chunk: int = _BATCH_ROWS, n_iter: int = 500,
                early_exaggeration_iter: int = 250, negative_gradient_method: str = "auto",
-               auto_stop: bool = True, stop_tol: tuple[float, float] = (1e-2, 2e-3)) -> TSNEResult:
+               auto_stop: bool = True, stop_tol: tuple[float, float] = (1e-2, 2e-3),
+               knn_exact_max_rows: int | None = None) -> TSNEResult:
     """t-SNE of ``x`` (N, d) float32 (typically PCA-50 coordinates) to ``(N, dim) float32``.
 
-    Affinities: perplexity-based (clamped to (N - 1) / 3 for small N) on the exact FAISS L2 kNN graph with
-    k = 3 x perplexity. Initialisation: ``init`` (N, dim) (e.g. the first PCA coordinates) rescaled to std 1e-4,
+    Affinities: perplexity-based (clamped to (N - 1) / 3 for small N) on the FAISS L2 kNN graph with
+    k = 3 x perplexity: exact up to ``knn_exact_max_rows`` fitted rows, IVF-Flat above (:func:`knn_spec`; the
+    placement uses the same search). Initialisation: ``init`` (N, dim) (e.g. the first PCA coordinates) rescaled to std 1e-4,
     else PCA of ``x``. Optimisation as openTSNE recommends: 250 iterations at exaggeration 12 (momentum 0.5),
     then ``n_iter`` at ``exaggeration`` (default 1, or 4 when more than 100k points are fitted), learning rate
     N / exaggeration. The fitted coordinates are centred (midrange 0). With N > ``max_fit`` a seeded sample of
@@ -613,9 +779,10 @@ def tsne_embed(x: np.ndarray, dim: int = 2, perplexity: float = 30.0, seed: int 
     Same inputs + seed + n_jobs -> identical coordinates. Memory O(max_fit x (d + k) + chunk x k).
     """
     def fit(xf: np.ndarray, init_f: np.ndarray | None) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
+        knn = knn_spec(len(xf), knn_exact_max_rows)
         y, info = _fit_tsne(xf, init_f, dim, perplexity, seed, n_jobs, exaggeration, n_iter, early_exaggeration_iter,
-                            negative_gradient_method, auto_stop, stop_tol)
-        return y, info, {"place_perplexity": _TSNE_PLACE_PERPLEXITY, "place_iter": _TSNE_PLACE_ITER}
+                            negative_gradient_method, auto_stop, stop_tol, knn)
+        return y, info, _tsne_place_params(knn)
 
     return _embed_with_sample("tsne", x, dim, seed, init, n_jobs, max_fit, transform_chunk, fit)
 
@@ -638,14 +805,12 @@ def _require_umap() -> None:
                          "`pip install -e .` (or `pip install umap-learn`), or use --method tsne / pca")
 
 
-def _fit_umap(xf: np.ndarray, init: np.ndarray | None, dim: int, n_neighbors: int, min_dist: float, seed: int
-              ) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
-    """Fit umap-learn on ``xf`` (m, d) float32 with an exact FAISS L2 kNN graph given as ``precomputed_knn``
-    (self first, as UMAP expects), PCA initialisation, a fixed ``random_state`` (single-threaded, reproducible).
-    Returns ``(coords (m, dim) float64, info, placement params)``."""
+def _fit_umap(xf: np.ndarray, init: np.ndarray | None, dim: int, n_neighbors: int, min_dist: float, seed: int,
+              knn: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
+    """Fit umap-learn on ``xf`` (m, d) float32 with a FAISS L2 kNN graph (exact, or the IVF-Flat of ``knn``:
+    :func:`knn_spec`) given as ``precomputed_knn`` (self first, as UMAP expects), PCA initialisation, a fixed
+    ``random_state`` (single-threaded, reproducible). Returns ``(coords (m, dim) float64, info, placement params)``."""
     _require_umap()
-    from tasks.core.faiss_index import knn_search  # noqa: PLC0415
-
     m = len(xf)
     if m < 4:
         raise UsageError(f"UMAP needs at least 4 points, got {m}; use --method pca for so few images")
@@ -653,7 +818,7 @@ def _fit_umap(xf: np.ndarray, init: np.ndarray | None, dim: int, n_neighbors: in
     if k < 2:
         raise UsageError(f"--n-neighbors must be >= 2, got {n_neighbors}")
     t0 = time.perf_counter()
-    nbr, d2 = knn_search(xf, k - 1, metric="l2")
+    nbr, d2 = _L2Search(xf, knn).self_knn(k - 1)
     knn_i = np.hstack([np.arange(m, dtype=np.int64)[:, None], nbr]).astype(np.int32)
     knn_d = np.hstack([np.zeros((m, 1), np.float32), np.sqrt(np.maximum(d2, 0.0)).astype(np.float32)])
     t_knn = time.perf_counter() - t0
@@ -670,11 +835,13 @@ def _fit_umap(xf: np.ndarray, init: np.ndarray | None, dim: int, n_neighbors: in
     t_fit = time.perf_counter() - t1
     params = {"n_neighbors": k, "min_dist": float(min_dist), "a": float(model._a), "b": float(model._b),
               "place_epochs": _UMAP_PLACE_EPOCHS}
+    if knn is not None:
+        params["knn"] = knn
     info = {"n_neighbors": int(n_neighbors), "effective_n_neighbors": k, "min_dist": float(min_dist),
-            "knn": "faiss exact L2 (precomputed_knn)", "fitted_rows": int(m), "a": params["a"], "b": params["b"],
+            "knn": knn_description(knn) + " (precomputed_knn)", "fitted_rows": int(m), "a": params["a"], "b": params["b"],
             "n_epochs": int(model.n_epochs) if model.n_epochs else "umap default (200 above 10k points, else 500)",
             "initialization": "pca" if init is None else "given", "umap_version": _umap_version(),
-            "placement": {"how": "umap-learn's transform steps on the exact FAISS kNN of the fitted rows",
+            "placement": {"how": "umap-learn's transform steps on the same FAISS kNN of the fitted rows",
                           "n_epochs": _UMAP_PLACE_EPOCHS},
             "seconds": {"knn": round(t_knn, 3), "fit": round(t_fit, 3)}}
     return y, info, params
@@ -690,15 +857,17 @@ def _umap_version() -> str | None:
 
 
 def umap_embed(x: np.ndarray, dim: int = 2, n_neighbors: int = 15, min_dist: float = 0.1, seed: int = 0,
-               init: np.ndarray | None = None, max_fit: int = 200_000, chunk: int = _BATCH_ROWS) -> TSNEResult:
-    """UMAP of ``x`` (N, d) float32 to ``(N, dim) float32`` (umap-learn, exact FAISS kNN as ``precomputed_knn``,
+               init: np.ndarray | None = None, max_fit: int = 200_000, chunk: int = _BATCH_ROWS,
+               knn_exact_max_rows: int | None = None) -> TSNEResult:
+    """UMAP of ``x`` (N, d) float32 to ``(N, dim) float32`` (umap-learn, FAISS kNN as ``precomputed_knn``: exact up
+    to ``knn_exact_max_rows`` fitted rows, IVF-Flat above, :func:`knn_spec`,
     PCA initialisation, ``random_state=seed``: reproducible and single-threaded). Above ``max_fit`` rows a seeded
     sample is fitted and the rest placed with :func:`place_points` (UMAP's transform: 30 epochs). Raises
     :class:`UsageError` when umap-learn is not installed. Memory O(max_fit x (d + k) + chunk x k)."""
     _require_umap()
 
     def fit(xf: np.ndarray, init_f: np.ndarray | None) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
-        return _fit_umap(xf, init_f, dim, n_neighbors, min_dist, seed)
+        return _fit_umap(xf, init_f, dim, n_neighbors, min_dist, seed, knn_spec(len(xf), knn_exact_max_rows))
 
     return _embed_with_sample("umap", x, dim, seed, init, 1, max_fit, chunk, fit)
 
@@ -837,6 +1006,11 @@ def map_key(cfg: MapConfig, source_id: str, source_manifest: dict[str, Any],
     map it was placed into (id and created time)."""
     key = {"source": source_id, "source_created": source_manifest.get("created"), "params": _params(cfg),
            "map_format": MAP_FORMAT, "code_version": CODE_VERSION}
+    if cfg.method in ("tsne", "umap"):
+        # the approximate kNN above KNN_EXACT_MAX_ROWS fitted rows is part of the map (exact maps keep their keys)
+        spec = knn_spec(min(int(source_manifest.get("rows", 0)), cfg.max_fit))
+        if spec is not None:
+            key["knn"] = spec
     if previous is not None:
         key["previous"] = {"map": previous[0], "created": previous[1].get("created")}
     return key
@@ -1279,12 +1453,13 @@ def _build_full(cfg: MapConfig, fdir: Path, fman: dict[str, Any], n: int, d: int
         fit_x = _pass_sample(fdir, fman, n, pca_ref, fit_idx, heap, progress)  # completes the quality kNN
         seconds["sample"] = round(time.perf_counter() - t1, 3)
         init = fit_x[:, :cfg.dim].astype(np.float64) if pca is not None and fit_x.shape[1] >= cfg.dim else None
+        knn = knn_spec(len(fit_x))  # as map_key decided it
         if cfg.method == "tsne":
             y, info = _fit_tsne(fit_x, init, cfg.dim, cfg.perplexity, cfg.seed, cfg.n_jobs, None, 500, 250, "auto",
-                                True, (1e-2, 2e-3))
-            params = {"place_perplexity": _TSNE_PLACE_PERPLEXITY, "place_iter": _TSNE_PLACE_ITER}
+                                True, (1e-2, 2e-3), knn)
+            params = _tsne_place_params(knn)
         else:
-            y, info, params = _fit_umap(fit_x, init, cfg.dim, cfg.n_neighbors, cfg.min_dist, cfg.seed)
+            y, info, params = _fit_umap(fit_x, init, cfg.dim, cfg.n_neighbors, cfg.min_dist, cfg.seed, knn)
         ref = MapReference(method=cfg.method, fit_x=fit_x, fit_y=y, fit_rows=fit_idx, pca_mean=pca_ref.pca_mean,
                            pca_components=pca_ref.pca_components, params=params)
         placer = _Placer(ref, n_jobs=cfg.n_jobs, seed=cfg.seed)

@@ -16,7 +16,8 @@ one more rerun under ``tracemalloc`` for the bytes per file kept (Python heap + 
 ``--spill-rows R`` (:func:`_anon_kept`): then one more rerun in a fresh process each, the listing kept in memory vs
 spilled past R rows to memory-mapped temp files (``tasks.core.datasets.RecordTableBuilder``), printing what each
 keeps as anonymous RSS (``RssAnon``) and as file-backed RSS (``RssFile``), the path sort order of ``locate``
-included: what dropping the table gives back.
+included: what dropping the table gives back; and the same for the loaded hash cache (:func:`_anon_cache`,
+``HashCache`` in memory vs spilled past R rows), with its load peak and time.
 
 ``--end-to-end`` (:func:`end_to_end`): N real ``--size`` px PNGs (a colour per class + noise, 100 class folders), then
 ``convlens --no-prefect extract DIR --store STORE --device cpu --json`` (the default model a user gets: MobileNetV2,
@@ -59,22 +60,25 @@ def _rss_mib(field: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _trim() -> None:
+    """Give freed heap back to the OS (``gc``, Arrow's pool, glibc ``malloc_trim``) before reading RSS."""
+    import ctypes
+
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _anon_kept(data: str, cache: str, workers: int, chunk: int, spill_rows: int) -> tuple[float, float, float, bool]:
     """In a fresh (spawned) process: a no-op rerun of the planner's listing kept with ``spill_rows``, plus
     ``locate``'s sort order; returns (RssAnon MiB, RssFile MiB, seconds, spilled), the RSS being what dropping the
     kept table gives back (after ``malloc_trim`` and Arrow's ``release_unused``, so that heap the allocators keep
     from hashing is not counted)."""
-    import ctypes
 
     from tasks.core.datasets import hash_listing, open_listing
-
-    def trim() -> None:
-        gc.collect()
-        pa.default_memory_pool().release_unused()
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
 
     t0 = time.perf_counter()
     table, _, _ = hash_listing(open_listing(data), Path(cache), workers=workers, chunk_size=chunk,
@@ -82,11 +86,36 @@ def _anon_kept(data: str, cache: str, workers: int, chunk: int, spill_rows: int)
     table.locate(table.paths.slice(0, 1))
     secs = time.perf_counter() - t0
     spilled = table.spilled
-    trim()
+    _trim()
     anon, file_ = _rss_mib("RssAnon"), _rss_mib("RssFile")
     del table
-    trim()
+    _trim()
     return anon - _rss_mib("RssAnon"), file_ - _rss_mib("RssFile"), secs, spilled
+
+
+def _anon_cache(cache: str, spill_rows: int) -> tuple[float, float, float, float, bool]:
+    """In a fresh (spawned) process: load the hash cache at ``cache`` (``tasks.core.datasets.HashCache``) with
+    ``spill_rows``; returns (RssAnon MiB, RssFile MiB held by the loaded cache, peak RSS MiB while loading, load
+    seconds, spilled), trimmed as in :func:`_anon_kept`, after one row group's ``src`` was read (Arrow's first-use
+    allocations). Not counted: the Parquet file in the page cache."""
+
+    import pyarrow.parquet as pq
+
+    from tasks.core.datasets import HashCache
+
+    with pq.ParquetFile(cache) as pf:  # warm up: Arrow / Parquet's first-use allocations are not the cache's
+        pf.read_row_group(0, columns=["src"])
+    _trim()
+    anon0, file0 = _rss_mib("RssAnon"), _rss_mib("RssFile")
+    _reset_peak()
+    base = _rss_mib("VmRSS")
+    t0 = time.perf_counter()
+    c = HashCache(Path(cache), spill_rows=spill_rows)
+    secs = time.perf_counter() - t0
+    peak = _rss_mib("VmHWM") - base
+    _trim()
+    anon, file_ = _rss_mib("RssAnon") - anon0, _rss_mib("RssFile") - file0
+    return anon, file_, peak, secs, c.spilled
 
 
 def _reset_peak() -> None:
@@ -340,6 +369,16 @@ def main() -> None:
                       f"+{file_:.1f} MiB, rerun + sort order {secs:.2f} s, spilled={spilled}")
             (m, _, tm, _), (s_, _, ts, _) = res.values()
             print(f"spilled / in memory: RssAnon {s_ / m if m > 0 else float('nan'):.1%}, time {ts / tm:.2f}x")
+            cres = {}
+            for name, rows in (("in memory", a.n + 1), (f"spilled past {a.spill_rows} rows", a.spill_rows)):
+                with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+                    cres[name] = ex.submit(_anon_cache, str(cache), rows).result()
+                anon, file_, peak, secs, spilled = cres[name]
+                print(f"hash cache {name}: RssAnon +{anon:.1f} MiB (+{anon * 1048576 / a.n:.0f} B per entry), RssFile "
+                      f"+{file_:.1f} MiB, load peak +{peak:.1f} MiB, load {secs:.2f} s, spilled={spilled}")
+            (m, _, _, tm, _), (s_, _, _, ts, _) = cres.values()
+            print(f"hash cache spilled / in memory: RssAnon {s_ / m if m > 0 else float('nan'):.1%}, "
+                  f"load time {ts / tm:.2f}x")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -226,3 +226,201 @@ def test_extract_and_publish_give_the_same_results_when_the_plan_spills(tmp_path
         assert _mapping(plan.records.sizes.ctypes.data).startswith(str(cache) + os.sep)
     m1, m2 = both()
     assert m1["run"].get("unchanged") is True and m2["run"].get("unchanged") is True
+
+
+def _legacy_cache(cache_dir: Path, odd_id: str | None) -> Path:
+    """A hash cache of 300 entries written before inodes were recorded (no ``ino`` column), plus the journal of a
+    killed run: 40 new entries and one of the 300 hashed again (the later entry wins). ``odd_id``: one id that is
+    not 64 lowercase hex digits."""
+    import pyarrow.parquet as pq
+
+    cache_dir.mkdir(parents=True)
+    path = cache_dir / "hashes.parquet"
+    ids = [f"{i * 7919:064x}" for i in range(300)]
+    if odd_id is not None:
+        ids[18] = odd_id
+    pq.write_table(pa.table({"src": [f"/data/d{i % 7}/img_{i:04d}.png" for i in range(300)],
+                             "size": [i + 1 for i in range(300)], "mtime_ns": [10 * i for i in range(300)],
+                             "image_id": ids}), path, row_group_size=64)
+    killed = datasets.HashCache(path)
+    srcs = [f"/data/new/ü{i}.png" for i in range(40)] + ["/data/d3/img_0003.png"]
+    killed.add(srcs, [1000 + i for i in range(41)], [5 * i for i in range(41)], [f"{i + 1:064x}" for i in range(41)],
+               list(range(41)))
+    killed.close(False)
+    return path
+
+
+def _cache_addresses(c: datasets.HashCache) -> dict[str, int]:
+    bufs = c._src.buffers()
+    cols = {"src.offsets": bufs[1].address, "src.data": bufs[2].address}
+    for name in ("_size", "_mtime", "_ino", "_keys", "_order"):
+        cols[name] = getattr(c, name).ctypes.data
+    if c._id_digests is not None:
+        cols["ids"] = c._id_digests.ctypes.data
+    else:
+        cols["ids.offsets"], cols["ids.data"] = c._ids.buffers()[1].address, c._ids.buffers()[2].address
+    return cols
+
+
+@pytest.mark.parametrize("odd_id", [None, "AB" * 32, "hand-made-id"])
+def test_spilled_hash_cache_gives_the_same_lookups_and_rewrite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                odd_id: str | None) -> None:
+    """With spill_rows = 10, a 300-entry legacy cache plus a killed run's journal loads into mapped, unlinked files
+    in the cache's own folder (ids as digests when all are lowercase hex, else as strings) and gives the same
+    lookups, digests, id strings, inode fill-in and rewritten Parquet contents as the in-memory cache; no temp file
+    is left behind and dropping it frees the maps."""
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(datasets.HashCache, "_SPILL_BATCH", 64)  # the streaming rewrite takes several slices
+    mem_path = _legacy_cache(tmp_path / "mem" / "cache", odd_id)
+    sp_dir = tmp_path / "sp" / "cache"
+    shutil.copytree(mem_path.parent, sp_dir)
+    sp_path = sp_dir / mem_path.name
+    before = sorted(os.listdir(sp_dir))
+    mem = datasets.HashCache(mem_path)
+    sp = datasets.HashCache(sp_path, spill_rows=10)
+    assert not mem.spilled and sp.spilled and len(sp) == len(mem) == 340
+    assert (sp._id_digests is not None) is (odd_id is None)
+    for name, addr in _cache_addresses(sp).items():
+        where = _mapping(addr)
+        assert where.startswith(str(sp_dir) + os.sep) and where.endswith("(deleted)"), (name, where)
+    assert all(datasets._is_mapped(a) for a in (sp._size, sp._mtime, sp._ino, sp._keys, sp._order))
+    assert sp._ino.flags.writeable and not sp._size.flags.writeable  # copy-on-write inodes, read-only rest
+    assert not any(datasets._is_mapped(a) for a in (mem._size, mem._mtime, mem._ino, mem._keys, mem._order))
+    assert sorted(os.listdir(sp_dir)) == before  # nothing there by name
+
+    q = [f"/data/d{i % 7}/img_{i:04d}.png" for i in range(0, 300, 3)] + ["/data/new/ü4.png", "/data/d3/img_0003.png",
+                                                                         "/nope.png"]
+    sizes = np.array([i + 1 for i in range(0, 300, 3)] + [1004, 1040, 1], np.int64)
+    mtimes = np.array([10 * i for i in range(0, 300, 3)] + [20, 200, 0], np.int64)
+    sizes[5] += 1  # changed: a miss
+    inos = np.arange(len(q), dtype=np.int64) + 500
+    inos[-3], inos[-2] = 4, 40
+    keys = np.array(q, object)
+    res = [(c.lookup_rows(keys, sizes, mtimes, inos), c) for c in (mem, sp)]
+    (h_m, r_m), (h_s, r_s) = res[0][0], res[1][0]
+    np.testing.assert_array_equal(h_s, h_m)
+    np.testing.assert_array_equal(r_s, r_m)
+    # all but the one whose size changed, the unknown one and img_0003 as first cached (its journal entry wins)
+    assert len(h_m) == len(q) - 3 and 1 not in h_m and 5 not in h_m and len(q) - 2 in h_m
+    np.testing.assert_array_equal(sp.digests(r_s), mem.digests(r_m))
+    assert sp.lookup(q[:20], sizes[:20].tolist(), mtimes[:20].tolist()) == \
+        mem.lookup(q[:20], sizes[:20].tolist(), mtimes[:20].tolist())
+    assert sp.dirty and mem.dirty
+    for c in (mem, sp):
+        c.add(["/data/added.png", "/data/also.png"], [7, 8], [70, 80], ["cd" * 32, "other-id"], [77, 88])
+        c.close(True)
+    want, got = pq.read_table(mem_path), pq.read_table(sp_path)
+    assert got.equals(want) and got.num_rows == len(q) - 3 + 2
+    filled = got.to_pydict()
+    assert odd_id is None or filled["image_id"][filled["src"].index("/data/d4/img_0018.png")] == odd_id
+    assert filled["ino"][:3] == [500, 502, 503] and filled["src"][-2:] == ["/data/added.png", "/data/also.png"]
+    assert os.listdir(sp_dir) == [sp_path.name]  # the journals and the temp file are gone
+    del sp, res, c
+    gc.collect()
+    assert _spill_maps(sp_dir) == 0 and _spill_fds(sp_dir) == 0
+
+
+def test_hash_cache_reads_many_new_hashes_back_from_its_journal(tmp_path: Path) -> None:
+    """Past spill_rows new hashes in one run the cache stops holding them (they are in its journal) and still writes
+    the same Parquet file as the in-memory cache."""
+    import pyarrow.parquet as pq
+
+    files = []
+    for name, limit in (("mem", None), ("sp", 10)):
+        c = datasets.HashCache(tmp_path / name / "hashes.parquet", spill_rows=limit)
+        for start in range(0, 50, 7):
+            idx = range(start, min(start + 7, 50))
+            c.add([f"/d/{i}.png" for i in idx], [i + 1 for i in idx], [i for i in idx], [f"{i:064x}" for i in idx],
+                  list(idx))
+        assert (c._new == []) is (limit is not None)
+        c.close(True)
+        files.append(tmp_path / name / "hashes.parquet")
+        assert os.listdir(tmp_path / name) == ["hashes.parquet"]
+    want, got = (pq.read_table(f) for f in files)
+    assert got.equals(want) and got.num_rows == 50
+
+
+def test_plan_spills_the_hash_cache_and_rewrites_it_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With SPILL_ROWS patched to 10, the planner's hash cache loads spilled into mapped files under store/cache,
+    a rerun after a change rewrites the same cache contents as the in-memory store's, and a no-op plan still finds
+    nothing to do (and leaves the cache file as it was)."""
+    import pyarrow.parquet as pq
+
+    from tasks.extract import features as fx
+
+    data = make_color_dataset(tmp_path / "data", per_class=34, size=(8, 8), splits=("train", "val"))
+    mem_store, sp_store = tmp_path / "mem", tmp_path / "sp"
+    seen: list[tuple[bool, str]] = []
+
+    class Recording(datasets.HashCache):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            seen.append((self.spilled, _mapping(self._keys.ctypes.data) if len(self._keys) else ""))
+
+    monkeypatch.setattr(datasets, "HashCache", Recording)
+
+    def cfg(store: Path) -> fx.ExtractConfig:
+        return fx.ExtractConfig(data=str(data), store=str(store), model="tiny_models:build", weights="none",
+                                progress=False, num_workers=0, plan_chunk=16)
+
+    def caches() -> tuple[pa.Table, pa.Table]:
+        got = []
+        for store in (mem_store, sp_store):
+            (path,) = Store(store).kind_dir("cache").glob("hashes-*.parquet")
+            got.append(pq.read_table(path))
+        return got[0], got[1]
+
+    def both() -> None:
+        fx.run_extraction(cfg(mem_store))
+        with monkeypatch.context() as m:
+            m.setattr(datasets, "SPILL_ROWS", 10)
+            fx.run_extraction(cfg(sp_store))
+
+    both()
+    both()  # the second sp run loads the first run's 204 entries spilled
+    cache_dir = Store(sp_store).kind_dir("cache")
+    assert seen[-1][0] and seen[-1][1].startswith(str(cache_dir) + os.sep) and seen[-1][1].endswith("(deleted)")
+    assert not seen[-2][0]
+    pngs = sorted(data.rglob("*.png"))
+    pngs[0].unlink()
+    shutil.copy(pngs[2], pngs[2].with_name("copy.png"))
+    both()
+    want, got = caches()
+    assert got.equals(want) and got.num_rows == 204
+    (path,) = cache_dir.glob("hashes-*.parquet")
+    stamp = path.stat().st_mtime_ns
+    seen.clear()
+    with monkeypatch.context() as m:
+        m.setattr(datasets, "SPILL_ROWS", 10)
+        plan, _ = fx.plan_extraction(cfg(sp_store))
+        assert plan.todo == [] and fx.unchanged_manifest(plan) is not None
+    assert seen == [(True, seen[0][1])] and seen[0][1].startswith(str(cache_dir) + os.sep)
+    assert path.stat().st_mtime_ns == stamp and caches()[1].equals(got)  # a no-op run: the cache is not rewritten
+    assert sorted(p.name for p in cache_dir.iterdir() if p.name.startswith(("hashes-", ".tmp-"))) == [path.name]
+
+
+def test_a_failed_streaming_rewrite_keeps_the_old_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spilled cache's rewrite fails half-way (after a first slice was written): the old Parquet file and the
+    journal are as they were, and no temp file is left in the cache folder."""
+    import pyarrow.parquet as pq
+
+    path = _legacy_cache(tmp_path / "cache", None)
+    before = {p.name: p.read_bytes() for p in path.parent.iterdir()}
+    real = datasets.HashCache._kept_batches
+
+    def failing(self):
+        for k, t in enumerate(real(self)):
+            if k == 1:
+                raise OSError("disk on fire")
+            yield t
+
+    monkeypatch.setattr(datasets.HashCache, "_SPILL_BATCH", 64)
+    monkeypatch.setattr(datasets.HashCache, "_kept_batches", failing)
+    c = datasets.HashCache(path, spill_rows=10)
+    assert c.spilled
+    c.used[:] = True
+    with pytest.raises(OSError, match="disk on fire"):
+        c.close(True)
+    assert {p.name: p.read_bytes() for p in path.parent.iterdir()} == before
+    assert pq.read_table(path).num_rows == 300

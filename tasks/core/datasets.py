@@ -31,9 +31,9 @@ Memory: O(chunk) records inside the hashing machinery. What stays O(number of fi
 ~500 B each hashed) — and, while hashing, the hash cache, held as Arrow columns plus a sorted 8-byte key per entry
 (~170 B each with a 47-character file path). Stored image ids are compared as 32-byte digests
 (:func:`image_digests`, :class:`DigestSet`), never as a set of Python strings. Past :data:`SPILL_ROWS` rows a
-collected table (:class:`RecordTableBuilder`: :func:`hash_listing`, :meth:`RecordTable.concat`, the planner) and a
-:class:`DigestSet` live in unlinked, memory-mapped temp files instead: file-backed pages the kernel can evict, not
-anonymous memory.
+collected table (:class:`RecordTableBuilder`: :func:`hash_listing`, :meth:`RecordTable.concat`, the planner), a
+:class:`DigestSet` and a loaded :class:`HashCache` (entries) live in unlinked, memory-mapped temp files instead:
+file-backed pages the kernel can evict, not anonymous memory.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.atomic import atomic_write_bytes, sha256_stream
+from storage.atomic import atomic_write_bytes, create_temp_file, fsync_dir, raise_if_disk_full, sha256_stream
 from storage.errors import UsageError
 from storage.features import COMPUTED_COLUMNS
 from tasks.core.images import EXTENSION_FORMATS, UNSUPPORTED_IMAGE_EXTENSIONS, RejectedImage, open_regular_file, os_error_reason
@@ -675,27 +675,59 @@ class HashCache:
     inodes were recorded is read with ``ino = -1`` (matched on size and mtime) and gets the inodes on its next
     complete run. Memory: the entries as Arrow columns plus 25 B of key, order, inode copy and used flag each:
     ~170 B per entry with a 47-character file path.
+
+    Past ``spill_rows`` entries (default :data:`SPILL_ROWS`, read at call time) the cache spills (:attr:`spilled`):
+    the Parquet file is read one row group at a time and the journals (memory-mapped) batch by batch, and the
+    columns (``src`` as int64 offsets + bytes, size, mtime, inode, ``image_id`` as 32-byte digests when every id is
+    64 lowercase hex digits, else as offsets + bytes too), the sorted keys and their order go to unlinked temp files
+    in the cache's own folder, memory-mapped read-only (:func:`_spill_file`, :func:`_map_file`): file-backed pages the kernel can
+    evict. The inodes are a copy-on-write map (``mmap.ACCESS_COPY``: only the pages of filled-in inodes become
+    anonymous memory); ``used`` stays anonymous (1 B per entry). Loading sorts the keys with one ``np.argsort``
+    (8 B per entry transient, ~80 MB at 10M entries; the sorted keys and order are written block by block).
+    Transient besides: one row group of the Parquet file (the in-memory writer makes row groups of up to ~1M rows,
+    the spilled one of :attr:`_SPILL_BATCH`).
+    :meth:`close` then writes the new Parquet file streaming (kept rows slice by slice, then the new ones) to a temp
+    file in the same folder and renames it into place. A run's new hashes are held in memory up to ``spill_rows``
+    rows, then read back from its journal on :meth:`close`.
     """
 
-    def __init__(self, path: Path | None) -> None:
+    _SPILL_BATCH = 1 << 16
+    """Rows per Parquet batch read and per slice written when spilled."""
+
+    def __init__(self, path: Path | None, *, spill_rows: int | None = None) -> None:
         self.path = Path(path) if path is not None else None
+        limit = SPILL_ROWS if spill_rows is None else int(spill_rows)
+        if limit < 0:
+            raise UsageError(f"spill_rows must be >= 0, got {spill_rows}")
+        self.spill_rows = limit
         self._journal_paths: list[Path] = []
         self._writer: Any = None
         self._fh: Any = None
         self._own: Path | None = None
         self._new: list[pa.RecordBatch] = []
+        self._new_rows = 0
+        self._new_in_journal = False  # past spill_rows new rows: read back from this run's journal on close
+        self._spilled = False
+        journals: list[list[pa.RecordBatch]] = []
+        if self.path is not None and self.path.parent.is_dir():
+            for j in sorted(self.path.parent.glob(self.path.stem + ".journal-*.arrows")):
+                journals.append(_read_journal(j))
+                self._journal_paths.append(j)
+        rows = sum(b.num_rows for bs in journals for b in bs)
+        if self.path is not None and self.path.is_file():
+            rows += _parquet_rows(self.path)
+        if rows > limit:
+            self._load_spilled([b for bs in journals for b in bs])
+            return
         tables = []
         if self.path is not None and self.path.is_file():
             try:
                 tables.append(_as_cache(pq.read_table(self.path)))
             except (OSError, pa.ArrowException) as exc:
                 log.warning("ignoring unreadable hash cache %s: %s", self.path, exc)
-        if self.path is not None and self.path.parent.is_dir():
-            for j in sorted(self.path.parent.glob(self.path.stem + ".journal-*.arrows")):
-                batches = _read_journal(j)
-                self._journal_paths.append(j)
-                if batches:
-                    tables.append(pa.Table.from_batches(batches, _CACHE_SCHEMA))
+        for batches in journals:
+            if batches:
+                tables.append(pa.Table.from_batches(batches, _CACHE_SCHEMA))
         table = pa.concat_tables(tables) if tables else _CACHE_SCHEMA.empty_table()
         self.table = table.combine_chunks()
         self._src = self.table.column("src")
@@ -739,7 +771,7 @@ class HashCache:
         if not len(cand):
             return none, none
         names = self._src.take(pa.array(rows[cand]))
-        same = pc.equal(names, pa.array(keys[cand], pa.string())).to_numpy(zero_copy_only=False)
+        same = pc.equal(names, pa.array(keys[cand], names.type)).to_numpy(zero_copy_only=False)
         hits = cand[same.astype(bool)]
         hit_rows = rows[hits]
         self.used[hit_rows] = True
@@ -751,7 +783,101 @@ class HashCache:
 
     def digests(self, rows: np.ndarray) -> np.ndarray:
         """The ``(n,) S32`` image digests of cache ``rows`` (from :meth:`lookup_rows`)."""
-        return image_digests(self.table.column("image_id").take(pa.array(rows, pa.int64())))
+        if self._spilled and self._id_digests is not None:
+            return self._id_digests[np.asarray(rows, np.int64)]
+        return image_digests(self._id_strings(rows))
+
+    def _id_strings(self, rows: np.ndarray) -> pa.Array:
+        """The ``image_id`` strings of cache ``rows`` (``(n,) int64``), as an Arrow array."""
+        idx = pa.array(rows, pa.int64())
+        if not self._spilled:
+            return self.table.column("image_id").take(idx)
+        if self._id_digests is not None:
+            return _hex_strings(self._id_digests[np.asarray(rows, np.int64)])
+        return self._ids.take(idx).cast(pa.string())
+
+    @property
+    def spilled(self) -> bool:
+        """True when the columns live in memory-mapped temp files (more than ``spill_rows`` entries loaded)."""
+        return self._spilled
+
+    def _load_spilled(self, journal: list[pa.RecordBatch]) -> None:
+        """Load the Parquet file (by row groups) and the ``journal`` batches into mapped temp files (see the class
+        docstring); an unreadable Parquet file is ignored (logged), as in memory."""
+        try:
+            self._spill(self.path if self.path is not None and self.path.is_file() else None, journal)
+        except (OSError, pa.ArrowException) as exc:
+            log.warning("ignoring unreadable hash cache %s: %s", self.path, exc)
+            self._spill(None, journal)
+
+    def _spill(self, parquet: Path | None, journal: list[pa.RecordBatch]) -> None:
+        """Write the entries of ``parquet`` (when given) then ``journal`` to temp files in the cache's folder and map
+        them (a first pass over the ``image_id`` column decides digests or strings)."""
+        spill_dir = self.path.parent if self.path is not None else None
+
+        def batches(columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+            if parquet is not None:
+                with pq.ParquetFile(parquet) as pf:
+                    names = set(pf.schema_arrow.names)
+                    cols = None if columns is None else [c for c in columns if c in names]
+                    for rg in range(pf.num_row_groups):  # one at a time: a reader over all of them keeps
+                        for b in pf.iter_batches(self._SPILL_BATCH, [rg], cols, use_threads=False):  # buffers
+                            yield _as_cache(b) if columns is None else b
+            for b in journal:
+                yield b if columns is None else b.select(columns)
+
+        hex_ids = all(_hex_digests(b.column(0)) is not None for b in batches(["image_id"]))
+        names = ["src_offsets", "src_data", "size", "mtime", "ino", "keys"]
+        names += ["ids"] if hex_ids else ["id_offsets", "id_data"]
+        files: dict[str, Any] = {}
+        maps: dict[str, Any] = {}
+        try:
+            for name in names:
+                files[name] = _spill_file(spill_dir)
+            n, src_pos, id_pos = 0, 0, 0
+            _write_array(files["src_offsets"], np.zeros(1, np.int64))
+            if not hex_ids:
+                _write_array(files["id_offsets"], np.zeros(1, np.int64))
+            for b in batches():
+                src = b.column(0)
+                src_pos = _write_strings(files["src_offsets"], files["src_data"], src, src_pos)
+                _write_array(files["size"], b.column(1).to_numpy(zero_copy_only=False).astype(np.int64, copy=False))
+                _write_array(files["mtime"], b.column(2).to_numpy(zero_copy_only=False).astype(np.int64, copy=False))
+                _write_array(files["ino"], b.column(4).to_numpy(zero_copy_only=False).astype(np.int64, copy=False))
+                for i in range(0, len(src), HASH_CHUNK):  # a chunk of Python strings at a time
+                    _write_array(files["keys"], _src_keys(src.slice(i, HASH_CHUNK).to_numpy(zero_copy_only=False)))
+                if hex_ids:
+                    _write_array(files["ids"], _hex_digests(b.column(3)))
+                else:
+                    id_pos = _write_strings(files["id_offsets"], files["id_data"], b.column(3), id_pos)
+                n += b.num_rows
+            for name in names:
+                if name == "ino":  # writable, copy-on-write: filled-in inodes become private pages
+                    fh = files.pop(name)
+                    try:
+                        fh.flush()
+                        size = fh.seek(0, os.SEEK_END)
+                        maps[name] = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_COPY) if size else bytearray()
+                    finally:
+                        fh.close()
+                else:
+                    maps[name] = _map_file(files.pop(name))
+        finally:
+            for fh in files.values():
+                fh.close()
+        self.table = None
+        self._src = _mapped_strings(maps["src_offsets"], maps["src_data"], n)
+        self._size = np.frombuffer(maps["size"], np.int64, n)
+        self._mtime = np.frombuffer(maps["mtime"], np.int64, n)
+        self._ino = np.frombuffer(maps["ino"], np.int64, n)
+        self._ino_filled = False
+        self._id_digests = np.frombuffer(maps["ids"], "S32", n) if hex_ids else None
+        self._ids = None if hex_ids else _mapped_strings(maps["id_offsets"], maps["id_data"], n)
+        self._keys, self._order = _sorted_keys(np.frombuffer(maps.pop("keys"), np.uint64, n), spill_dir)
+        self.used = np.zeros(n, bool)
+        self.entries = len(self._keys)
+        self._spilled = True
+        log.info("hash cache of %d entries spilled to memory-mapped temp files in %s", n, spill_dir)
 
     def lookup(self, srcs: list[str], sizes: Sequence[int], mtimes: Sequence[int],
                inos: Sequence[int] | None = None) -> list[str | None]:
@@ -762,7 +888,7 @@ class HashCache:
         keys[:] = srcs
         hits, rows = self.lookup_rows(keys, np.asarray(sizes, np.int64), np.asarray(mtimes, np.int64),
                                       np.full(len(srcs), -1, np.int64) if inos is None else np.asarray(inos, np.int64))
-        ids = self.table.column("image_id").take(pa.array(rows, pa.int64())).to_pylist()
+        ids = self._id_strings(rows).to_pylist()
         for i, iid in zip(hits.tolist(), ids):
             out[i] = iid
         return out
@@ -776,9 +902,11 @@ class HashCache:
         batch = pa.record_batch([pa.array(srcs, pa.string()), pa.array(sizes, pa.int64()), pa.array(mtimes, pa.int64()),
                                  pa.array(ids, pa.string()),
                                  pa.array([-1] * len(srcs) if inos is None else inos, pa.int64())], schema=_CACHE_SCHEMA)
-        self._new.append(batch)
-        if self.path is None:
+        self._new_rows += len(srcs)
+        if self.path is None:  # nothing to write on close
             return
+        if not self._new_in_journal:
+            self._new.append(batch)
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._own = self.path.with_name(f"{self.path.stem}.journal-{os.getpid()}-{secrets.token_hex(4)}.arrows")
@@ -786,11 +914,13 @@ class HashCache:
             self._writer = pa.ipc.new_stream(self._fh, _CACHE_SCHEMA)
         self._writer.write_batch(batch)
         self._fh.flush()
+        if self._new_rows > self.spill_rows and not self._new_in_journal:
+            self._new, self._new_in_journal = [], True  # bounded: close() reads them back from the journal
 
     @property
     def dirty(self) -> bool:
         """True when the Parquet file would change: new hashes, entries not used this run, or journals to fold in."""
-        return bool(self._new) or bool(self._journal_paths) or self._ino_filled or not bool(self.used.all())
+        return bool(self._new_rows) or bool(self._journal_paths) or self._ino_filled or not bool(self.used.all())
 
     def close(self, complete: bool) -> None:
         """End the run: with ``complete`` (every record was looked up) write the compacted cache when it changed and
@@ -801,7 +931,9 @@ class HashCache:
             self._writer = self._fh = None
         if not complete or self.path is None:
             return
-        if self.dirty:
+        if self.dirty and (self._spilled or self._new_in_journal):
+            self._write_streaming()
+        elif self.dirty:
             table = self.table
             if self._ino_filled:
                 table = table.set_column(table.schema.get_field_index("ino"), "ino", pa.array(self._ino))
@@ -815,6 +947,145 @@ class HashCache:
                 j.unlink()
             except FileNotFoundError:
                 pass
+
+    def _kept_batches(self) -> Iterator[pa.Table]:
+        """The entries used this run (with filled-in inodes), in row order, as tables of at most
+        :attr:`_SPILL_BATCH` rows: slices of the old rows, each ``take`` n of its used rows."""
+        n = len(self.used)
+        for start in range(0, n, self._SPILL_BATCH):
+            idx = np.flatnonzero(self.used[start:start + self._SPILL_BATCH]) + start
+            if not len(idx):
+                continue
+            if not self._spilled:
+                yield self.table.take(pa.array(idx)).set_column(4, "ino", pa.array(self._ino[idx]))
+                continue
+            take = pa.array(idx, pa.int64())
+            yield pa.table([self._src.take(take).cast(pa.string()), pa.array(self._size[idx]),
+                            pa.array(self._mtime[idx]), self._id_strings(idx), pa.array(self._ino[idx])],
+                           schema=_CACHE_SCHEMA)
+
+    def _write_streaming(self) -> None:
+        """Write the compacted cache (kept rows, then this run's new ones) batch by batch with a
+        :class:`pyarrow.parquet.ParquetWriter` to a temp file in the cache's folder, then ``os.replace`` it into
+        place (``fsync`` of the file and the folder, like :func:`storage.atomic.atomic_write_bytes`). Memory: one
+        batch; the new rows come from this run's journal when they are no longer held."""
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = create_temp_file(self.path.parent)
+        except OSError as exc:
+            raise_if_disk_full(exc, self.path)
+            raise
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                with pq.ParquetWriter(fh, _CACHE_SCHEMA) as writer:
+                    for t in self._kept_batches():
+                        writer.write_table(t)
+                    new = _read_journal(self._own) if self._new_in_journal and self._own is not None else self._new
+                    for start in range(0, len(new), 16):
+                        writer.write_table(pa.Table.from_batches(new[start:start + 16], _CACHE_SCHEMA))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException as exc:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise_if_disk_full(exc, self.path)
+            raise
+        fsync_dir(self.path.parent)
+
+
+def _sorted_keys(keys: np.ndarray, spill_dir: str | os.PathLike[str] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Sort ``keys`` (``(n,) uint64``) and keep the last row of each run of equal keys (the same src twice: the
+    later entry wins). Returns ``(sorted unique keys (m,) uint64, their rows (m,) int64)``, both read-only views of
+    mapped temp files in ``spill_dir``. Memory: the ``np.argsort`` order (8 B per key, freed on return) plus one
+    block of :data:`_CONTAINS_BLOCK` keys; the rest is written block by block."""
+    n = len(keys)
+    order = np.argsort(keys, kind="stable")
+    files = [_spill_file(spill_dir), _spill_file(spill_dir)]
+    try:
+        for start in range(0, n, _CONTAINS_BLOCK):
+            stop = min(start + _CONTAINS_BLOCK, n)
+            k = keys[order[start:min(stop + 1, n)]]  # one more key: is the block's last the last of its run?
+            keep = np.ones(stop - start, bool)
+            keep[:len(k) - 1] = k[:-1] != k[1:]
+            _write_array(files[0], k[:stop - start][keep])
+            _write_array(files[1], order[start:stop][keep])
+        del order
+        maps = [_map_file(files.pop(0)), _map_file(files.pop(0))]
+    finally:
+        for fh in files:
+            fh.close()
+    m = len(maps[0]) // 8
+    return np.frombuffer(maps[0], np.uint64, m), np.frombuffer(maps[1], np.int64, m)
+
+
+def _parquet_rows(path: Path) -> int:
+    """Rows the Parquet file at ``path`` says it holds (0 when its footer cannot be read)."""
+    try:
+        with pq.ParquetFile(path) as pf:
+            return int(pf.metadata.num_rows)
+    except (OSError, pa.ArrowException):
+        return 0
+
+
+def _write_strings(offsets_fh: Any, data_fh: Any, arr: pa.Array | pa.ChunkedArray, pos: int) -> int:
+    """Append string array ``arr`` (nulls as "") to a spilled string column: its end offsets (int64, shifted by
+    ``pos``, the bytes written so far) to ``offsets_fh`` and its bytes to ``data_fh``. Returns the new ``pos``."""
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    arr = arr.cast(pa.large_string())
+    if arr.null_count:
+        arr = arr.fill_null("")
+    bufs = arr.buffers()
+    offs = np.frombuffer(bufs[1], np.int64, len(arr) + 1, arr.offset * 8)
+    start, stop = int(offs[0]), int(offs[-1])
+    _write_array(offsets_fh, offs[1:] - start + pos)
+    if stop > start:
+        data_fh.write(memoryview(bufs[2])[start:stop])
+    return pos + stop - start
+
+
+def _mapped_strings(offsets: Any, data: Any, n: int) -> pa.Array:
+    """A ``large_string`` array of ``n`` values over mapped int64 ``offsets`` (``n + 1``) and ``data`` (zero copy)."""
+    return pa.Array.from_buffers(pa.large_string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+_LOWER_HEX = np.zeros(256, bool)
+_LOWER_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = True
+_HEX_CHARS = np.frombuffer(b"0123456789abcdef", np.uint8)
+
+
+def _hex_digests(arr: pa.Array | pa.ChunkedArray) -> np.ndarray | None:
+    """``(n,) S32`` digests of ``image_id`` strings when every one is exactly 64 lowercase hex digits (so
+    :func:`_hex_strings` gives the same strings back), else ``None``."""
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    arr = arr.cast(pa.string())
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, "S32")
+    if arr.null_count:
+        return None
+    offsets = np.frombuffer(arr.buffers()[1], np.int32, n + 1, arr.offset * 4)
+    if (np.diff(offsets) != 64).any():
+        return None
+    data = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
+    if not _LOWER_HEX[data].all():
+        return None
+    return _decode_hex(data.reshape(n, 64))
+
+
+def _hex_strings(digests: np.ndarray) -> pa.Array:
+    """``(n,) S32`` digests -> their 64-digit lowercase hex strings, an Arrow ``string`` array (vectorised)."""
+    raw = np.ascontiguousarray(digests, "S32").view(np.uint8).reshape(-1, 32)
+    n = len(raw)
+    out = np.empty((n, 64), np.uint8)
+    out[:, 0::2] = _HEX_CHARS[raw >> 4]
+    out[:, 1::2] = _HEX_CHARS[raw & 15]
+    offsets = np.arange(0, 64 * n + 1, 64, dtype=np.int32)
+    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(out)])
 
 
 def _read_journal(path: Path) -> list[pa.RecordBatch]:
@@ -1419,17 +1690,7 @@ class RecordTableBuilder:
         if files is None:
             raise RuntimeError("RecordTableBuilder._write called while not spilling")
         n0 = self._rows
-        paths = t.paths.combine_chunks() if isinstance(t.paths, pa.ChunkedArray) else t.paths
-        paths = paths.cast(pa.large_string())
-        if paths.null_count:
-            paths = paths.fill_null("")
-        bufs = paths.buffers()
-        offs = np.frombuffer(bufs[1], np.int64, len(paths) + 1, paths.offset * 8)
-        start, stop = int(offs[0]), int(offs[-1])
-        _write_array(files["offsets"], offs[1:] - start + self._data)
-        if stop > start:
-            files["data"].write(memoryview(bufs[2])[start:stop])
-        self._data += stop - start
+        self._data = _write_strings(files["offsets"], files["data"], t.paths, self._data)
         for name, values, vals, codes in (("label_codes", self._labels, t.labels, t.label_codes),
                                           ("split_codes", self._splits, t.splits, t.split_codes)):
             remap = np.array([values.setdefault(v, len(values)) for v in vals], np.int32)

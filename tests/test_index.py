@@ -139,3 +139,31 @@ def test_bad_factory_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "unknown image_id 'deadbeefdeadbeef'" in capsys.readouterr().err
     assert main(["--no-prefect", "neighbors", "--store", str(store), "--all", "-k", "4"]) == 0
     assert "kNN graph (k=4, 240 rows)" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,PQ8x4fs,RFlat"])
+def test_open_index_maps_the_index_file_read_only_with_the_same_results(tmp_path: Path, factory: str) -> None:
+    """Searching stages map the index file (its vectors stay page cache, not anonymous memory) and get exactly
+    what a copy read into memory gives; the index builder still reads a writable copy (incremental adds)."""
+    from storage.index_store import index_file_path
+    from tasks.core.faiss_index import read_index_file
+
+    x, _lab = clustered(n=2000, d=32, centers=8, seed=2)
+    store = tmp_path / "store"
+    write_feature_artefact(store, x)
+    m = build_index(IndexConfig(store=str(store), factory=factory, metric="l2"))
+    oi = open_index(str(store), metric="l2")
+    path = index_file_path(oi.adir, oi.manifest)
+    maps = Path("/proc/self/maps").read_text()
+    assert str(path.resolve()) in maps  # the file is mapped ...
+    mapped_lines = [ln for ln in maps.splitlines() if ln.endswith(str(path.resolve()))]
+    assert all(ln.split()[1].startswith("r-") for ln in mapped_lines)  # ... read-only
+    copy = read_index_file(path)
+    q = x[:64]
+    d1, i1 = oi.cpu_index.search(q, 10)
+    d0, i0 = copy.search(q, 10)
+    np.testing.assert_array_equal(i1, i0)
+    np.testing.assert_array_equal(d1, d0)
+    np.testing.assert_array_equal(oi.cpu_index.reconstruct_n(0, 5), copy.reconstruct_n(0, 5))
+    assert m["rows"] == 2000

@@ -109,7 +109,8 @@ def open_index(store: str | Store, space: str = "feature", index_id: str | None 
     s = store if isinstance(store, Store) else Store(store)
     aid, m = find_index(s, space, index_id, artefact, metric)
     adir = s.artefact_dir("indexes", aid)
-    cpu = read_index_file(index_file_path(adir, m))  # sha256 streamed, then FAISS reads the file: no bytes copy
+    # sha256 streamed, then FAISS maps the file read-only: its vectors stay page cache, not anonymous memory
+    cpu = read_index_file(index_file_path(adir, m), mmap=True)
     idmap = read_idmap(adir, m)
     if len(idmap) != cpu.ntotal:
         raise StoreError(f"index {aid} holds {cpu.ntotal} rows but its id map {len(idmap)}; rebuild it with `convlens index --rebuild`")

@@ -51,7 +51,7 @@ from collections.abc import Mapping
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -1210,6 +1210,22 @@ def iter_hashed(records: Iterable[ImageRecord], cache_path: Path | None = None, 
     error, a kill) keeps its journal, so the next run does not hash those files again. Memory: O(chunk_size)
     records in flight, plus the cache.
     """
+    it = iter(records)
+
+    def chunks() -> Iterator[list[ImageRecord]]:
+        while chunk := list(itertools.islice(it, chunk_size)):
+            yield chunk
+
+    return _hash_stream(chunks(), _hash_record_chunk, cache_path, workers, progress, chunk_size, stats)
+
+
+def _hash_stream(chunks: Iterator[Any], hash_chunk: Callable[..., tuple[Any, list[Reject], int]],
+                 cache_path: Path | None, workers: int, progress: bool, chunk_size: int,
+                 stats: dict[str, int] | None) -> Iterator[tuple[Any, list[Reject]]]:
+    """What :func:`iter_hashed` and :func:`iter_hashed_tables` share: the stats, the :class:`HashCache`, the worker
+    pool and the progress bar. ``hash_chunk(chunk, cache, pool, workers, stats) -> (hashed, rejects, files
+    hashed)`` per chunk of ``chunks``; yields ``(hashed, rejects)``. The cache is compacted only when ``chunks`` is
+    exhausted (a stream abandoned half-way keeps its journal)."""
     if chunk_size < 1:
         raise UsageError(f"chunk size must be >= 1, got {chunk_size}")
     stats = stats if stats is not None else {}
@@ -1218,63 +1234,66 @@ def iter_hashed(records: Iterable[ImageRecord], cache_path: Path | None = None, 
     cache = HashCache(cache_path)
     bar = None
     complete = False
-    it = iter(records)
     with cf.ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="convlens-hash") as pool:
         try:
-            while True:
-                chunk = list(itertools.islice(it, chunk_size))
-                if not chunk:
-                    break
-                rejects: list[Reject] = []
-                # a plain file listed from a folder was stat-ed by the listing; anything else is stat-ed here
-                todo = [r for r in chunk if r.size is None or r.mtime_ns is None]
-                bad: dict[int, Reject] = {}
-                if todo:
-                    for part_recs, part in zip(parts := _split(todo, max(1, workers)), pool.map(_stat_many, parts)):
-                        bad.update((id(r), rej) for r, rej in zip(part_recs, part) if rej is not None)
-                ok = []
-                for r in chunk:
-                    rej = bad.get(id(r)) if bad else None
-                    if rej is None and r.size == 0:
-                        rej = Reject(r.path, "empty-file", "0 bytes")
-                    if rej is None:
-                        ok.append(r)
-                    else:
-                        rejects.append(rej)
-                hits = cache.lookup([r.src if r.src.isascii() else display_path(r.src) for r in ok],
-                                    [r.size for r in ok], [r.mtime_ns for r in ok],
-                                    [-1 if r.ino is None else r.ino for r in ok])
-                misses = []
-                for r, iid in zip(ok, hits):
-                    if iid is None:
-                        misses.append(r)
-                    else:
-                        r.image_id = iid
-                stats["cached"] += len(ok) - len(misses)
-                failed: set[int] = set()
-                if misses:
-                    if progress and bar is None:
+            for chunk in chunks:
+                ok, rejects, tried = hash_chunk(chunk, cache, pool, workers, stats)
+                if tried and progress:
+                    if bar is None:
                         from tqdm.auto import tqdm
 
                         bar = tqdm(desc="hash", unit="file", leave=False)
-                    res = _digest_parallel(pool, misses, workers)
-                    done = []
-                    for r, rej in zip(misses, res):
-                        if rej is not None:
-                            rejects.append(rej)
-                            failed.add(id(r))
-                        else:
-                            done.append(r)
-                    stats["hashed"] += len(done)
-                    _cache_add(cache, done)
-                    if bar is not None:
-                        bar.update(len(misses))
-                yield ([r for r in ok if id(r) not in failed] if failed else ok), rejects
+                    bar.update(tried)
+                yield ok, rejects
             complete = True
         finally:
             if bar is not None:
                 bar.close()
             cache.close(complete)
+
+
+def _hash_record_chunk(chunk: list[ImageRecord], cache: HashCache, pool: cf.ThreadPoolExecutor, workers: int,
+                       stats: dict[str, int]) -> tuple[list[ImageRecord], list[Reject], int]:
+    """One chunk of :func:`iter_hashed`: ``(records with image_id, rejects, files hashed)``, records in order."""
+    rejects: list[Reject] = []
+    # a plain file listed from a folder was stat-ed by the listing; anything else is stat-ed here
+    todo = [r for r in chunk if r.size is None or r.mtime_ns is None]
+    bad: dict[int, Reject] = {}
+    if todo:
+        for part_recs, part in zip(parts := _split(todo, max(1, workers)), pool.map(_stat_many, parts)):
+            bad.update((id(r), rej) for r, rej in zip(part_recs, part) if rej is not None)
+    ok = []
+    for r in chunk:
+        rej = bad.get(id(r)) if bad else None
+        if rej is None and r.size == 0:
+            rej = Reject(r.path, "empty-file", "0 bytes")
+        if rej is None:
+            ok.append(r)
+        else:
+            rejects.append(rej)
+    hits = cache.lookup([r.src if r.src.isascii() else display_path(r.src) for r in ok],
+                        [r.size for r in ok], [r.mtime_ns for r in ok],
+                        [-1 if r.ino is None else r.ino for r in ok])
+    misses = []
+    for r, iid in zip(ok, hits):
+        if iid is None:
+            misses.append(r)
+        else:
+            r.image_id = iid
+    stats["cached"] += len(ok) - len(misses)
+    failed: set[int] = set()
+    if misses:
+        res = _digest_parallel(pool, misses, workers)
+        done = []
+        for r, rej in zip(misses, res):
+            if rej is not None:
+                rejects.append(rej)
+                failed.add(id(r))
+            else:
+                done.append(r)
+        stats["hashed"] += len(done)
+        _cache_add(cache, done)
+    return ([r for r in ok if id(r) not in failed] if failed else ok), rejects, len(misses)
 
 
 def hash_records(records: Iterable[ImageRecord], cache_path: Path | None = None, workers: int = 8,
@@ -1839,30 +1858,8 @@ def iter_hashed_tables(listing: Listing, cache_path: Path | None = None, workers
     object per file; only files to ``stat`` again or to hash become :class:`ImageRecord` s, in worker threads.
     A file whose size, mtime or inode changed is hashed again. Memory: O(chunk_size) in flight, plus the cache and
     whatever the caller keeps (a :class:`RecordTable`: ~80 B + the path per row)."""
-    if chunk_size < 1:
-        raise UsageError(f"chunk size must be >= 1, got {chunk_size}")
-    stats = stats if stats is not None else {}
-    stats.setdefault("hashed", 0)
-    stats.setdefault("cached", 0)
-    cache = HashCache(cache_path)
-    bar = None
-    complete = False
-    with cf.ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="convlens-hash") as pool:
-        try:
-            for tab in _table_chunks(listing, chunk_size):
-                ok, rejects, tried = _hash_table(tab, cache, pool, workers, stats)
-                if tried and progress:
-                    if bar is None:
-                        from tqdm.auto import tqdm
-
-                        bar = tqdm(desc="hash", unit="file", leave=False)
-                    bar.update(tried)
-                yield ok, rejects
-            complete = True
-        finally:
-            if bar is not None:
-                bar.close()
-            cache.close(complete)
+    return _hash_stream(_table_chunks(listing, chunk_size), _hash_table, cache_path, workers, progress, chunk_size,
+                        stats)
 
 
 def hash_listing(listing: Listing, cache_path: Path | None = None, workers: int = 8, progress: bool = False,

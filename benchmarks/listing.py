@@ -45,31 +45,7 @@ from pathlib import Path
 from typing import Sequence
 
 import pyarrow as pa
-
-
-def _rss_mib(field: str) -> float:
-    """``VmRSS`` (now) or ``VmHWM`` (peak since the last :func:`_reset_peak`) of this process in MiB (Linux); the
-    process's peak RSS elsewhere."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _trim() -> None:
-    """Give freed heap back to the OS (``gc``, Arrow's pool, glibc ``malloc_trim``) before reading RSS."""
-    import ctypes
-
-    gc.collect()
-    pa.default_memory_pool().release_unused()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+from memtools import reset_peak, rss_mib, trim
 
 
 def _anon_kept(data: str, cache: str, workers: int, chunk: int, spill_rows: int) -> tuple[float, float, float, bool]:
@@ -86,11 +62,11 @@ def _anon_kept(data: str, cache: str, workers: int, chunk: int, spill_rows: int)
     table.locate(table.paths.slice(0, 1))
     secs = time.perf_counter() - t0
     spilled = table.spilled
-    _trim()
-    anon, file_ = _rss_mib("RssAnon"), _rss_mib("RssFile")
+    trim()
+    anon, file_ = rss_mib("RssAnon"), rss_mib("RssFile")
     del table
-    _trim()
-    return anon - _rss_mib("RssAnon"), file_ - _rss_mib("RssFile"), secs, spilled
+    trim()
+    return anon - rss_mib("RssAnon"), file_ - rss_mib("RssFile"), secs, spilled
 
 
 def _anon_cache(cache: str, spill_rows: int) -> tuple[float, float, float, float, bool]:
@@ -105,26 +81,18 @@ def _anon_cache(cache: str, spill_rows: int) -> tuple[float, float, float, float
 
     with pq.ParquetFile(cache) as pf:  # warm up: Arrow / Parquet's first-use allocations are not the cache's
         pf.read_row_group(0, columns=["src"])
-    _trim()
-    anon0, file0 = _rss_mib("RssAnon"), _rss_mib("RssFile")
-    _reset_peak()
-    base = _rss_mib("VmRSS")
+    trim()
+    anon0, file0 = rss_mib("RssAnon"), rss_mib("RssFile")
+    reset_peak()
+    base = rss_mib("VmRSS")
     t0 = time.perf_counter()
     c = HashCache(Path(cache), spill_rows=spill_rows)
     secs = time.perf_counter() - t0
-    peak = _rss_mib("VmHWM") - base
-    _trim()
-    anon, file_ = _rss_mib("RssAnon") - anon0, _rss_mib("RssFile") - file0
+    peak = rss_mib("VmHWM") - base
+    trim()
+    anon, file_ = rss_mib("RssAnon") - anon0, rss_mib("RssFile") - file0
     return anon, file_, peak, secs, c.spilled
 
-
-def _reset_peak() -> None:
-    """Start a new peak-RSS window (Linux: ``echo 5 > /proc/self/clear_refs``); a no-op where that is missing."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5\n")
-    except OSError:
-        pass
 
 
 # ------------------------------------------------------------------------------------------- end to end (--end-to-end)
@@ -245,7 +213,7 @@ def end_to_end(n: int, size: int, cold: bool, reruns: int = 3, extract_args: Seq
         print(f"{n} images end to end: first run {first:.1f} s; rerun {runs[0][0]:.2f} s (first), {median:.2f} s "
               f"(median of {len(runs)})")
         print(f"rerun / first = {runs[0][0] / first:.2%} (first rerun), {median / first:.2%} (median)  (goal <= 5%)")
-        print(f"start-up peers (median of 3; peak RSS floor {_rss_mib('VmRSS'):.0f} MiB = this process at the fork): " + "; ".join(
+        print(f"start-up peers (median of 3; peak RSS floor {rss_mib('VmRSS'):.0f} MiB = this process at the fork): " + "; ".join(
             f"{k} {v[0]:.2f} s, CPU {v[1]:.2f} s, peak RSS {v[2]:.0f} MiB" for k, v in peers.items())
               + f"; so {help_s / median:.0%} of the median rerun is starting `convlens` (interpreter + CLI imports), "
               f"{max(median - help_s, 0.0):.2f} s the no-op work")
@@ -308,20 +276,20 @@ def main() -> None:
             except OSError as exc:
                 cold = f" (--cold: could not drop the page cache: {exc.strerror}; first run from a warm cache)"
         load0 = os.getloadavg()
-        base = _rss_mib("VmRSS")
-        _reset_peak()
+        base = rss_mib("VmRSS")
+        reset_peak()
         t0 = time.perf_counter()
         kept, s1 = plan(data, cache)
         first = time.perf_counter() - t0
-        peak1 = _rss_mib("VmHWM")
+        peak1 = rss_mib("VmHWM")
         del kept
         gc.collect()
-        base2 = _rss_mib("VmRSS")
-        _reset_peak()
+        base2 = rss_mib("VmRSS")
+        reset_peak()
         t0 = time.perf_counter()
         kept, s2 = plan(data, cache)
         rerun = time.perf_counter() - t0
-        peak2, held = _rss_mib("VmHWM"), _rss_mib("VmRSS")
+        peak2, held = rss_mib("VmHWM"), rss_mib("VmRSS")
         # the rerun's phases, timed apart once more: walk + stat alone (no cache), then the whole rerun
         t0 = time.perf_counter()
         listing = open_listing(data)

@@ -27,33 +27,14 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-
-
-def _rss_mib(field: str) -> float:
-    """``VmRSS`` / ``VmHWM`` of this process in MiB (Linux; 0 elsewhere)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5\n")
-    except OSError:
-        pass
+from memtools import reset_peak, rss_mib
 
 
 def _measure(fn: Callable[[], Any]) -> tuple[Any, float, float, float]:
     """``(result, heap peak MiB, RSS growth MiB, seconds)`` of one call."""
     gc.collect()
-    _reset_peak()
-    rss0 = _rss_mib("VmRSS")
+    reset_peak()
+    rss0 = rss_mib("VmRSS")
     tracemalloc.start()
     t0 = time.perf_counter()
     try:
@@ -62,7 +43,7 @@ def _measure(fn: Callable[[], Any]) -> tuple[Any, float, float, float]:
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    return out, peak / 2**20, max(0.0, _rss_mib("VmHWM") - rss0), dt
+    return out, peak / 2**20, max(0.0, rss_mib("VmHWM") - rss0), dt
 
 
 def _dict_noop_check(plan: Any) -> bool:

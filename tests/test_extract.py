@@ -20,16 +20,14 @@ from storage.manifest import read_manifest
 from storage.paths import Store
 from tasks.core.models import ModelError, load_model
 from tasks.extract.features import ExtractConfig, run_extraction
+from tiny_models import extract_config
 
 MODEL = "mobilenet_v3_small"  # cheapest torchvision classifier; random weights, seeded
 
 
 def extract(data, store, **kw):
     kw.setdefault("model", MODEL)
-    kw.setdefault("weights", "none")
-    kw.setdefault("progress", False)
-    kw.setdefault("num_workers", 0)
-    return run_extraction(ExtractConfig(data=str(data), store=str(store), **kw))
+    return run_extraction(extract_config(data, store, **kw))
 
 
 def adir(store, m):

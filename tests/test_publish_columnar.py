@@ -29,6 +29,7 @@ from storage.paths import Store
 from tasks.core.datasets import ImageRecord, RecordTable, Reject, image_digests
 from tasks.extract import features as fx
 from tasks.extract.features import ExtractConfig, run_extraction
+from tiny_models import extract_config
 
 MODEL = "tiny_models:build"
 N = 30_000
@@ -37,10 +38,7 @@ BYTES_PER_FILE = 120  # heap peak allowed per listed file; the dict-per-path cod
 
 def cfg(data, store, **kw) -> ExtractConfig:
     kw.setdefault("model", MODEL)
-    kw.setdefault("weights", "none")
-    kw.setdefault("progress", False)
-    kw.setdefault("num_workers", 0)
-    return ExtractConfig(data=str(data), store=str(store), **kw)
+    return extract_config(data, store, **kw)
 
 
 def _big_table(root: Path, n: int) -> RecordTable:

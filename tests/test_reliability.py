@@ -34,7 +34,8 @@ from storage.paths import Store
 from tasks.core.forward import embed_images
 from tasks.core.images import DecodeLimits, RejectedImage, decode_image, read_file_bytes
 from tasks.core.models import ModelError, load_model
-from tasks.extract.features import ExtractConfig, run_extraction
+from tasks.extract.features import run_extraction
+from tiny_models import extract_config
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tiny_models:build"
@@ -42,10 +43,7 @@ MODEL = "tiny_models:build"
 
 def extract(data, store, lm=None, **kw):
     kw.setdefault("model", MODEL)
-    kw.setdefault("weights", "none")
-    kw.setdefault("progress", False)
-    kw.setdefault("num_workers", 0)
-    return run_extraction(ExtractConfig(data=str(data), store=str(store), **kw), lm)
+    return run_extraction(extract_config(data, store, **kw), lm)
 
 
 def adir(store, m) -> Path:

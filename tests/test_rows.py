@@ -27,16 +27,14 @@ from storage.paths import Store
 from tasks.core.datasets import RESERVED_COLUMNS, ListLimits, list_dataset
 from tasks.extract import features as fx
 from tasks.extract.features import ExtractConfig, run_extraction
+from tiny_models import extract_config
 
 MODEL = "tiny_models:build"
 
 
 def cfg(data, store, **kw) -> ExtractConfig:
     kw.setdefault("model", MODEL)
-    kw.setdefault("weights", "none")
-    kw.setdefault("progress", False)
-    kw.setdefault("num_workers", 0)
-    return ExtractConfig(data=str(data), store=str(store), **kw)
+    return extract_config(data, store, **kw)
 
 
 def extract(data, store, **kw):

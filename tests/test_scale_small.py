@@ -23,6 +23,7 @@ from index_fixtures import write_feature_artefact
 from storage.index_store import read_knn_graph
 from storage.manifest import read_manifest
 from storage.paths import Store
+from tiny_models import extract_config
 
 MODEL = "tiny_models:build"
 
@@ -108,13 +109,8 @@ def test_pq_indexes_train_without_polysemous() -> None:
 
 
 def _cfg(data: Path, store: Path, **kw):
-    from tasks.extract.features import ExtractConfig
-
     kw.setdefault("model", MODEL)
-    kw.setdefault("weights", "none")
-    kw.setdefault("progress", False)
-    kw.setdefault("num_workers", 0)
-    return ExtractConfig(data=str(data), store=str(store), **kw)
+    return extract_config(data, store, **kw)
 
 
 def _comparable(m: dict) -> dict:

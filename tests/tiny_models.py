@@ -38,3 +38,15 @@ class TinyFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
         return torch.relu(n.fc1(n.pool(n.relu(n.conv(x))).flatten(1)))
+
+
+def extract_config(data, store, **kw):
+    """The ``ExtractConfig`` the extract tests use: ``tiny_models:build`` (unless ``model`` is given), random
+    weights, no progress bar, decode in-process (``num_workers=0``); ``kw`` overrides any of them."""
+    from tasks.extract.features import ExtractConfig
+
+    kw.setdefault("model", "tiny_models:build")
+    kw.setdefault("weights", "none")
+    kw.setdefault("progress", False)
+    kw.setdefault("num_workers", 0)
+    return ExtractConfig(data=str(data), store=str(store), **kw)

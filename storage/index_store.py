@@ -2,7 +2,8 @@
 
 Layout of ``<store>/indexes/<artefact_id>/`` (every data file listed in ``manifest.json`` with its sha256):
 
-- ``index-<sha16>.faiss`` (role ``index``): the CPU FAISS index (``faiss.serialize_index`` bytes). Its sha256 is
+- ``index-<sha16>.faiss`` (role ``index``): the CPU FAISS index in FAISS's own file format (written by FAISS, or
+  for ``Flat`` / ``…,RFlat`` byte-identically by ``tasks.core.faiss_files`` with the vectors streamed). Its sha256 is
   verified before **every** load; a mismatch raises :class:`ChecksumError` naming the file.
 - ``idmap-<sha16>.parquet`` (role ``idmap``): one row per FAISS row: ``row`` int64 (FAISS row number),
   ``image_id``, ``path`` (relative to the dataset root), ``label``, ``split`` (strings, nullable).
@@ -21,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,6 +44,7 @@ __all__ = [
     "publish_index_file",
     "read_idmap",
     "KnnGraphWriter",
+    "IdmapWriter",
     "read_knn_graph",
     "file_with_role",
     "publish_index_manifest",
@@ -162,20 +165,18 @@ def read_idmap(adir: Path, manifest: dict[str, Any]) -> pd.DataFrame:
     return pq.read_table(path).to_pandas().sort_values("row", kind="stable").reset_index(drop=True)
 
 
-class KnnGraphWriter:
-    """Streams kNN-graph blocks into a temp Parquet file; :meth:`close` renames it to ``knn-k<K>-<sha16>.parquet``.
+class _ParquetStream:
+    """Streams blocks into a temp Parquet file; :meth:`close` fsyncs it and renames it to
+    ``<stem>-<sha16>.parquet``, returning its manifest entry. Memory O(block). On error call :meth:`abort` (the temp
+    file is removed)."""
 
-    Memory O(block x k). On error call :meth:`abort` (the temp file is removed).
-    """
-
-    def __init__(self, adir: Path, k: int) -> None:
-        self.adir, self.k = Path(adir), int(k)
-        self.tmp = self.adir / f"{TMP_PREFIX}knn-{os.getpid()}.parquet"
-        self.writer = pq.ParquetWriter(self.tmp, knn_schema(), compression="zstd")
+    def __init__(self, adir: Path, stem: str, schema: pa.Schema, columns: tuple[str, ...], **entry: Any) -> None:
+        self.adir, self.stem, self.schema, self.columns, self.entry = Path(adir), stem, schema, columns, entry
+        self.tmp = self.adir / f"{TMP_PREFIX}{stem}-{os.getpid()}.parquet"
+        self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
         self.rows = 0
 
-    def add(self, block: dict[str, Any]) -> None:
-        table = pa.table({c: block[c] for c in KNN_COLUMNS}, schema=knn_schema())
+    def _write(self, table: pa.Table) -> None:
         self.writer.write_table(table, row_group_size=65536)
         self.rows += table.num_rows
 
@@ -184,16 +185,44 @@ class KnnGraphWriter:
         with open(self.tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         digest = sha256_file(self.tmp)
-        name = f"knn-k{self.k}-{digest[:16]}.parquet"
+        name = f"{self.stem}-{digest[:16]}.parquet"
         os.replace(self.tmp, self.adir / name)
         fsync_dir(self.adir)
-        return _entry(name, (self.adir / name).stat().st_size, digest, role="knn", k=self.k, rows=self.rows)
+        return _entry(name, (self.adir / name).stat().st_size, digest, **self.entry, rows=self.rows)
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self.writer.close()
         with contextlib.suppress(FileNotFoundError):
             self.tmp.unlink()
+
+
+class KnnGraphWriter(_ParquetStream):
+    """Streams kNN-graph blocks into ``knn-k<K>-<sha16>.parquet`` (:class:`_ParquetStream`). Memory O(block x k)."""
+
+    def __init__(self, adir: Path, k: int) -> None:
+        self.k = int(k)
+        super().__init__(adir, f"knn-k{self.k}", knn_schema(), KNN_COLUMNS, role="knn", k=self.k)
+
+    def add(self, block: dict[str, Any]) -> None:
+        self._write(pa.table({c: block[c] for c in KNN_COLUMNS}, schema=knn_schema()))
+
+
+class IdmapWriter(_ParquetStream):
+    """Streams id-map rows (``row`` + the feature table's ``image_id, path, label, split``) into
+    ``idmap-<sha16>.parquet`` while an index is built (:class:`_ParquetStream`): no id map of every row in memory."""
+
+    def __init__(self, adir: Path) -> None:
+        super().__init__(adir, "idmap", idmap_schema(), IDMAP_COLUMNS, role="idmap")
+
+    def add(self, first_row: int, meta: pd.DataFrame | pa.Table) -> None:
+        """Rows ``first_row, first_row + 1, ...`` for the records of ``meta`` (extra columns are ignored)."""
+        tbl = meta if isinstance(meta, pa.Table) else pa.Table.from_pandas(meta, preserve_index=False)
+        cols = {"row": pa.array(np.arange(first_row, first_row + tbl.num_rows, dtype=np.int64))}
+        for c in IDMAP_COLUMNS[1:]:
+            col = tbl.column(c) if c in tbl.column_names else pa.nulls(tbl.num_rows, pa.string())
+            cols[c] = col.cast(pa.string())
+        self._write(pa.table(cols, schema=idmap_schema()))
 
 
 def read_knn_graph(adir: Path, manifest: dict[str, Any], k: int | None = None,

@@ -167,3 +167,91 @@ def test_open_index_maps_the_index_file_read_only_with_the_same_results(tmp_path
     np.testing.assert_array_equal(d1, d0)
     np.testing.assert_array_equal(oi.cpu_index.reconstruct_n(0, 5), copy.reconstruct_n(0, 5))
     assert m["rows"] == 2000
+
+
+@pytest.mark.parametrize(("factory", "metric"), [("Flat", "cosine"), ("Flat", "l2"), ("IVF16,PQ8x4fs,RFlat", "cosine"),
+                                                 ("IVF8,Flat,RFlat", "l2")])
+def test_streamed_index_file_is_byte_identical_to_faiss_write_index(tmp_path: Path, factory: str, metric: str) -> None:
+    """The hand-written file layout (tasks.core.faiss_files) is FAISS's own, for a new index and for one reopened
+    from its file and added to; reopening anything else is refused."""
+    import faiss
+
+    from tasks.core.faiss_files import StreamedIndex, streamable
+    from tasks.core.faiss_index import finalize_index, new_index, prepare_vectors
+
+    x = prepare_vectors(clustered(n=3000, d=32, centers=8, seed=5)[0], metric)
+    ref = new_index(32, factory, metric)
+    if not ref.is_trained:
+        ref.train(x[:1500])
+    spooled = StreamedIndex(faiss.clone_index(ref), tmp_path)
+    k_factor = 7.0 if "RFlat" in factory else None
+    for s in range(0, 2000, 700):  # batches of unequal size
+        ref.add(x[s:min(s + 700, 2000)])
+        spooled.add(x[s:min(s + 700, 2000)])
+    finalize_index(ref, 4, k_factor)
+    faiss.write_index(ref, str(tmp_path / "ref.faiss"))
+    spooled.write(tmp_path / "streamed.faiss", 4, k_factor)
+    spooled.close()
+    assert (tmp_path / "streamed.faiss").read_bytes() == (tmp_path / "ref.faiss").read_bytes()
+    # an incremental add continues the file: same bytes as FAISS adding to the index it read
+    ref.add(x[2000:])
+    faiss.write_index(ref, str(tmp_path / "ref2.faiss"))
+    with StreamedIndex.open(tmp_path / "streamed.faiss", tmp_path) as again:
+        assert again.ntotal == 2000
+        again.add(x[2000:])
+        again.write(tmp_path / "streamed2.faiss", 4, None)
+    assert (tmp_path / "streamed2.faiss").read_bytes() == (tmp_path / "ref2.faiss").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.faiss", "ref2.faiss", "streamed.faiss", "streamed2.faiss"]
+    assert streamable(ref)
+    other = new_index(32, "IVF8,PQ8x4", metric)
+    assert not streamable(other)
+    other.train(x[:1500])
+    faiss.write_index(other, str(tmp_path / "other.faiss"))
+    with pytest.raises(ValueError, match="not a Flat or RFlat index file"):
+        StreamedIndex.open(tmp_path / "other.faiss", tmp_path)
+    cut = tmp_path / "cut.faiss"
+    cut.write_bytes((tmp_path / "ref2.faiss").read_bytes()[:-1000])
+    with pytest.raises(ValueError, match="base index ends|does not match|truncated|ends inside"):
+        StreamedIndex.open(cut, tmp_path)
+
+
+@pytest.mark.parametrize("factory", ["auto", "Flat"])
+def test_streamed_build_publishes_what_the_in_memory_build_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     factory: str) -> None:
+    """``convlens index`` keeps the exact vectors of Flat / RFlat in a spool file, not in memory: the published
+    index and id map (full build, then an incremental add) hold the same rows as the in-memory build's, the index
+    file is byte-identical, and nothing is left in the artefact directory."""
+    import pyarrow.parquet as pq
+
+    import tasks.index.build as build_mod
+    from storage.manifest import read_manifest
+
+    x, lab = clustered(n=1600, d=32, centers=8, seed=4)
+    labels = [f"c{v}" for v in lab]
+    results = {}
+    for how in ("streamed", "memory"):
+        if how == "memory":
+            monkeypatch.setattr(build_mod, "streamable", lambda _index: False)
+        store = tmp_path / how
+        write_feature_artefact(store, x[:1200], labels=labels[:1200], created="2024-01-01T00:00:00+00:00")
+        cfg = IndexConfig(store=str(store), factory=factory, exact_max_rows=500, train_rows=1000, batch_rows=256)
+        m1 = build_index(cfg)
+        write_feature_artefact(store, x, labels=labels, created="2024-02-01T00:00:00+00:00")
+        m2 = build_index(cfg)
+        adir = Store(store).artefact_dir("indexes", m2["artefact_id"])
+        results[how] = (m1, m2, adir)
+        assert m1["build"]["streamed"] is (how == "streamed") and m2["build"]["streamed"] is (how == "streamed")
+        assert m1["build"]["mode"] == "full" and m2["build"]["mode"] == "incremental" and m2["rows"] == 1600
+        assert sorted(p.name for p in adir.iterdir() if p.name.startswith(".tmp")) == []
+        assert len(read_manifest(adir)["files"]) == 2
+    (s1, s2, sdir), (r1, r2, rdir) = results["streamed"], results["memory"]
+    assert s1["factory"] == ("IVF64,PQ32x4fs,RFlat" if factory == "auto" else "Flat")
+    for a, b in ((s1, r1), (s2, r2)):
+        assert a["index_sha256"] == b["index_sha256"]
+        assert (a["nprobe"], a["k_factor"], a["nlist"], a["train_rows"]) == (b["nprobe"], b["k_factor"], b["nlist"], b["train_rows"])
+    ids = [pq.read_table(d / file_with_role(m, "idmap")["name"]).to_pandas().sort_values("row").reset_index(drop=True)
+           for d, m in ((sdir, s2), (rdir, r2))]
+    assert ids[0].equals(ids[1]) and list(ids[0]["row"]) == list(range(1600))
+    assert list(ids[0]["label"]) == labels and list(ids[0]["image_id"]) == [f"{i:064x}" for i in range(1600)]
+    df = neighbors(str(tmp_path / "streamed"), image_id=f"{1500:064x}", k=5, index_id=s2["artefact_id"])
+    assert df["row"].iloc[0] != 1500 and df.attrs["stale"] is None

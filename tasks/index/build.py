@@ -17,10 +17,14 @@ candidates, exact re-rank; :func:`tasks.core.faiss_index.resolve_factory`). The 
 factory, so ``auto`` below the threshold and an explicit ``Flat`` share one artefact, and a set that grows past the
 threshold (or into another ``nlist``) gets a new, full build. ``--factory Flat`` always forces exact search.
 
-Memory contract: O(train sample x D) for training plus O(batch_rows x D) while streaming rows, plus the index
-itself (N x D x 4 bytes for Flat and for the refine store of the approximate index, + N x (m/2 + 8) bytes of PQ
-codes and ids) and the id map (N small records). The index is written to its file by FAISS directly (no bytes copy
-in memory: a 1M x 512 Flat index used to peak at 3x its size while being serialised).
+Memory contract: O(train sample x D) for training plus O(batch_rows x D) while streaming rows. ``Flat`` and
+``<base>,RFlat`` (the ``auto`` factories) keep their exact vectors in a spool file, not in memory
+(:class:`tasks.core.faiss_files.StreamedIndex`; the published file is byte-identical to FAISS's own writer's): the
+build holds only the base index of an ``RFlat`` (PQ codes + ids, N x (m/2 + 8) bytes: ~40 MB at 1M rows). A full
+feature-space build streams the id map to its Parquet file with the vectors; an incremental update, the pixel
+space and other factories (IVF-Flat, HNSW, ...) still hold the rows' records (path, id, label, split), and other
+factories their index, in memory. Measured at 1M x 512 (``auto``): peak RSS 892 MiB (was 3,236 MiB with the
+re-rank store in memory), the same index file.
 """
 
 from __future__ import annotations
@@ -37,8 +41,10 @@ import pandas as pd
 
 from storage.atomic import TMP_PREFIX
 from storage.errors import StoreError, UsageError
-from storage.features import iter_feature_batches, read_feature_table
+from storage.features import iter_feature_batches, part_entries, read_feature_table
 from storage.index_store import (
+    IDMAP_COLUMNS,
+    IdmapWriter,
     index_file_path,
     publish_index_file,
     publish_index_manifest,
@@ -48,6 +54,7 @@ from storage.index_store import (
 from storage.locks import artefact_lock
 from storage.manifest import CODE_VERSION, MANIFEST_NAME, read_manifest
 from storage.paths import Store, artefact_id
+from tasks.core.faiss_files import StreamedIndex, streamable
 from tasks.core.faiss_index import (
     AUTO_EXACT_MAX_ROWS,
     AUTO_K_FACTOR,
@@ -115,26 +122,34 @@ class IndexConfig:
             raise UsageError(f"--exact-max-rows must be >= 0, got {self.exact_max_rows}")
 
 
-def _iter_rows(cfg: IndexConfig, fdir: Path, fman: dict[str, Any], meta: pd.DataFrame,
-               wanted: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]]:
-    """Yield ``(feature-table positions, raw vectors, failures)`` for the positions where ``wanted`` is true."""
+def _iter_rows(cfg: IndexConfig, fdir: Path, fman: dict[str, Any], meta: pd.DataFrame | None,
+               wanted: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, pd.DataFrame, list[tuple[str, str]]]]:
+    """Yield ``(feature-table positions, raw vectors, their records, failures)`` for the positions where ``wanted``
+    is true. Feature space streams the parts (``meta`` unused, may be None); pixel space reads ``meta``'s paths."""
     if cfg.space == "feature":
         off = 0
-        for _meta_b, feats in iter_feature_batches(fdir, fman, cfg.batch_rows):
+        for meta_b, feats in iter_feature_batches(fdir, fman, cfg.batch_rows):
             m = wanted[off:off + len(feats)]
+            if len(feats) and off + len(feats) > len(wanted):
+                raise StoreError(f"feature artefact {fdir.name} has more rows than its manifest's parts list; "
+                                 "run `convlens verify` on it")
             if m.any():
-                yield np.flatnonzero(m) + off, feats[m], []
+                yield np.flatnonzero(m) + off, feats[m], meta_b[m], []
             off += len(feats)
+        if off != len(wanted):
+            raise StoreError(f"feature artefact {fdir.name}: read {off} rows, its manifest lists {len(wanted)}; "
+                             "run `convlens verify` on it")
         return
     root = fman.get("dataset_root")
     if not root:
         raise StoreError(f"feature artefact {fdir.name} records no dataset_root; the pixel index needs the image files")
+    assert meta is not None
     pos = np.flatnonzero(wanted)
     paths = meta["path"].tolist()
     for start in range(0, len(pos), cfg.batch_rows):
         chunk = pos[start:start + cfg.batch_rows]
         vecs, ok, failures = pixel_vectors(root, [paths[i] for i in chunk], cfg.pixel_size, progress=cfg.progress)
-        yield chunk[ok], vecs, failures
+        yield chunk[ok], vecs, meta.iloc[chunk[ok]], failures
 
 
 def _sample_positions(wanted: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -147,23 +162,43 @@ def _sample_positions(wanted: np.ndarray, n: int, seed: int) -> np.ndarray:
     return mask
 
 
-def _add_rows(cfg: IndexConfig, index, metric: str, fdir: Path, fman: dict[str, Any], meta: pd.DataFrame,
-              wanted: np.ndarray, first_row: int) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
-    """Add the wanted feature-table rows to ``index``; return their id-map rows and any unreadable files."""
+def _add_rows(cfg: IndexConfig, index, metric: str, fdir: Path, fman: dict[str, Any], meta: pd.DataFrame | None,
+              wanted: np.ndarray, first_row: int,
+              idmap_out: IdmapWriter | None = None) -> tuple[int, pd.DataFrame | None, list[tuple[str, str]]]:
+    """Add the wanted feature-table rows to ``index`` (a FAISS index or a :class:`StreamedIndex`); return ``(rows
+    added, their id-map rows, unreadable files)``. With ``idmap_out`` the id-map rows are streamed to it instead
+    (and None is returned for them)."""
     recs: list[pd.DataFrame] = []
     failures: list[tuple[str, str]] = []
     row = first_row
-    for pos, vecs, fails in _iter_rows(cfg, fdir, fman, meta, wanted):
+    for pos, vecs, records, fails in _iter_rows(cfg, fdir, fman, meta, wanted):
         failures.extend(fails)
         if not len(pos):
             continue
-        add_vectors(index, prepare_vectors(vecs, metric))
-        part = meta.iloc[pos][["image_id", "path", "label", "split"]].copy()
-        part.insert(0, "row", np.arange(row, row + len(pos), dtype=np.int64))
-        recs.append(part)
+        x = prepare_vectors(vecs, metric)
+        if isinstance(index, StreamedIndex):
+            index.add(x)
+        else:
+            add_vectors(index, x)
+        if idmap_out is not None:
+            idmap_out.add(row, records)
+        else:
+            part = records[list(IDMAP_COLUMNS[1:])].copy()
+            part.insert(0, "row", np.arange(row, row + len(pos), dtype=np.int64))
+            recs.append(part)
         row += len(pos)
-    idmap = pd.concat(recs, ignore_index=True) if recs else pd.DataFrame(columns=["row", "image_id", "path", "label", "split"])
-    return idmap, failures
+    if idmap_out is not None:
+        return row - first_row, None, failures
+    idmap = pd.concat(recs, ignore_index=True) if recs else pd.DataFrame(columns=list(IDMAP_COLUMNS))
+    return row - first_row, idmap, failures
+
+
+def _feature_rows(fdir: Path, fman: dict[str, Any]) -> int:
+    """Rows of the feature artefact from its manifest (each part's entry records its rows)."""
+    parts = part_entries(fman)
+    if parts and all("rows" in e for e in parts):
+        return sum(int(e["rows"]) for e in parts)
+    return read_feature_table(fdir, fman, ["image_id"]).num_rows
 
 
 def build_index(cfg: IndexConfig) -> dict[str, Any]:
@@ -193,60 +228,92 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
             index_file_path(adir, old)  # verify: a corrupt index is never reported as up to date
             log.info("index %s is up to date with features %s", aid, faid)
             return {**old, "build": {**old.get("build", {}), "mode": "reused"}}
-        meta = read_feature_table(fdir, fman, ["image_id", "path", "label", "split"]).to_pandas()
-        n = len(meta)
+        incremental_possible = bool(old) and not cfg.rebuild and supports_incremental_add(factory)
+        # the records of every row are read only where they are needed: pixel paths, an incremental update's keys;
+        # a full feature-space build streams them from the parts with the vectors
+        meta = (read_feature_table(fdir, fman, list(IDMAP_COLUMNS[1:])).to_pandas()
+                if cfg.space == "pixel" or incremental_possible else None)
+        n = len(meta) if meta is not None else _feature_rows(fdir, fman)
         if n == 0:
             raise StoreError(f"feature artefact {faid} has no rows; nothing to index")
+        # Flat and <base>,RFlat keep their exact vectors in a spool file, not in memory (tasks.core.faiss_files)
+        stream = streamable(new_index(dim, factory, metric))
         mode = "full"
-        index = None
+        index: Any = None
         idmap_old = None
         wanted = np.ones(n, bool)
-        if old and not cfg.rebuild and supports_incremental_add(factory):
+        if incremental_possible:
+            assert meta is not None
             idmap_old = read_idmap(adir, old)
-            old_keys = set(zip(idmap_old["path"], idmap_old["image_id"]))
-            new_keys = list(zip(meta["path"], meta["image_id"]))
-            if old_keys <= set(new_keys):
-                index = read_index_file(index_file_path(adir, old))
-                wanted = np.array([kk not in old_keys for kk in new_keys], bool)
+            # hashed (path, image_id) keys, no Python tuple per row
+            old_keys = pd.MultiIndex.from_arrays([idmap_old["path"], idmap_old["image_id"]])
+            new_keys = pd.MultiIndex.from_arrays([meta["path"], meta["image_id"]])
+            if bool(old_keys.isin(new_keys).all()):
+                path = index_file_path(adir, old)
+                index = StreamedIndex.open(path, adir) if stream else read_index_file(path)
+                wanted = ~np.asarray(new_keys.isin(old_keys), bool)
                 mode = "incremental"
             else:
                 log.info("index %s: stored rows were removed or changed; rebuilding from scratch", aid)
         trained_on = (old or {}).get("train_rows") if mode == "incremental" else None
-        if index is None:
-            index = new_index(dim, factory, metric)
-            if needs_training(index):
-                nl = nlist_of(index)
-                rows = cfg.train_rows if factory == cfg.factory or not nl else min(cfg.train_rows, 50 * nl)
-                sample_mask = _sample_positions(wanted, rows, cfg.seed)
-                chunks = [prepare_vectors(v, metric) for _p, v, _f in _iter_rows(cfg, fdir, fman, meta, sample_mask) if len(v)]
-                sample = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
-                del chunks
-                train_index(index, sample)
-                trained_on = int(len(sample))
-                del sample
-        reserve_rows(index, int(index.ntotal) + int(wanted.sum()))
-        index, device = _maybe_gpu(index, cfg.gpu, mode)
-        first_row = int(index.ntotal)
-        added, failures = _add_rows(cfg, index, metric, fdir, fman, meta, wanted, first_row)
-        if mode == "incremental":
-            idmap = pd.concat([idmap_old, added], ignore_index=True)
-            # labels / splits may have been edited: refresh them from the current feature table
-            fresh = meta.drop_duplicates("path").set_index("path")
-            idmap["label"] = idmap["path"].map(fresh["label"])
-            idmap["split"] = idmap["path"].map(fresh["split"])
-        else:
-            idmap = added
-        nlist = nlist_of(index)
-        nprobe = cfg.nprobe or (old or {}).get("nprobe") or (default_nprobe(nlist) if nlist else None)
-        k_factor = (old or {}).get("k_factor") or (AUTO_K_FACTOR if factory.replace(" ", "").endswith(",RFlat") else None)
+        idmap_out: IdmapWriter | None = None
         tmp = adir / f"{TMP_PREFIX}index-{os.getpid()}.faiss"
         try:
-            cpu = to_cpu(index)
-            finalize_index(cpu, nprobe, k_factor)
-            write_index_file(cpu, tmp)
-            files = [publish_index_file(adir, tmp), write_idmap(adir, idmap)]
+            if index is None:
+                index = new_index(dim, factory, metric)
+                if needs_training(index):
+                    nl = nlist_of(index)
+                    rows = cfg.train_rows if factory == cfg.factory or not nl else min(cfg.train_rows, 50 * nl)
+                    sample_mask = _sample_positions(wanted, rows, cfg.seed)
+                    chunks = [prepare_vectors(v, metric) for _p, v, _r, _f in _iter_rows(cfg, fdir, fman, meta, sample_mask) if len(v)]
+                    sample = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+                    del chunks
+                    train_index(index, sample)
+                    trained_on = int(len(sample))
+                    del sample
+                if stream:
+                    index = StreamedIndex(index, adir)
+            if isinstance(index, StreamedIndex):
+                device = index.to_device(cfg.gpu)
+            else:
+                reserve_rows(index, int(index.ntotal) + int(wanted.sum()))
+                index, device = _maybe_gpu(index, cfg.gpu, mode)
+            first_row = int(index.ntotal)
+            if mode == "full":
+                idmap_out = IdmapWriter(adir)
+            n_added, added, failures = _add_rows(cfg, index, metric, fdir, fman, meta, wanted, first_row, idmap_out)
+            if cfg.space == "feature" and int(index.ntotal) != first_row + int(wanted.sum()):
+                raise StoreError(f"index {aid}: {int(index.ntotal) - first_row} rows added, {int(wanted.sum())} wanted; "
+                                 "nothing was published")
+            core = index.base if isinstance(index, StreamedIndex) else index  # a streamed Flat has no base
+            nlist = nlist_of(core) if core is not None else None
+            nprobe = cfg.nprobe or (old or {}).get("nprobe") or (default_nprobe(nlist) if nlist else None)
+            k_factor = (old or {}).get("k_factor") or (AUTO_K_FACTOR if factory.replace(" ", "").endswith(",RFlat") else None)
+            if isinstance(index, StreamedIndex):
+                index.write(tmp, nprobe, k_factor)
+            else:
+                cpu = to_cpu(index)
+                finalize_index(cpu, nprobe, k_factor)
+                write_index_file(cpu, tmp)
+            if mode == "incremental":
+                assert meta is not None and added is not None
+                idmap = pd.concat([idmap_old, added], ignore_index=True)
+                # labels / splits may have been edited: refresh them from the current feature table
+                fresh = meta.drop_duplicates("path").set_index("path")
+                idmap["label"] = idmap["path"].map(fresh["label"])
+                idmap["split"] = idmap["path"].map(fresh["split"])
+                idmap_entry = write_idmap(adir, idmap)
+            else:
+                assert idmap_out is not None
+                idmap_entry = idmap_out.close()
+                idmap_out = None
+            files = [publish_index_file(adir, tmp), idmap_entry]
         finally:
             tmp.unlink(missing_ok=True)
+            if idmap_out is not None:
+                idmap_out.abort()
+            if isinstance(index, StreamedIndex):
+                index.close()
         manifest = {
             "kind": "index",
             "artefact_id": aid,
@@ -270,14 +337,15 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
             "skipped": len(failures) + (int((old or {}).get("skipped", 0)) if mode == "incremental" else 0),
             "skipped_examples": [f"{p}: {r}" for p, r in failures[:20]],
             "files": files,
-            "build": {"mode": mode, "added": int(len(added)), "device": device,
-                      "seconds": round(time.perf_counter() - t0, 3), "from_created": (old or {}).get("created")},
+            "build": {"mode": mode, "added": int(n_added), "device": device,
+                      "seconds": round(time.perf_counter() - t0, 3), "from_created": (old or {}).get("created"),
+                      "streamed": isinstance(index, StreamedIndex)},
         }
         if mode == "incremental" and old:
             manifest["first_built"] = old.get("first_built") or old.get("created")
         published = publish_index_manifest(adir, manifest)
     log.info("index %s: %s build (%s), %d rows (%d added) in %.2fs on %s", aid, mode, factory, published["rows"],
-             len(added), published["build"]["seconds"], device)
+             n_added, published["build"]["seconds"], device)
     return published
 
 

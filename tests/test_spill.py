@@ -173,6 +173,28 @@ def test_digest_set_spills_past_the_threshold(tmp_path: Path) -> None:
     assert u.spilled and len(u) == 301 and u.contains(image_digests([f"{5000:064x}"]))[0]
 
 
+@pytest.mark.parametrize("spill_rows", [10_000, 40, 0])
+def test_digest_set_from_chunks_is_the_set_of_every_chunk(tmp_path: Path, spill_rows: int) -> None:
+    """Built chunk by chunk (past the threshold: written to the spill file as they come, sorted and de-duplicated
+    there in place, across dedup blocks), the set is the one DigestSet builds from their concatenation."""
+    from tasks.core import datasets as ds
+
+    rng = np.random.default_rng(3)
+    pool = image_digests([f"{i:064x}" for i in range(400)])
+    chunks = [pool[rng.integers(0, 400, size=n)] for n in (0, 37, 120, 1, 250, 64)]  # many duplicates, an empty one
+    ref = DigestSet(np.concatenate(chunks))
+    got = DigestSet.from_chunks(iter(chunks), spill_rows=spill_rows, spill_dir=tmp_path)
+    assert got.spilled is (spill_rows < 472)
+    np.testing.assert_array_equal(got.digests, ref.digests)
+    assert got.digests.flags.writeable is not got.spilled  # a spilled set is a read-only view
+    q = np.concatenate([pool, image_digests([f"{i:064x}" for i in range(900, 920)])])
+    np.testing.assert_array_equal(got.contains(q), ref.contains(q))
+    assert len(DigestSet.from_chunks([], spill_rows=0)) == 0
+    arr = np.sort(np.concatenate(chunks))
+    n = ds._dedup_sorted_in_place(arr, block=7)  # blocks that split runs of equal ids
+    np.testing.assert_array_equal(arr[:n], ref.digests)
+
+
 def _features(store: Path, manifest: dict) -> pd.DataFrame:
     adir = Store(store).artefact_dir("features", manifest["artefact_id"])
     t = read_feature_table(adir, manifest, ["path", "image_id", "label", "split", "width", "height", "feature"])

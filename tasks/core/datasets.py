@@ -1944,6 +1944,23 @@ def _decode_hex(data: np.ndarray) -> np.ndarray | None:
 _CONTAINS_BLOCK = 1 << 20
 
 
+def _dedup_sorted_in_place(arr: np.ndarray, block: int = 1 << 16) -> int:
+    """Move the distinct values of the sorted ``arr`` to its front, in order, a block at a time (O(block)
+    memory); return how many there are."""
+    w = 0
+    prev = None
+    for s in range(0, len(arr), block):
+        part = arr[s:s + block].copy()
+        keep = np.empty(len(part), bool)
+        keep[0] = prev is None or part[0] != prev
+        keep[1:] = part[1:] != part[:-1]
+        prev = part[-1]
+        k = int(keep.sum())
+        arr[w:w + k] = part[keep]
+        w += k
+    return w
+
+
 class DigestSet:
     """A set of 32-byte image digests as one sorted ``(n,) S32`` array (32 B per id; a Python ``set`` of hex
     strings costs ~180 B per id). Membership is ``np.searchsorted``: O(log n) per id, vectorised, in blocks of
@@ -1951,7 +1968,9 @@ class DigestSet:
 
     Past ``spill_rows`` ids (default :data:`SPILL_ROWS`) the sorted array is moved to a memory-mapped, unlinked
     temp file in ``spill_dir`` (system temp dir by default): read-only, file-backed pages, no anonymous memory
-    held. Building still takes ~2 x 32 B per id transient (the digests given plus ``np.unique``'s sorted copy)."""
+    held. Building from one array takes ~2 x 32 B per id transient (the digests given plus ``np.unique``'s sorted
+    copy); :meth:`from_chunks` builds part by part instead: past the threshold the chunks go to the temp file as
+    they come and are sorted and deduplicated there, in place (anonymous memory O(chunk))."""
 
     __slots__ = ("digests", "_spill_rows", "_spill_dir")
 
@@ -1961,6 +1980,45 @@ class DigestSet:
         self._spill_rows, self._spill_dir = spill_rows, spill_dir
         d = np.unique(d)
         self.digests = _mapped(d, spill_dir) if len(d) > (SPILL_ROWS if spill_rows is None else spill_rows) else d
+
+    @classmethod
+    def from_chunks(cls, chunks: Iterable[np.ndarray], *, spill_rows: int | None = None,
+                    spill_dir: str | os.PathLike[str] | None = None) -> DigestSet:
+        """The set of every digest in ``chunks`` (``S32`` arrays), the same as ``DigestSet(concatenate(chunks))``
+        without the concatenation: up to ``spill_rows`` ids in memory, past it written chunk by chunk to the spill
+        file, which is then sorted and deduplicated in place through a writable map."""
+        limit = SPILL_ROWS if spill_rows is None else int(spill_rows)
+        held: list[np.ndarray] = []
+        n = 0
+        fh = None
+        try:
+            for chunk in chunks:
+                c = np.asarray(chunk, "S32")
+                n += len(c)
+                if fh is not None:
+                    _write_array(fh, c)
+                    continue
+                held.append(c)
+                if n > limit:
+                    fh = _spill_file(spill_dir)
+                    for h in held:
+                        _write_array(fh, h)
+                    held = []
+            if fh is None:
+                return cls(np.concatenate(held) if held else None, spill_rows=spill_rows, spill_dir=spill_dir)
+            fh.flush()
+            mm = mmap.mmap(fh.fileno(), n * 32, access=mmap.ACCESS_WRITE)
+        finally:
+            if fh is not None:
+                fh.close()  # the map keeps the (unlinked) file
+        arr = np.frombuffer(mm, "S32", n)
+        arr.sort(kind="quicksort")  # in place on the mapped pages (NumPy's string sort needs no copy)
+        kept = _dedup_sorted_in_place(arr)
+        out = cls.__new__(cls)
+        out._spill_rows, out._spill_dir = spill_rows, spill_dir
+        out.digests = arr[:kept]
+        out.digests.flags.writeable = False
+        return out
 
     @classmethod
     def of(cls, ids: Iterable[str] | pa.Array | pa.ChunkedArray) -> DigestSet:
@@ -1993,7 +2051,7 @@ class DigestSet:
 
     def union(self, other: DigestSet | np.ndarray) -> DigestSet:
         more = other.digests if isinstance(other, DigestSet) else np.asarray(other, "S32")
-        return DigestSet(np.concatenate([self.digests, more]), spill_rows=self._spill_rows, spill_dir=self._spill_dir)
+        return DigestSet.from_chunks([self.digests, more], spill_rows=self._spill_rows, spill_dir=self._spill_dir)
 
     def __contains__(self, image_id: object) -> bool:
         if not isinstance(image_id, str):

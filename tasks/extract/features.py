@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -268,20 +268,20 @@ def _part_ids(directory: Path, entry: dict[str, Any], stamps: FileStamps) -> np.
     return image_digests(read_part_columns(directory, entry, ["image_id"]).column("image_id"))
 
 
-def _verified_ids(adir: Path, manifest: dict[str, Any], stamps: FileStamps) -> tuple[DigestSet, list[dict[str, Any]]]:
+def _verified_ids(adir: Path, manifest: dict[str, Any], stamps: FileStamps,
+                  dropped: list[dict[str, Any]]) -> Iterator[np.ndarray]:
     """Check every file the published manifest lists: a file whose size, mtime and inode match its stamp
     (:class:`storage.features.FileStamps`) is trusted, any other is hashed in full (then stamped); a part's
-    ``image_id`` column is read either way. Returns ``(ids, dropped)``: the digests of every row in a part that
-    checks out, and one record per file that does not (missing, modified or unreadable). A dropped part's rows are
-    not stored as far as the plan goes, so they are re-extracted from the images and the next publish lists a clean
-    set of files: a flipped byte never wedges the artefact. Memory: 32 B per stored row."""
-    chunks: list[np.ndarray] = []
-    dropped: list[dict[str, Any]] = []
+    ``image_id`` column is read either way. Yields the digests of every row of each part that checks out (for
+    :meth:`DigestSet.from_chunks`: memory O(part)) and appends to ``dropped`` one record per file that does not
+    (missing, modified or unreadable). A dropped part's rows are not stored as far as the plan goes, so they are
+    re-extracted from the images and the next publish lists a clean set of files: a flipped byte never wedges the
+    artefact."""
     for e in manifest.get("files", []):
         role = e.get("role", "part")
         try:
             if role == "part":
-                chunks.append(_part_ids(adir, e, stamps))
+                yield _part_ids(adir, e, stamps)
             else:
                 stamps.check(adir, e)
         except StoreError as exc:
@@ -290,7 +290,19 @@ def _verified_ids(adir: Path, manifest: dict[str, Any], stamps: FileStamps) -> t
             log.error("%s: published %s %s is corrupt or unreadable (%s); REPAIRING: %s", adir.name, role, e["name"],
                       exc, f"its {e.get('rows', '?')} rows are treated as not stored and re-extracted from the images"
                       if role == "part" else "it is written anew")
-    return DigestSet(np.concatenate(chunks) if chunks else None), dropped
+
+
+def _stored_ids(adir: Path, journal: dict[str, Any], stamps: FileStamps,
+                dropped: list[dict[str, Any]]) -> Iterator[np.ndarray]:
+    """The digests of the artefact's stored rows, part by part: the published manifest's (:func:`_verified_ids`),
+    then the parts an interrupted run journalled (one that did not survive is dropped: its images are redone)."""
+    if (adir / MANIFEST_NAME).is_file():
+        yield from _verified_ids(adir, read_manifest(adir), stamps, dropped)
+    for e in journal.get("parts", []):
+        try:
+            yield _part_ids(adir, e, stamps)
+        except StoreError as exc:  # a journalled part that did not survive: redo its images
+            log.warning("dropping journalled part %s: %s", e.get("name"), exc)
 
 
 # ------------------------------------------------------------------------------ model identity cache
@@ -387,6 +399,8 @@ def _identity_path(store: Store, key: dict[str, Any]) -> Path:
     return store.kind_dir("cache") / f"model-{sha256_bytes(json.dumps(key, sort_keys=True).encode())[:24]}.json"
 
 
+_ID_BLOCK = 1 << 16
+"""Digests taken from the listing per block when the plan builds a set of some of them (O(block) memory)."""
 _SCALARS = (str, int, float, bool, type(None))
 
 
@@ -531,16 +545,10 @@ def plan_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> tuple[
     cache = cache_dir / f"hashes-{sha256_bytes(str(root).encode())[:16]}.parquet"
     stamps_path = cache_dir / f"stamps-{aid}.json"
     stamps = FileStamps(stamps_path)
-    stored = DigestSet()
     repaired: list[dict[str, Any]] = []
-    if (adir / MANIFEST_NAME).is_file():
-        stored, repaired = _verified_ids(adir, read_manifest(adir), stamps)
+    # built part by part: past SPILL_ROWS ids straight into a mapped temp file (anonymous memory O(part))
     journal = read_journal(adir) if adir.is_dir() else {}
-    for e in journal.get("parts", []):
-        try:
-            stored = stored.union(_part_ids(adir, e, stamps))
-        except StoreError as exc:  # a journalled part that did not survive: redo its images
-            log.warning("dropping journalled part %s: %s", e.get("name"), exc)
+    stored = DigestSet.from_chunks(_stored_ids(adir, journal, stamps, repaired), spill_dir=cache_dir)
     stamps.save()
     stats: dict[str, int] = {}
     hrejects: list[Reject] = []
@@ -560,7 +568,8 @@ def plan_extraction(cfg: ExtractConfig, lm: LoadedModel | None = None) -> tuple[
     model_key = {k: v for k, v in key.items() if k != "dataset_root"}
     donors: list[tuple[Path, dict[str, Any]]] = []
     if is_new.any():
-        wanted = DigestSet(listed[is_new])
+        wanted = DigestSet.from_chunks((listed[i:i + _ID_BLOCK][is_new[i:i + _ID_BLOCK]]
+                                        for i in range(0, len(listed), _ID_BLOCK)), spill_dir=cache_dir)
         donated: list[np.ndarray] = []
         for other_id, om in store.iter_artefacts("features"):
             if other_id == aid or om.get("pool") != cfg.pool or om.get("layer", {}).get("name") != ref.name:

@@ -17,7 +17,7 @@ import numpy as np
 
 from storage.features import iter_feature_batches
 
-__all__ = ["feature_knn", "pixel_knn"]
+__all__ = ["feature_knn", "feature_rows", "pixel_knn"]
 
 _BLOCK = 65_536
 
@@ -42,6 +42,24 @@ def _drop_self(i: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(i, order, axis=1)
 
 
+def feature_rows(fdir: Path, fman: dict[str, Any], rows: np.ndarray) -> np.ndarray:
+    """``(len(rows), D) float32``: the feature vectors of table rows ``rows`` (any order), read part by part.
+    Memory O(rows x D + batch x D)."""
+    rows = np.asarray(rows, np.int64)
+    q = np.zeros((len(rows), int(fman["dim"])), np.float32)
+    ordered = bool(np.all(np.diff(rows) >= 0))
+    start = 0
+    for _meta, feats in iter_feature_batches(fdir, fman, batch_rows=_BLOCK, verify=False):
+        if ordered:
+            lo, hi = np.searchsorted(rows, [start, start + len(feats)])
+            q[lo:hi] = feats[rows[lo:hi] - start]
+        else:
+            sel = (rows >= start) & (rows < start + len(feats))
+            q[sel] = feats[rows[sel] - start]
+        start += len(feats)
+    return q
+
+
 def feature_knn(fdir: Path, fman: dict[str, Any], queries: np.ndarray, k: int) -> np.ndarray:
     """``(len(queries), k) int64`` rows: the ``k`` nearest rows (cosine, self excluded) of each query row among
     all rows of the feature artefact, streamed twice (once for the queries' vectors, once to search)."""
@@ -49,16 +67,7 @@ def feature_knn(fdir: Path, fman: dict[str, Any], queries: np.ndarray, k: int) -
 
     faiss = import_faiss()
     queries = np.asarray(queries, np.int64)
-    q = np.zeros((len(queries), int(fman["dim"])), np.float32)
-    start = 0
-    for _meta, feats in iter_feature_batches(fdir, fman, batch_rows=_BLOCK, verify=False):
-        lo, hi = np.searchsorted(queries, [start, start + len(feats)]) if np.all(np.diff(queries) >= 0) else (None, None)
-        if lo is None:
-            sel = (queries >= start) & (queries < start + len(feats))
-            q[sel] = feats[queries[sel] - start]
-        elif hi > lo:
-            q[lo:hi] = feats[queries[lo:hi] - start]
-        start += len(feats)
+    q = feature_rows(fdir, fman, queries)
     faiss.normalize_L2(q)
     heap = faiss.ResultHeap(len(queries), k + 1)
     start = 0

@@ -195,11 +195,50 @@ def test_feature_neighbours_come_from_a_stored_knn_graph(hs, tmp_path):
     build_default_indexes(str(store), hs["a"])
     ensure_knn_graph(str(store), k=6, artefact=hs["a"])
     ctx = build_report(store, hs["a"], options=ReportOptions(k=5))
-    assert ctx["knn_source"] == "stored kNN graph"
+    assert ctx["knn_source"] == "stored kNN graph (exact, Flat)"
     pts = json.loads(ctx["points_json"])
     _, feats = load_features(Store(store).artefact_dir("features", hs["a"]))
     exact = _knn_rows(feats, np.arange(len(feats)), 5, "cosine")
     assert (np.sort(np.array(pts["nf"]).reshape(-1, 5), 1) == np.sort(exact, 1)).all()
+
+
+def test_feature_neighbours_come_from_a_stored_index_up_to_date_with_the_features(hs, tmp_path):
+    """Without a kNN graph the report searches a stored cosine index of the same features (exact first, the
+    caption says how exact) instead of the minutes-long streamed search; a stale index is not used."""
+    import shutil
+
+    from reports.render import ReportOptions, _knn_rows, build_report
+    from storage.features import load_features
+    from storage.manifest import read_manifest, write_manifest
+    from storage.paths import Store
+    from tasks.index.build import IndexConfig, build_index
+
+    store = tmp_path / "idx"
+    shutil.copytree(hs["store"], store)
+    _, feats = load_features(Store(store).artefact_dir("features", hs["a"]))
+    exact = np.sort(_knn_rows(feats, np.arange(len(feats)), 5, "cosine"), 1)
+
+    def neighbours(ctx):
+        return np.sort(np.array(json.loads(ctx["points_json"])["nf"]).reshape(-1, 5), 1)
+
+    flat = build_index(IndexConfig(store=str(store), artefact=hs["a"]))
+    approx = build_index(IndexConfig(store=str(store), artefact=hs["a"], factory="IVF2,Flat", train_rows=len(feats)))
+    ctx = build_report(store, hs["a"], options=ReportOptions(k=5))
+    assert ctx["knn_source"] == "stored index (exact, Flat)"  # exact preferred over the newer approximate one
+    assert (neighbours(ctx) == exact).all()
+
+    def edit(m, **changes):
+        adir = Store(store).artefact_dir("indexes", m["artefact_id"])
+        write_manifest(adir, {**read_manifest(adir), **changes})
+
+    edit(flat, source={**flat["source"], "created": "2000-01-01T00:00:00+00:00"})  # built from older features
+    ctx = build_report(store, hs["a"], options=ReportOptions(k=5))
+    assert ctx["knn_source"] == "stored index (approximate: IVF2,Flat)"  # the caption says so
+    assert (neighbours(ctx) == exact).all()  # nprobe covers both lists here
+    edit(approx, rows=approx["rows"] - 1)  # misses a row
+    ctx = build_report(store, hs["a"], options=ReportOptions(k=5))
+    assert ctx["knn_source"].startswith("exact cosine kNN")
+    assert (neighbours(ctx) == exact).all()
 
 
 # ---- curated views (attribution gallery, dataset-audit findings, neurons) ----

@@ -22,7 +22,8 @@ __all__ = ["feature_knn", "feature_rows", "pixel_knn"]
 _BLOCK = 65_536
 
 
-def _merge(faiss: Any, heap: Any, q: np.ndarray, base: np.ndarray, start: int, k1: int, metric: str) -> None:
+def _merge(faiss: Any, heap: Any, q: np.ndarray, base: np.ndarray, ids: np.ndarray, k1: int, metric: str) -> None:
+    """Search ``base`` (whose rows are the table rows ``ids``) for ``q`` and add the hits to ``heap``."""
     kk = min(k1, len(base))
     if metric == "ip":
         d, i = faiss.knn(q, base, kk, metric=faiss.METRIC_INNER_PRODUCT)
@@ -32,7 +33,7 @@ def _merge(faiss: Any, heap: Any, q: np.ndarray, base: np.ndarray, start: int, k
     if kk < k1:
         d = np.hstack([d, np.full((len(q), k1 - kk), np.inf, np.float32)])
         i = np.hstack([i, np.full((len(q), k1 - kk), -1, np.int64)])
-    i = np.where(i >= 0, i + start, -1).astype(np.int64)
+    i = np.where(i >= 0, ids[np.maximum(i, 0)], -1).astype(np.int64)
     heap.add_result(np.ascontiguousarray(d, np.float32), np.ascontiguousarray(i))
 
 
@@ -74,7 +75,7 @@ def feature_knn(fdir: Path, fman: dict[str, Any], queries: np.ndarray, k: int) -
     for _meta, feats in iter_feature_batches(fdir, fman, batch_rows=_BLOCK, verify=False):
         base = np.ascontiguousarray(feats, np.float32)
         faiss.normalize_L2(base)
-        _merge(faiss, heap, q, base, start, k + 1, "ip")
+        _merge(faiss, heap, q, base, np.arange(start, start + len(base)), k + 1, "ip")
         start += len(feats)
     heap.finalize()
     return _drop_self(heap.I, queries, k)
@@ -82,18 +83,26 @@ def feature_knn(fdir: Path, fman: dict[str, Any], queries: np.ndarray, k: int) -
 
 def pixel_knn(pixels: np.ndarray, usable: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """``(len(queries), k) int64``: exact L2 neighbours of ``pixels[queries]`` among the rows of ``pixels``
-    ``(N, P) uint8`` (scaled to [0, 1]), self excluded; rows not ``usable`` (no decoded image) are never
-    neighbours. Memory O(block x P) floats."""
+    ``(N, P) uint8`` (scaled to [0, 1]), self excluded. Only ``usable`` rows (a decoded image) are searched and
+    only usable queries get neighbours (``-1`` elsewhere, as when fewer than ``k`` images are usable): an
+    unreadable image has no pixels to compare, and a store without images costs nothing here (it cost a full
+    N x queries search of placeholder vectors). Memory O(block x P) floats."""
     from tasks.core.faiss_index import import_faiss
 
     faiss = import_faiss()
     queries = np.asarray(queries, np.int64)
-    q = pixels[queries].astype(np.float32) / 255.0
-    q[~usable[queries]] = 1e3
-    heap = faiss.ResultHeap(len(queries), k + 1)
-    for s in range(0, len(pixels), _BLOCK):
-        base = pixels[s:s + _BLOCK].astype(np.float32) / 255.0
-        base[~usable[s:s + _BLOCK]] = 1e3  # far from every real image (as the full-matrix search did)
-        _merge(faiss, heap, q, base, s, k + 1, "l2")
+    usable = np.asarray(usable, bool)
+    out = np.full((len(queries), k), -1, np.int64)
+    rows = np.flatnonzero(usable)
+    asked = np.flatnonzero(usable[queries]) if len(queries) else np.zeros(0, np.int64)
+    if not len(rows) or not len(asked) or k < 1:
+        return out
+    q = pixels[queries[asked]].astype(np.float32) / 255.0
+    heap = faiss.ResultHeap(len(asked), k + 1)
+    for s in range(0, len(rows), _BLOCK):
+        block = rows[s:s + _BLOCK]
+        base = pixels[block].astype(np.float32) / 255.0
+        _merge(faiss, heap, q, base, block, k + 1, "l2")
     heap.finalize()
-    return _drop_self(heap.I, queries, k)
+    out[asked] = _drop_self(heap.I, queries[asked], k)
+    return out

@@ -67,6 +67,13 @@ def test_streamed_neighbours_equal_exact_search(tmp_path):
         d[r] = np.inf
         assert 3 not in g and 9 not in g
         np.testing.assert_allclose(np.sort(d[g]), np.sort(d)[:4], rtol=1e-5)
+    # an unreadable image gets no pixel neighbours; with no readable image there is nothing to search
+    assert (pixel_knn(pix, usable, np.array([3, 7]), 4)[0] == -1).all()
+    assert (pixel_knn(pix, usable, np.array([3, 7]), 4)[1] == got[1]).all()
+    assert (pixel_knn(pix, np.zeros(200, bool), q, 4) == -1).all()
+    few = np.zeros(200, bool)
+    few[[0, 5, 6]] = True
+    assert pixel_knn(pix, few, np.array([0]), 4).tolist() == [[*sorted([5, 6], key=lambda r: ((f[r] - f[0]) ** 2).sum()), -1, -1]]
 
 
 def test_benchmark_writes_features_through_the_store(tmp_path):

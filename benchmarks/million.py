@@ -23,7 +23,9 @@ Stages (``--stages``, comma-separated, in this order):
             then the same sample fit + placement with the IVF-Flat kNN maps use above 100k fitted rows forced
             (t-SNE and UMAP, each against its exact-kNN twin).
 
-Each stage runs in a child process; its peak RSS is the child's ``ru_maxrss`` (``os.wait4``). Stages print one
+Each stage runs in a child process; its peak RSS is the child's ``ru_maxrss`` (``os.wait4``), which counts the
+pages of files it maps too (the index file the searching stages map read-only), and ``peak_anon_mib`` its
+``RssAnon`` sampled every 0.1 s (anonymous memory only; Linux). Stages print one
 JSON line each; ``--json FILE`` keeps them. Nothing is downloaded.
 
 Usage:
@@ -39,6 +41,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,13 +102,36 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None, timeout: float 
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT, text=True)
     out_chunks = []
+    anon = [0.0]
+    done = threading.Event()
+    sampler = threading.Thread(target=_sample_anon, args=(proc.pid, anon, done), daemon=True)
+    sampler.start()
     assert proc.stdout is not None
     for line in proc.stdout:
         out_chunks.append(line)
+    done.set()
+    sampler.join()
     _pid, status, ru = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mib": round(ru.ru_maxrss / 1024, 1),
+            "peak_anon_mib": round(anon[0], 1) if anon[0] else None,
             "rc": proc.returncode, "tail": "".join(out_chunks)[-1500:]}
+
+
+def _sample_anon(pid: int, peak: list[float], done: threading.Event, every: float = 0.1) -> None:
+    """Peak ``RssAnon`` of ``pid`` sampled every ``every`` seconds (Linux): ``ru_maxrss`` also counts the pages of
+    files the stage maps (an index file searched read-only: page cache the kernel can evict), this does not. A
+    sample can miss a peak shorter than ``every``."""
+    path = f"/proc/{pid}/status"
+    while not done.wait(every):
+        try:
+            with open(path) as fh:
+                for line in fh:
+                    if line.startswith("RssAnon:"):
+                        peak[0] = max(peak[0], int(line.split()[1]) / 1024)
+                        break
+        except OSError:
+            return
 
 
 def convlens(*args: str) -> list[str]:
@@ -366,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     for stage in [s for s in STAGES if s in stages]:
         r = run_child(stage_command(stage, a), env=env)
         rec = {"stage": stage, "rows": a.rows, "dim": a.dim, "seconds": r["seconds"], "peak_rss_mib": r["peak_rss_mib"],
-               "rc": r["rc"], "load_avg_after": [round(v, 2) for v in os.getloadavg()]}
+               "peak_anon_mib": r["peak_anon_mib"], "rc": r["rc"], "load_avg_after": [round(v, 2) for v in os.getloadavg()]}
         for line in r["tail"].splitlines():
             if line.startswith("RESULT "):
                 rec["result"] = json.loads(line[7:])

@@ -155,11 +155,13 @@ def _index_label(m: dict[str, Any]) -> str:
 def _stored_index_knn(store: Store, fid: str, fman: dict[str, Any], fdir: Path, path_rows: dict[str, int],
                       queries: np.ndarray, k: int) -> tuple[np.ndarray, str] | None:
     """Feature-space neighbours of ``queries`` searched in a published cosine feature index of ``fid`` that is up
-    to date with it (built from the same ``created``, every row): the index file is mapped read-only and its rows
-    are mapped to feature-table rows through its id map. A million-row table's exact search costs minutes
+    to date with it (built from the same ``created``, every row), its rows mapped to feature-table rows through its
+    id map. ``Flat`` / ``RFlat`` files are searched with their vectors read as a stream
+    (:func:`tasks.core.faiss_files.search_file`), others through a read-only map of the file. A million-row table's exact search costs minutes
     (20k queries x 1M x 512: ~400 s on 2 cores), the index a few seconds. Returns ``((len(queries), k) rows,
     label)`` or None when no such index answers every query with ``k`` neighbours."""
     from storage.index_store import index_file_path, read_idmap
+    from tasks.core.faiss_files import search_file
     from tasks.core.faiss_index import import_faiss, read_index_file
 
     n = len(path_rows)
@@ -171,25 +173,26 @@ def _stored_index_knn(store: Store, fid: str, fman: dict[str, Any], fdir: Path, 
                 or src.get("created") != fman.get("created")):
             continue
         try:
-            index = read_index_file(index_file_path(adir, m), mmap=True)
+            path = index_file_path(adir, m)
             idmap = read_idmap(adir, m)
         except (StoreError, ValueError, RuntimeError) as exc:
             log.warning("cannot use the index %s: %s", aid, exc)
             continue
-        to_table = np.full(int(index.ntotal), -1, np.int64)
+        to_table = np.full(n, -1, np.int64)
         rows = idmap["path"].map(path_rows)
         ok = rows.notna().to_numpy()
         to_table[idmap["row"].to_numpy()[ok]] = rows[ok].astype(np.int64).to_numpy()
         del idmap, rows
         q = feature_rows(fdir, fman, queries)
         import_faiss().normalize_L2(q)
-        out = np.full((len(queries), kk), -1, np.int64)
-        for s0 in range(0, len(q), 4096):
-            _, i = index.search(q[s0:s0 + 4096], kk + 1)
-            t = np.where(i >= 0, to_table[np.maximum(i, 0)], -1)
-            t = np.where(t == queries[s0:s0 + 4096, None], -1, t)  # self
-            order = np.argsort(t < 0, axis=1, kind="stable")[:, :kk]
-            out[s0:s0 + len(t)] = np.take_along_axis(t, order, axis=1)
+        try:  # Flat / RFlat (the auto factories): the stored vectors streamed, not mapped (2 GB at 1M x 512)
+            _, i = search_file(path, q, kk + 1)
+        except ValueError:  # another factory: FAISS's own search of the mapped file
+            _, i = read_index_file(path, mmap=True).search(q, kk + 1)
+        t = np.where(i >= 0, to_table[np.maximum(i, 0)], -1)
+        t = np.where(t == queries[:, None], -1, t)  # self
+        order = np.argsort(t < 0, axis=1, kind="stable")[:, :kk]
+        out = np.take_along_axis(t, order, axis=1)
         if (out < 0).any():
             log.warning("index %s does not answer every query with %d neighbours; computing them instead", aid, kk)
             continue

@@ -255,3 +255,37 @@ def test_streamed_build_publishes_what_the_in_memory_build_published(tmp_path: P
     assert list(ids[0]["label"]) == labels and list(ids[0]["image_id"]) == [f"{i:064x}" for i in range(1600)]
     df = neighbors(str(tmp_path / "streamed"), image_id=f"{1500:064x}", k=5, index_id=s2["artefact_id"])
     assert df["row"].iloc[0] != 1500 and df.attrs["stale"] is None
+
+
+@pytest.mark.parametrize(("factory", "metric"), [("Flat", "cosine"), ("Flat", "l2"), ("IVF16,PQ8x4fs,RFlat", "cosine"),
+                                                 ("IVF16,PQ8x4fs,RFlat", "l2")])
+def test_search_file_streams_the_vectors_with_faiss_results(tmp_path: Path, factory: str, metric: str) -> None:
+    """``search_file`` (the report's search: the stored vectors read in chunks, never mapped) returns what FAISS's
+    own search of the same file returns: same neighbours, same distances up to float rounding."""
+    from tasks.core.faiss_files import search_file
+    from tasks.core.faiss_index import finalize_index, new_index, prepare_vectors, read_index_file
+
+    x = prepare_vectors(clustered(n=3000, d=32, centers=8, seed=6)[0], metric)
+    ix = new_index(32, factory, metric)
+    if not ix.is_trained:
+        ix.train(x)
+    ix.add(x)
+    finalize_index(ix, 4, 5.0 if "RFlat" in factory else None)
+    path = tmp_path / "ix.faiss"
+    import faiss
+
+    faiss.write_index(ix, str(path))
+    ref = read_index_file(path)
+    q = x[::37] + 0.01  # 82 queries, not stored rows
+    for k in (1, 10):
+        d0, i0 = ref.search(q, k)
+        d1, i1 = search_file(path, q, k, chunk_rows=700)  # chunks that split the rows unevenly
+        np.testing.assert_allclose(d1, d0, rtol=1e-4, atol=1e-4)
+        assert (i1 == i0).mean() > 0.99  # the same rows up to float ties
+    few = new_index(32, factory if factory == "Flat" else "Flat", metric)
+    few.add(x[:3])
+    faiss.write_index(few, str(tmp_path / "few.faiss"))
+    d, i = search_file(tmp_path / "few.faiss", q[:2], 5)
+    assert (i[:, 3:] == -1).all() and sorted(i[0, :3]) == [0, 1, 2]
+    with pytest.raises(ValueError, match="expected"):
+        search_file(path, q[:, :8], 3)

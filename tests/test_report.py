@@ -223,6 +223,7 @@ def test_feature_neighbours_come_from_a_stored_index_up_to_date_with_the_feature
 
     flat = build_index(IndexConfig(store=str(store), artefact=hs["a"]))
     approx = build_index(IndexConfig(store=str(store), artefact=hs["a"], factory="IVF2,Flat", train_rows=len(feats)))
+    rflat = build_index(IndexConfig(store=str(store), artefact=hs["a"], factory="IVF2,Flat,RFlat", train_rows=len(feats)))
     ctx = build_report(store, hs["a"], options=ReportOptions(k=5))
     assert ctx["knn_source"] == "stored index (exact, Flat)"  # exact preferred over the newer approximate one
     assert (neighbours(ctx) == exact).all()
@@ -232,9 +233,13 @@ def test_feature_neighbours_come_from_a_stored_index_up_to_date_with_the_feature
         write_manifest(adir, {**read_manifest(adir), **changes})
 
     edit(flat, source={**flat["source"], "created": "2000-01-01T00:00:00+00:00"})  # built from older features
-    ctx = build_report(store, hs["a"], options=ReportOptions(k=5))
-    assert ctx["knn_source"] == "stored index (approximate: IVF2,Flat)"  # the caption says so
+    ctx = build_report(store, hs["a"], options=ReportOptions(k=5))  # the newest: its vectors read as a stream
+    assert ctx["knn_source"] == "stored index (approximate: IVF2,Flat,RFlat candidates, exact re-rank)"
     assert (neighbours(ctx) == exact).all()  # nprobe covers both lists here
+    edit(rflat, rows=rflat["rows"] - 1)
+    ctx = build_report(store, hs["a"], options=ReportOptions(k=5))  # searched by FAISS through a map of the file
+    assert ctx["knn_source"] == "stored index (approximate: IVF2,Flat)"  # the caption says so
+    assert (neighbours(ctx) == exact).all()
     edit(approx, rows=approx["rows"] - 1)  # misses a row
     ctx = build_report(store, hs["a"], options=ReportOptions(k=5))
     assert ctx["knn_source"].startswith("exact cosine kNN")

@@ -33,7 +33,7 @@ import numpy as np
 from storage.errors import UsageError
 from tasks.core.faiss_index import finalize_index, import_faiss, to_cpu, to_device
 
-__all__ = ["StreamedIndex", "streamable"]
+__all__ = ["StreamedIndex", "search_file", "streamable"]
 
 _HEADER = struct.Struct("<iqqqBi")
 _DUMMY = 1 << 20
@@ -107,37 +107,13 @@ class StreamedIndex:
         """Continue a file written by :meth:`write` (or by ``faiss.write_index`` for such an index): the base
         index is read into memory, the stored vectors are copied into the spool. Raises ``UsageError`` for any
         other file."""
-        faiss = import_faiss()
-        path = Path(path)
-        size = path.stat().st_size
+        lay = _Layout.read(path)
+        out = cls.__new__(cls)
+        out._setup(lay.d, lay.metric, lay.base, lay.k_factor, spool_dir)
         with open(path, "rb") as f:
-            fourcc, d, ntotal, trained, metric = _read_header(f, path.name)
-            base = k_factor = None
-            if fourcc == b"IxRF":
-                flat_at = size - 4 - (4 + _HEADER.size + 8 + ntotal * d * 4)
-                if flat_at < 4 + _HEADER.size:
-                    raise UsageError(f"{path.name}: not an RFlat index file of {ntotal} x {d}")
-                # FAISS reads exactly the base index's bytes from the callback reader: the file position then
-                # has to be the refine index's start, which checks the arithmetic above
-                base = faiss.read_index(faiss.PyCallbackIOReader(f.read))  # owned here (downcast by SWIG)
-                if f.tell() != flat_at:
-                    raise UsageError(f"{path.name}: the base index ends at {f.tell()}, expected {flat_at}")
-                (k_factor,) = struct.unpack("<f", _read_at(path, size - 4, 4))
-            elif fourcc in (b"IxFI", b"IxF2"):
-                flat_at = 0
-            else:
-                raise UsageError(f"{path.name}: not a Flat or RFlat index file (starts {fourcc!r})")
-            f.seek(flat_at)
-            ffour, fd, fn, _t, fmetric = _read_header(f, path.name)
-            (count,) = struct.unpack("<Q", f.read(8))
-            if ffour != _FLAT_FOURCC.get(metric) or (fd, fn, fmetric) != (d, ntotal, metric) or count != ntotal * d:
-                raise UsageError(f"{path.name}: the stored vectors' header does not match the index ({ntotal} x {d})")
-            if base is not None and int(base.ntotal) != ntotal:
-                raise UsageError(f"{path.name}: the base index holds {base.ntotal} rows, the stored vectors {ntotal}")
-            out = cls.__new__(cls)
-            out._setup(d, metric, base, k_factor, spool_dir)
-            out._copy_in(f, ntotal * d * 4)
-            out.ntotal = ntotal
+            f.seek(lay.vectors_at)
+            out._copy_in(f, lay.ntotal * lay.d * 4)
+        out.ntotal = lay.ntotal
         return out
 
     def _copy_in(self, f: BinaryIO, nbytes: int) -> None:
@@ -196,6 +172,115 @@ class StreamedIndex:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class _Layout:
+    """Where things are in a ``Flat`` / ``…,RFlat`` index file: the base index (read into memory), the offset of
+    the stored vectors, their shape and metric, the ``k_factor``. Raises ``UsageError`` for any other file."""
+
+    def __init__(self, d: int, ntotal: int, metric: int, base, k_factor: float | None, vectors_at: int) -> None:
+        self.d, self.ntotal, self.metric, self.base, self.k_factor, self.vectors_at = d, ntotal, metric, base, k_factor, vectors_at
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> _Layout:
+        faiss = import_faiss()
+        path = Path(path)
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            fourcc, d, ntotal, _trained, metric = _read_header(f, path.name)
+            base = k_factor = None
+            if fourcc == b"IxRF":
+                flat_at = size - 4 - (4 + _HEADER.size + 8 + ntotal * d * 4)
+                if flat_at < 4 + _HEADER.size:
+                    raise UsageError(f"{path.name}: not an RFlat index file of {ntotal} x {d}")
+                # FAISS reads exactly the base index's bytes from the callback reader: the file position then
+                # has to be the refine index's start, which checks the arithmetic above
+                base = faiss.read_index(faiss.PyCallbackIOReader(f.read))  # owned here (downcast by SWIG)
+                if f.tell() != flat_at:
+                    raise UsageError(f"{path.name}: the base index ends at {f.tell()}, expected {flat_at}")
+                (k_factor,) = struct.unpack("<f", _read_at(path, size - 4, 4))
+            elif fourcc in (b"IxFI", b"IxF2"):
+                flat_at = 0
+            else:
+                raise UsageError(f"{path.name}: not a Flat or RFlat index file (starts {fourcc!r})")
+            f.seek(flat_at)
+            ffour, fd, fn, _t, fmetric = _read_header(f, path.name)
+            (count,) = struct.unpack("<Q", f.read(8))
+            if ffour != _FLAT_FOURCC.get(metric) or (fd, fn, fmetric) != (d, ntotal, metric) or count != ntotal * d:
+                raise UsageError(f"{path.name}: the stored vectors' header does not match the index ({ntotal} x {d})")
+            if base is not None and int(base.ntotal) != ntotal:
+                raise UsageError(f"{path.name}: the base index holds {base.ntotal} rows, the stored vectors {ntotal}")
+            return cls(d, ntotal, metric, base, k_factor, f.tell())
+
+
+def search_file(path: str | os.PathLike[str], q: np.ndarray, k: int,
+                chunk_rows: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """Search a ``Flat`` / ``…,RFlat`` index file for prepared queries ``q`` ``(Q, D) float32`` reading its stored
+    vectors as a stream: ``(distances, labels)`` as FAISS's ``search`` returns them (inner product: larger is
+    nearer; L2: squared distance; ``-1`` where fewer than ``k`` rows exist).
+
+    For a few thousand queries against a million rows: the vectors are read in order, ``chunk_rows`` at a time,
+    through ``read`` (page cache, never mapped into the process, so the search adds O(base + chunk + Q x k x
+    k_factor) to the process's memory, where a mapped 1M x 512 file adds 2 GB of resident file pages). ``RFlat``:
+    the base index's ``k x k_factor`` candidates, re-ranked exactly as ``IndexRefineFlat`` does (same candidates,
+    same exact distances up to float rounding); ``Flat``: an exact scan. For many queries (a kNN graph of every
+    row) map the file instead (:func:`tasks.core.faiss_index.read_index_file`)."""
+    faiss = import_faiss()
+    lay = _Layout.read(path)
+    q = np.ascontiguousarray(q, np.float32)
+    if q.ndim != 2 or q.shape[1] != lay.d:
+        raise UsageError(f"expected (Q, {lay.d}) queries, got {q.shape}")
+    nq = len(q)
+    ip = lay.metric == 0
+    worst = -np.inf if ip else np.inf
+    if lay.base is None:  # exact scan merged in a heap (FAISS's heap keeps the smallest values)
+        heap = faiss.ResultHeap(nq, k)
+        for start, block in _vector_chunks(path, lay, chunk_rows):
+            kk = min(k, len(block))
+            dist, lab = faiss.knn(q, block, kk, metric=faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2)
+            if kk < k:
+                dist = np.hstack([dist, np.full((nq, k - kk), worst, np.float32)])
+                lab = np.hstack([lab, np.full((nq, k - kk), -1, np.int64)])
+            heap.add_result(np.ascontiguousarray(-dist if ip else dist, np.float32),
+                            np.ascontiguousarray(np.where(lab >= 0, lab + start, -1), np.int64))
+        heap.finalize()
+        return (-heap.D if ip else heap.D), heap.I
+    k_base = int(k * (lay.k_factor or 1))
+    _, cand = lay.base.search(q, k_base)
+    dist = np.full(cand.shape, worst, np.float32)
+    flat = cand.reshape(-1)
+    pos = np.flatnonzero(flat >= 0)
+    pos = pos[np.argsort(flat[pos], kind="stable")]  # candidate pairs in stored-vector order
+    rows = flat[pos]
+    lo = 0
+    for start, block in _vector_chunks(path, lay, chunk_rows):
+        hi = int(np.searchsorted(rows, start + len(block)))
+        if hi > lo:
+            sel = pos[lo:hi]
+            vec = block[rows[lo:hi] - start]
+            qs = q[sel // k_base]
+            dist.reshape(-1)[sel] = (np.einsum("ij,ij->i", qs, vec) if ip else
+                                     np.einsum("ij,ij->i", qs - vec, qs - vec))
+        lo = hi
+    order = np.argsort(-dist if ip else dist, axis=1, kind="stable")[:, :k]
+    out_d = np.take_along_axis(dist, order, axis=1)
+    out_i = np.take_along_axis(cand, order, axis=1)
+    if out_i.shape[1] < k:
+        out_d = np.hstack([out_d, np.full((nq, k - out_i.shape[1]), worst, np.float32)])
+        out_i = np.hstack([out_i, np.full((nq, k - out_i.shape[1]), -1, np.int64)])
+    return out_d, out_i
+
+
+def _vector_chunks(path: str | os.PathLike[str], lay: _Layout, chunk_rows: int):
+    """``(first row, (rows, D) float32)`` blocks of the file's stored vectors, read in order."""
+    with open(path, "rb") as f:
+        f.seek(lay.vectors_at)
+        for start in range(0, lay.ntotal, chunk_rows):
+            n = min(chunk_rows, lay.ntotal - start)
+            buf = np.empty((n, lay.d), np.float32)
+            if f.readinto(memoryview(buf).cast("B")) != buf.nbytes:
+                raise UsageError(f"{Path(path).name}: the file ends inside its stored vectors")
+            yield start, buf
 
 
 def _read_at(path: Path, offset: int, n: int) -> bytes:

@@ -43,6 +43,7 @@ __all__ = [
     "index_file_path",
     "publish_index_file",
     "read_idmap",
+    "read_idmap_table",
     "KnnGraphWriter",
     "IdmapWriter",
     "read_knn_graph",
@@ -156,13 +157,18 @@ def publish_index_file(adir: Path, tmp: Path) -> dict[str, Any]:
     return _entry(name, size, digest, role="index")
 
 
-def read_idmap(adir: Path, manifest: dict[str, Any]) -> pd.DataFrame:
-    """The verified id map as a DataFrame sorted by ``row``."""
+def read_idmap_table(adir: Path, manifest: dict[str, Any]) -> pa.Table:
+    """The verified id map as an Arrow table sorted by ``row`` (no Python object per row)."""
     entry = file_with_role(manifest, "idmap")
     if entry is None:
         raise StoreError(f"index artefact {adir} lists no id map; rebuild it with `convlens index --rebuild`")
     path = _verified(Path(adir), entry, "id map")
-    return pq.read_table(path).to_pandas().sort_values("row", kind="stable").reset_index(drop=True)
+    return pq.read_table(path).sort_by("row")
+
+
+def read_idmap(adir: Path, manifest: dict[str, Any]) -> pd.DataFrame:
+    """The verified id map as a DataFrame sorted by ``row``."""
+    return read_idmap_table(adir, manifest).to_pandas()
 
 
 class _ParquetStream:

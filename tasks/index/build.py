@@ -20,11 +20,12 @@ threshold (or into another ``nlist``) gets a new, full build. ``--factory Flat``
 Memory contract: O(train sample x D) for training plus O(batch_rows x D) while streaming rows. ``Flat`` and
 ``<base>,RFlat`` (the ``auto`` factories) keep their exact vectors in a spool file, not in memory
 (:class:`tasks.core.faiss_files.StreamedIndex`; the published file is byte-identical to FAISS's own writer's): the
-build holds only the base index of an ``RFlat`` (PQ codes + ids, N x (m/2 + 8) bytes: ~40 MB at 1M rows). A full
-feature-space build streams the id map to its Parquet file with the vectors; an incremental update, the pixel
-space and other factories (IVF-Flat, HNSW, ...) still hold the rows' records (path, id, label, split), and other
-factories their index, in memory. Measured at 1M x 512 (``auto``): peak RSS 892 MiB (was 3,236 MiB with the
-re-rank store in memory), the same index file.
+build holds only the base index of an ``RFlat`` (PQ codes + ids, N x (m/2 + 8) bytes: ~40 MB at 1M rows). The id
+map is streamed to its Parquet file in every mode. An incremental update also holds the previous id map and the
+feature table's records (path, id, label, split) as Arrow columns, and their ``path NUL image_id`` keys (~300 B
+per row in all); the pixel space holds the records as a DataFrame; other factories (IVF-Flat, HNSW, ...) hold
+their whole index. Measured at 1M x 512 (``auto``, docs/scaling.md): a full build peaks at 892 MiB (was 3,236 MiB
+with the re-rank store in memory) and writes the same index file.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from storage.atomic import TMP_PREFIX
 from storage.errors import StoreError, UsageError
@@ -48,8 +51,7 @@ from storage.index_store import (
     index_file_path,
     publish_index_file,
     publish_index_manifest,
-    read_idmap,
-    write_idmap,
+    read_idmap_table,
 )
 from storage.locks import artefact_lock
 from storage.manifest import CODE_VERSION, MANIFEST_NAME, read_manifest
@@ -163,15 +165,12 @@ def _sample_positions(wanted: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def _add_rows(cfg: IndexConfig, index, metric: str, fdir: Path, fman: dict[str, Any], meta: pd.DataFrame | None,
-              wanted: np.ndarray, first_row: int,
-              idmap_out: IdmapWriter | None = None) -> tuple[int, pd.DataFrame | None, list[tuple[str, str]]]:
-    """Add the wanted feature-table rows to ``index`` (a FAISS index or a :class:`StreamedIndex`); return ``(rows
-    added, their id-map rows, unreadable files)``. With ``idmap_out`` the id-map rows are streamed to it instead
-    (and None is returned for them)."""
-    recs: list[pd.DataFrame] = []
+              wanted: np.ndarray, first_row: int, idmap_out: IdmapWriter) -> tuple[int, list[tuple[str, str]]]:
+    """Add the wanted feature-table rows to ``index`` (a FAISS index or a :class:`StreamedIndex`) and their id-map
+    rows to ``idmap_out``; return ``(rows added, unreadable files)``."""
     failures: list[tuple[str, str]] = []
     row = first_row
-    for pos, vecs, records, fails in _iter_rows(cfg, fdir, fman, meta, wanted):
+    for pos, vecs, recs, fails in _iter_rows(cfg, fdir, fman, meta, wanted):
         failures.extend(fails)
         if not len(pos):
             continue
@@ -180,17 +179,31 @@ def _add_rows(cfg: IndexConfig, index, metric: str, fdir: Path, fman: dict[str, 
             index.add(x)
         else:
             add_vectors(index, x)
-        if idmap_out is not None:
-            idmap_out.add(row, records)
-        else:
-            part = records[list(IDMAP_COLUMNS[1:])].copy()
-            part.insert(0, "row", np.arange(row, row + len(pos), dtype=np.int64))
-            recs.append(part)
+        idmap_out.add(row, recs)
         row += len(pos)
-    if idmap_out is not None:
-        return row - first_row, None, failures
-    idmap = pd.concat(recs, ignore_index=True) if recs else pd.DataFrame(columns=list(IDMAP_COLUMNS))
-    return row - first_row, idmap, failures
+    return row - first_row, failures
+
+
+def _row_keys(table: pa.Table) -> pa.Array:
+    """One string per row, ``path NUL image_id``: what identifies a stored row across updates (Arrow, no Python
+    object per row)."""
+    cols = [pc.fill_null(table.column(c).cast(pa.string()), "") for c in ("path", "image_id")]
+    return pc.binary_join_element_wise(*cols, "\x00").combine_chunks()
+
+
+def _write_old_rows(idmap_out: IdmapWriter, old: pa.Table, records: pa.Table, count: int, block: int = 65_536) -> None:
+    """The previous id map's rows (FAISS rows ``0 .. count - 1``) into ``idmap_out``, their labels and splits
+    refreshed from the current feature table by path (they may have been edited), a block at a time."""
+    if old.num_rows != count or not np.array_equal(old.column("row").to_numpy(), np.arange(count)):
+        raise StoreError(f"the id map lists {old.num_rows} rows, the index {count}; rebuild it with "
+                         "`convlens index --rebuild`")
+    at = pc.index_in(old.column("path"), value_set=records.column("path"))
+    for s in range(0, count, block):
+        part = old.slice(s, block)
+        where = at.slice(s, block)
+        part = part.set_column(part.schema.get_field_index("label"), "label", records.column("label").take(where))
+        part = part.set_column(part.schema.get_field_index("split"), "split", records.column("split").take(where))
+        idmap_out.add(s, part)
 
 
 def _feature_rows(fdir: Path, fman: dict[str, Any]) -> int:
@@ -229,11 +242,12 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
             log.info("index %s is up to date with features %s", aid, faid)
             return {**old, "build": {**old.get("build", {}), "mode": "reused"}}
         incremental_possible = bool(old) and not cfg.rebuild and supports_incremental_add(factory)
-        # the records of every row are read only where they are needed: pixel paths, an incremental update's keys;
-        # a full feature-space build streams them from the parts with the vectors
-        meta = (read_feature_table(fdir, fman, list(IDMAP_COLUMNS[1:])).to_pandas()
-                if cfg.space == "pixel" or incremental_possible else None)
-        n = len(meta) if meta is not None else _feature_rows(fdir, fman)
+        # the records of every row are read only where they are needed, as Arrow columns: pixel paths, an
+        # incremental update's keys and labels; a full feature-space build streams them from the parts
+        records = (read_feature_table(fdir, fman, list(IDMAP_COLUMNS[1:]))
+                   if cfg.space == "pixel" or incremental_possible else None)
+        meta = records.to_pandas() if cfg.space == "pixel" and records is not None else None
+        n = records.num_rows if records is not None else _feature_rows(fdir, fman)
         if n == 0:
             raise StoreError(f"feature artefact {faid} has no rows; nothing to index")
         # Flat and <base>,RFlat keep their exact vectors in a spool file, not in memory (tasks.core.faiss_files)
@@ -243,18 +257,17 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
         idmap_old = None
         wanted = np.ones(n, bool)
         if incremental_possible:
-            assert meta is not None
-            idmap_old = read_idmap(adir, old)
-            # hashed (path, image_id) keys, no Python tuple per row
-            old_keys = pd.MultiIndex.from_arrays([idmap_old["path"], idmap_old["image_id"]])
-            new_keys = pd.MultiIndex.from_arrays([meta["path"], meta["image_id"]])
-            if bool(old_keys.isin(new_keys).all()):
+            assert records is not None and old is not None
+            idmap_old = read_idmap_table(adir, old)
+            old_keys, new_keys = _row_keys(idmap_old), _row_keys(records)
+            if pc.all(pc.is_in(old_keys, value_set=new_keys)).as_py() is not False:
                 path = index_file_path(adir, old)
                 index = StreamedIndex.open(path, adir) if stream else read_index_file(path)
-                wanted = ~np.asarray(new_keys.isin(old_keys), bool)
+                wanted = ~pc.is_in(new_keys, value_set=old_keys).to_numpy(zero_copy_only=False)
                 mode = "incremental"
             else:
                 log.info("index %s: stored rows were removed or changed; rebuilding from scratch", aid)
+            del old_keys, new_keys
         trained_on = (old or {}).get("train_rows") if mode == "incremental" else None
         idmap_out: IdmapWriter | None = None
         tmp = adir / f"{TMP_PREFIX}index-{os.getpid()}.faiss"
@@ -279,12 +292,15 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
                 reserve_rows(index, int(index.ntotal) + int(wanted.sum()))
                 index, device = _maybe_gpu(index, cfg.gpu, mode)
             first_row = int(index.ntotal)
-            if mode == "full":
-                idmap_out = IdmapWriter(adir)
-            n_added, added, failures = _add_rows(cfg, index, metric, fdir, fman, meta, wanted, first_row, idmap_out)
-            if cfg.space == "feature" and int(index.ntotal) != first_row + int(wanted.sum()):
-                raise StoreError(f"index {aid}: {int(index.ntotal) - first_row} rows added, {int(wanted.sum())} wanted; "
-                                 "nothing was published")
+            idmap_out = IdmapWriter(adir)
+            if mode == "incremental":
+                assert records is not None and idmap_old is not None
+                _write_old_rows(idmap_out, idmap_old, records, first_row)
+                idmap_old = None
+            n_added, failures = _add_rows(cfg, index, metric, fdir, fman, meta, wanted, first_row, idmap_out)
+            if cfg.space == "feature" and int(index.ntotal) != n:
+                raise StoreError(f"index {aid}: holds {int(index.ntotal)} rows after adding {n_added}, the features "
+                                 f"{n}; nothing was published. Rebuild it with `convlens index --rebuild`")
             core = index.base if isinstance(index, StreamedIndex) else index  # a streamed Flat has no base
             nlist = nlist_of(core) if core is not None else None
             nprobe = cfg.nprobe or (old or {}).get("nprobe") or (default_nprobe(nlist) if nlist else None)
@@ -295,18 +311,8 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
                 cpu = to_cpu(index)
                 finalize_index(cpu, nprobe, k_factor)
                 write_index_file(cpu, tmp)
-            if mode == "incremental":
-                assert meta is not None and added is not None
-                idmap = pd.concat([idmap_old, added], ignore_index=True)
-                # labels / splits may have been edited: refresh them from the current feature table
-                fresh = meta.drop_duplicates("path").set_index("path")
-                idmap["label"] = idmap["path"].map(fresh["label"])
-                idmap["split"] = idmap["path"].map(fresh["split"])
-                idmap_entry = write_idmap(adir, idmap)
-            else:
-                assert idmap_out is not None
-                idmap_entry = idmap_out.close()
-                idmap_out = None
+            idmap_entry = idmap_out.close()
+            idmap_out = None
             files = [publish_index_file(adir, tmp), idmap_entry]
         finally:
             tmp.unlink(missing_ok=True)

@@ -201,6 +201,55 @@ def _stored_index_knn(store: Store, fid: str, fman: dict[str, Any], fdir: Path, 
     return None
 
 
+def _pixel_index(store: Store, fid: str, fman: dict[str, Any]) -> tuple[str, dict[str, Any], Path] | None:
+    """A published pixel-space index of ``fid`` up to date with it (same ``created``) whose stored vectors can be
+    read back (``Flat`` or ``…,RFlat``, the ``auto`` factories), exact first; else None."""
+    for aid, m, adir in sorted(artefacts_of(store, "index", fid), key=lambda t: not t[1].get("exact")):
+        f = str(m.get("factory", "")).replace(" ", "")
+        if (m.get("space") == "pixel" and (m.get("source") or {}).get("created") == fman.get("created")
+                and (f == "Flat" or f.endswith(",RFlat"))):
+            return aid, m, adir
+    return None
+
+
+def _stored_pixel_knn(found: tuple[str, dict[str, Any], Path], path_rows: dict[str, int], queries: np.ndarray,
+                      k: int) -> tuple[np.ndarray, str] | None:
+    """Pixel-space neighbours of ``queries`` from a stored pixel index (:func:`_pixel_index`): each query's own
+    stored pixel vector searched in the file with the vectors read as a stream. A query the index does not hold
+    (its image did not decode when the index was built) gets none (``-1``). Returns ``(rows, caption)``, or None
+    when the index cannot be read."""
+    from storage.index_store import index_file_path, read_idmap
+    from tasks.core.faiss_files import read_vectors, search_file
+
+    aid, m, adir = found
+    try:
+        path = index_file_path(adir, m)
+        idmap = read_idmap(adir, m)
+    except (StoreError, ValueError) as exc:
+        log.warning("cannot use the pixel index %s: %s", aid, exc)
+        return None
+    n = len(path_rows)
+    rows = idmap["path"].map(path_rows)
+    ok = rows.notna().to_numpy()
+    to_table = np.full(int(m.get("rows") or len(idmap)), -1, np.int64)
+    to_table[idmap["row"].to_numpy()[ok]] = rows[ok].astype(np.int64).to_numpy()
+    to_index = np.full(n, -1, np.int64)
+    to_index[to_table[to_table >= 0]] = np.flatnonzero(to_table >= 0)
+    out = np.full((len(queries), k), -1, np.int64)
+    held = np.flatnonzero(to_index[queries] >= 0)
+    if len(held) and k > 0:
+        q = read_vectors(path, to_index[queries[held]])
+        _, i = search_file(path, q, k + 1)
+        t = np.where(i >= 0, to_table[np.maximum(i, 0)], -1)
+        t = np.where(t == queries[held][:, None], -1, t)  # self
+        order = np.argsort(t < 0, axis=1, kind="stable")[:, :k]
+        out[held] = np.take_along_axis(t, order, axis=1)
+    px = m.get("pixel_size") or "?"
+    what = "L2" if m.get("metric") == "l2" else "cosine"
+    log.info("pixel neighbours searched in the stored pixel index %s", aid)
+    return out, f"stored pixel index: {what} on {px}×{px} RGB, {_index_label(m)}"
+
+
 def _stored_knn(store: Store, fid: str, path_rows: dict[str, int], queries: np.ndarray,
                 k: int) -> tuple[np.ndarray, str] | None:
     """Feature-space neighbours from a published kNN graph of a feature-space index built on ``fid``.
@@ -251,33 +300,45 @@ def _takes_k(fn: Callable[..., Any]) -> bool:
         return False
 
 
-def _decode_all(root: str | None, paths: list[str], order: np.ndarray, opts: ReportOptions, must: set[int]
-                ) -> tuple[dict[int, str], np.ndarray, np.ndarray]:
-    """Decode every image (``root`` + ``paths[i]``) once in a thread pool: pixel vectors for all rows, thumbnails
-    within the byte budget.
+def _decode_all(root: str | None, paths: list[str], order: np.ndarray, opts: ReportOptions, must: set[int],
+                all_rows: bool = True) -> tuple[dict[int, str], np.ndarray | None, np.ndarray]:
+    """Decode images (``root`` + ``paths[i]``) once in a thread pool: thumbnails within the byte budget and, with
+    ``all_rows``, every image for its pixel vector (the report's own pixel-space search).
 
-    ``order`` is the priority order of rows; rows in ``must`` always get a thumbnail. Returns
-    ``(thumbs {row: data uri}, pixels (N, P) uint8, has_pixels (N,) bool)``.
+    ``order`` is the priority order of rows; rows in ``must`` always get a thumbnail. Without ``all_rows`` (a
+    stored pixel index answers the pixel-space search) decoding stops once the budget is spent and every ``must``
+    row is done: a thumbnail budget's worth of images, not every image of a million-row table. Returns
+    ``(thumbs {row: data uri}, pixels (N, P) uint8 or None, has_pixels (N,) bool)``.
     """
     n = len(paths)
     pdim = opts.pixel_px * opts.pixel_px * 3
-    pixels = np.zeros((n, pdim), np.uint8)
+    pixels = np.zeros((n, pdim), np.uint8) if all_rows else None
     has = np.zeros(n, bool)
     thumbs: dict[int, str] = {}
     used = 0
+    todo_must = len(must)
+    budget_hit = False
 
     def work(i: int) -> tuple[int, str | None, np.ndarray | None]:
         uri, pix = thumbnail(root, paths[i], opts.thumb_px, opts.pixel_px, opts.thumb_quality)
         return i, uri, pix
 
+    step = max(1, len(order)) if all_rows else max(16, 4 * max(1, opts.workers))
     with ThreadPoolExecutor(max_workers=max(1, opts.workers)) as pool:
-        for i, uri, pix in pool.map(work, order.tolist(), chunksize=64):
-            if pix is not None:
-                pixels[i] = pix
-                has[i] = True
-            if uri is not None and (i in must or used + len(uri) <= opts.thumb_budget_bytes):
-                thumbs[i] = uri
-                used += len(uri)
+        for start in range(0, len(order), step):
+            for i, uri, pix in pool.map(work, order[start:start + step].tolist(), chunksize=64 if all_rows else 1):
+                todo_must -= i in must
+                if pix is not None:
+                    has[i] = True
+                    if pixels is not None:
+                        pixels[i] = pix
+                if uri is not None and (i in must or used + len(uri) <= opts.thumb_budget_bytes):
+                    thumbs[i] = uri
+                    used += len(uri)
+                elif uri is not None:
+                    budget_hit = True
+            if not all_rows and todo_must <= 0 and budget_hit:
+                break
     return thumbs, pixels, has
 
 
@@ -424,7 +485,10 @@ def build_report(store: str | Path, features_id: str | None = None, compare: str
     order = np.r_[np.array(sorted(needed), np.int64), rng.permutation(n)]
     _, first = np.unique(order, return_index=True)
     order = order[np.sort(first)]
-    thumbs, pixels, has_pix = _decode_all(root, paths_text, order, opts, needed)
+    # a stored pixel index up to date with the features answers the pixel-space search: decode a thumbnail
+    # budget's worth of images then, not every image (a million decodes per report)
+    pix_index = _pixel_index(s, fid, fman) if opts.k > 0 and n > 1 else None
+    thumbs, pixels, has_pix = _decode_all(root, paths_text, order, opts, needed, all_rows=pix_index is None)
     timings["thumbnails"] = time.perf_counter() - t4
 
     # neighbours: feature space (stored kNN graph or exact FAISS) and pixel space (exact L2 on pixel vectors)
@@ -438,6 +502,7 @@ def build_report(store: str | Path, features_id: str | None = None, compare: str
     k = min(opts.k, max(n - 1, 0))
     nbr_feat = nbr_pix = np.zeros((len(queries), 0), np.int64)
     knn_source = "none"
+    pix_source = "exact L2 on 16×16 RGB thumbnails"
     if k > 0:
         # a stored kNN graph, else a stored index up to date with these features, else an exact streamed search
         stored_nb = _stored_knn(s, fid, path_rows, queries, k) or _stored_index_knn(s, fid, fman, fdir, path_rows, queries, k)
@@ -445,7 +510,13 @@ def build_report(store: str | Path, features_id: str | None = None, compare: str
             nbr_feat, knn_source = stored_nb
         else:
             nbr_feat, knn_source = feature_knn(fdir, fman, queries, k), "exact cosine kNN (FAISS, computed for this report)"
-        nbr_pix = pixel_knn(pixels, has_pix, queries, k)  # unreadable images never appear as neighbours
+        stored_pix = _stored_pixel_knn(pix_index, path_rows, queries, k) if pix_index is not None else None
+        if stored_pix is not None:
+            nbr_pix, pix_source = stored_pix
+        else:
+            if pixels is None:  # the pixel index could not be read after all: decode every image
+                _, pixels, has_pix = _decode_all(root, paths_text, order, opts, needed)
+            nbr_pix = pixel_knn(pixels, has_pix, queries, k)  # unreadable images never appear as neighbours
     timings["neighbours"] = time.perf_counter() - t5
 
     colorings = _colorings(meta, names, acc, flags)
@@ -461,6 +532,7 @@ def build_report(store: str | Path, features_id: str | None = None, compare: str
         "pred": [clean_text(x) if x is not None else "" for x in names],
         "q": queries.tolist(), "k": int(nbr_feat.shape[1]) if nbr_feat.ndim == 2 else 0,
         "nf": nbr_feat.reshape(-1).tolist(), "np": nbr_pix.reshape(-1).tolist(), "knn_source": knn_source,
+        "pix_source": pix_source,
     }
     sections = _sections(summary, acc, maps, audit_cards, attr_cards, neuron_cards, drift, flags, images)
     timings["total"] = time.perf_counter() - t0

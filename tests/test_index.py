@@ -283,6 +283,11 @@ def test_search_file_streams_the_vectors_with_faiss_results(tmp_path: Path, fact
         d1, i1 = search_file(path, q, k, chunk_rows=700)  # chunks that split the rows unevenly
         np.testing.assert_allclose(d1, d0, rtol=1e-4, atol=1e-4)
         assert (i1 == i0).mean() > 0.99  # the same rows up to float ties
+    from tasks.core.faiss_files import read_vectors
+
+    np.testing.assert_array_equal(read_vectors(path, [2999, 5, 5, 0]), x[[2999, 5, 5, 0]])  # as added
+    with pytest.raises(ValueError, match="rows must be in"):
+        read_vectors(path, [3000])
     few = new_index(32, factory if factory == "Flat" else "Flat", metric)
     few.add(x[:3])
     faiss.write_index(few, str(tmp_path / "few.faiss"))

@@ -246,6 +246,83 @@ def test_feature_neighbours_come_from_a_stored_index_up_to_date_with_the_feature
     assert (neighbours(ctx) == exact).all()
 
 
+def test_pixel_neighbours_come_from_a_stored_pixel_index_and_only_thumbnails_are_decoded(hs, tmp_path, monkeypatch):
+    """With a pixel index up to date with the features the report takes pixel-space neighbours from the index:
+    the exact L2 neighbours of each image's stored 32 x 32 pixel vector; an image the index does not hold gets
+    none. (That it then decodes only a thumbnail budget's worth of images: the next test.)"""
+    import shutil
+
+    import reports.render as render
+    from storage.features import load_features
+    from storage.paths import Store
+    from tasks.core.pixels import pixel_vectors
+    from tasks.index.build import IndexConfig, build_index
+
+    store = tmp_path / "pix"
+    shutil.copytree(hs["store"], store)
+    meta, _ = load_features(Store(store).artefact_dir("features", hs["a"]))
+    n = len(meta)
+    decoded: list[str] = []
+    real = render.thumbnail
+
+    def counting(root, path, *a, **kw):
+        decoded.append(path)
+        return real(root, path, *a, **kw)
+
+    monkeypatch.setattr(render, "thumbnail", counting)
+    opts = render.ReportOptions(k=3, thumb_budget_bytes=1, workers=1)
+    ctx = render.build_report(store, hs["a"], options=opts)
+    assert len(decoded) == n  # no pixel index: every image, for the report's own pixel search
+    assert json.loads(ctx["points_json"])["pix_source"] == "exact L2 on 16×16 RGB thumbnails"
+    m = build_index(IndexConfig(store=str(store), artefact=hs["a"], space="pixel"))
+    decoded.clear()
+    ctx = render.build_report(store, hs["a"], options=opts)
+    pts = json.loads(ctx["points_json"])
+    assert pts["pix_source"] == "stored pixel index: L2 on 32×32 RGB, exact, Flat"
+    root = Store(store).resolve("features", hs["a"])[1]["dataset_root"]
+    paths = [str(p) for p in meta["path"]]
+    vecs, ok, _fails = pixel_vectors(root, paths)
+    full = np.zeros((n, vecs.shape[1]), np.float32)
+    full[ok] = vecs
+    got = np.array(pts["np"]).reshape(len(pts["q"]), 3)
+    assert m["rows"] == int(ok.sum())
+    for qi, r in enumerate(pts["q"]):
+        if not ok[r]:
+            assert (got[qi] == -1).all()
+            continue
+        d = ((full - full[r]) ** 2).sum(1)
+        d[~ok] = np.inf
+        d[r] = np.inf
+        np.testing.assert_allclose(np.sort(d[got[qi][got[qi] >= 0]]), np.sort(d)[:3][: int((got[qi] >= 0).sum())], rtol=1e-4)
+    # a row the index does not hold (an image that did not decode when it was built) gets no pixel neighbours
+    found = render._pixel_index(Store(store), hs["a"], Store(store).resolve("features", hs["a"])[1])
+    rows = {p: i for i, p in enumerate(paths)} | {"never/indexed.png": n}
+    nb, caption = render._stored_pixel_knn(found, rows, np.array([0, n]), 3)
+    assert (nb[1] == -1).all() and (nb[0] >= 0).all() and caption == pts["pix_source"]
+
+
+def test_decoding_stops_at_the_thumbnail_budget_when_no_pixel_vectors_are_needed(monkeypatch):
+    import reports.render as render
+
+    calls: list[int] = []
+
+    def fake(root, path, *a, **kw):
+        calls.append(int(path))
+        return "x" * 10, np.zeros(12, np.uint8)
+
+    monkeypatch.setattr(render, "thumbnail", fake)
+    opts = render.ReportOptions(thumb_budget_bytes=55, workers=1, pixel_px=2)
+    paths = [str(i) for i in range(1000)]
+    order = np.r_[[990, 991], np.arange(1000)]
+    order = order[np.sort(np.unique(order, return_index=True)[1])]
+    thumbs, pixels, has = render._decode_all(None, paths, order, opts, {990, 991}, all_rows=False)
+    assert pixels is None and {990, 991} <= set(thumbs) and len(thumbs) == 2 + 3  # 3 more fit in 55 - 20 bytes
+    assert len(calls) <= 32 and has.sum() == len(calls)  # a chunk or two, not 1,000 decodes
+    calls.clear()
+    thumbs, pixels, has = render._decode_all(None, paths, order, opts, {990, 991}, all_rows=True)
+    assert len(calls) == 1000 and pixels is not None and has.all() and len(thumbs) == 5
+
+
 # ---- curated views (attribution gallery, dataset-audit findings, neurons) ----
 
 _HEX64 = re.compile(r"\b[0-9a-f]{64}\b")

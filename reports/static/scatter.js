@@ -336,7 +336,7 @@
         panel.appendChild(H.text("p", "Neighbours were not embedded for this point (the report samples neighbour queries above its limit).", "hint"));
         return;
       }
-      [["Feature space (" + P.knn_source + ")", P.nf, "feature"], ["Pixel space (exact L2 on 16×16 RGB thumbnails)", P.np, "pixel"]].forEach(function (spec) {
+      [["Feature space (" + P.knn_source + ")", P.nf, "feature"], ["Pixel space (" + (P.pix_source || "exact L2 on 16×16 RGB thumbnails") + ")", P.np, "pixel"]].forEach(function (spec) {
         var rowEl = document.createElement("div"); rowEl.className = "nb-row"; rowEl.setAttribute("data-space", spec[2]);
         rowEl.appendChild(H.text("h4", spec[0]));
         var gal = document.createElement("div"); gal.className = "gallery";

@@ -33,7 +33,7 @@ import numpy as np
 from storage.errors import UsageError
 from tasks.core.faiss_index import finalize_index, import_faiss, to_cpu, to_device
 
-__all__ = ["StreamedIndex", "search_file", "streamable"]
+__all__ = ["StreamedIndex", "read_vectors", "search_file", "streamable"]
 
 _HEADER = struct.Struct("<iqqqBi")
 _DUMMY = 1 << 20
@@ -269,6 +269,23 @@ def search_file(path: str | os.PathLike[str], q: np.ndarray, k: int,
         out_d = np.hstack([out_d, np.full((nq, k - out_i.shape[1]), worst, np.float32)])
         out_i = np.hstack([out_i, np.full((nq, k - out_i.shape[1]), -1, np.int64)])
     return out_d, out_i
+
+
+def read_vectors(path: str | os.PathLike[str], rows: np.ndarray) -> np.ndarray:
+    """``(len(rows), D) float32``: the stored vectors of index rows ``rows`` of a ``Flat`` / ``…,RFlat`` file (as
+    they were added: normalised for a cosine index), read row by row (never mapped). Raises ``UsageError`` for a
+    row out of range or another file."""
+    lay = _Layout.read(path)
+    rows = np.asarray(rows, np.int64)
+    if len(rows) and (rows.min() < 0 or rows.max() >= lay.ntotal):
+        raise UsageError(f"{Path(path).name}: rows must be in [0, {lay.ntotal})")
+    out = np.empty((len(rows), lay.d), np.float32)
+    size = lay.d * 4
+    with open(path, "rb") as f:
+        for j in np.argsort(rows, kind="stable"):  # in file order
+            f.seek(lay.vectors_at + int(rows[j]) * size)
+            f.readinto(memoryview(out[j]).cast("B"))
+    return out
 
 
 def _vector_chunks(path: str | os.PathLike[str], lay: _Layout, chunk_rows: int):

@@ -160,7 +160,7 @@ def _stored_index_knn(store: Store, fid: str, fman: dict[str, Any], fdir: Path, 
     (:func:`tasks.core.faiss_files.search_file`), others through a read-only map of the file. A million-row table's exact search costs minutes
     (20k queries x 1M x 512: ~400 s on 2 cores), the index a few seconds. Returns ``((len(queries), k) rows,
     label)`` or None when no such index answers every query with ``k`` neighbours."""
-    from storage.index_store import index_file_path, read_idmap
+    from storage.index_store import index_file_path
     from tasks.core.faiss_files import search_file
     from tasks.core.faiss_index import import_faiss, read_index_file
 
@@ -174,15 +174,10 @@ def _stored_index_knn(store: Store, fid: str, fman: dict[str, Any], fdir: Path, 
             continue
         try:
             path = index_file_path(adir, m)
-            idmap = read_idmap(adir, m)
+            to_table = _index_to_table(adir, m, path_rows)
         except (StoreError, ValueError, RuntimeError) as exc:
             log.warning("cannot use the index %s: %s", aid, exc)
             continue
-        to_table = np.full(n, -1, np.int64)
-        rows = idmap["path"].map(path_rows)
-        ok = rows.notna().to_numpy()
-        to_table[idmap["row"].to_numpy()[ok]] = rows[ok].astype(np.int64).to_numpy()
-        del idmap, rows
         q = feature_rows(fdir, fman, queries)
         import_faiss().normalize_L2(q)
         try:  # Flat / RFlat (the auto factories): the stored vectors streamed, not mapped (2 GB at 1M x 512)
@@ -218,21 +213,17 @@ def _stored_pixel_knn(found: tuple[str, dict[str, Any], Path], path_rows: dict[s
     stored pixel vector searched in the file with the vectors read as a stream. A query the index does not hold
     (its image did not decode when the index was built) gets none (``-1``). Returns ``(rows, caption)``, or None
     when the index cannot be read."""
-    from storage.index_store import index_file_path, read_idmap
+    from storage.index_store import index_file_path
     from tasks.core.faiss_files import read_vectors, search_file
 
     aid, m, adir = found
     try:
         path = index_file_path(adir, m)
-        idmap = read_idmap(adir, m)
+        to_table = _index_to_table(adir, m, path_rows)
     except (StoreError, ValueError) as exc:
         log.warning("cannot use the pixel index %s: %s", aid, exc)
         return None
     n = len(path_rows)
-    rows = idmap["path"].map(path_rows)
-    ok = rows.notna().to_numpy()
-    to_table = np.full(int(m.get("rows") or len(idmap)), -1, np.int64)
-    to_table[idmap["row"].to_numpy()[ok]] = rows[ok].astype(np.int64).to_numpy()
     to_index = np.full(n, -1, np.int64)
     to_index[to_table[to_table >= 0]] = np.flatnonzero(to_table >= 0)
     out = np.full((len(queries), k), -1, np.int64)
@@ -250,39 +241,50 @@ def _stored_pixel_knn(found: tuple[str, dict[str, Any], Path], path_rows: dict[s
     return out, f"stored pixel index: {what} on {px}×{px} RGB, {_index_label(m)}"
 
 
-def _stored_knn(store: Store, fid: str, path_rows: dict[str, int], queries: np.ndarray,
+def _stored_knn(store: Store, fid: str, fman: dict[str, Any], path_rows: dict[str, int], queries: np.ndarray,
                 k: int) -> tuple[np.ndarray, str] | None:
-    """Feature-space neighbours from a published kNN graph of a feature-space index built on ``fid``.
+    """Feature-space neighbours from a published kNN graph of a feature-space index built on ``fid`` and up to
+    date with it (same ``created``).
 
-    The graph's ``path`` / ``neighbor_path`` are mapped to feature-table rows (FAISS row numbers need not equal
-    them). Returns ``((len(queries), k) rows, label)``, or None when no graph covers every query with ``k``
-    neighbours.
+    The graph is streamed a row group at a time, numeric columns only (``row, rank, neighbor_row``: the 10M edges
+    of a 1M-row graph as pandas strings took 6.5 GB), keeping the queries' edges; FAISS rows are mapped to
+    feature-table rows through the index's id map. Returns ``((len(queries), k) rows, label)``, or None when no
+    graph covers every query with ``k`` neighbours.
     """
-    try:
-        from storage.index_store import read_knn_graph
-    except ImportError:
-        return None
+    import pyarrow.parquet as pq
+
+    from storage.index_store import knn_graph_file
+
     n = len(path_rows)
     kk = min(k, n - 1)
     for aid, m, adir in artefacts_of(store, "index", fid):
-        if m.get("space", "feature") != "feature":
-            continue
-        if not any(e.get("role") == "knn" and int(e.get("k", 0)) >= kk for e in m.get("files", [])):
+        if (m.get("space", "feature") != "feature" or (m.get("source") or {}).get("created") != fman.get("created")
+                or not any(e.get("role") == "knn" and int(e.get("k", 0)) >= kk for e in m.get("files", []))):
             continue
         try:
-            g = read_knn_graph(adir, m, kk) if _takes_k(read_knn_graph) else read_knn_graph(adir, m)
-        except (StoreError, TypeError, ValueError, KeyError) as exc:
+            path, _k = knn_graph_file(adir, m, kk)
+            to_table = _index_to_table(adir, m, path_rows)
+            pf = pq.ParquetFile(path)
+        except (StoreError, ValueError, OSError) as exc:
             log.warning("cannot use the kNN graph of %s: %s", aid, exc)
             continue
-        if not {"path", "rank", "neighbor_path"} <= set(g.columns):
+        if not {"row", "rank", "neighbor_row"} <= set(pf.schema_arrow.names):
             continue
-        g = g[g["rank"] <= kk]
-        table = np.full((n, kk), -1, np.int64)
-        r = g["path"].map(path_rows)
-        c = g["neighbor_path"].map(path_rows)
-        ok = r.notna() & c.notna()
-        table[r[ok].astype(np.int64).to_numpy(), g["rank"][ok].astype(np.int64).to_numpy() - 1] = c[ok].astype(np.int64).to_numpy()
-        out = table[queries]
+        to_table_rows = np.full(len(to_table), -1, np.int64)  # FAISS row -> position among the queries
+        held = to_table >= 0
+        qpos = np.full(n, -1, np.int64)
+        qpos[queries] = np.arange(len(queries))
+        to_table_rows[held] = qpos[to_table[held]]
+        out = np.full((len(queries), kk), -1, np.int64)
+        for batch in pf.iter_batches(batch_size=1 << 20, columns=["row", "rank", "neighbor_row"]):
+            r = batch.column(0).to_numpy()
+            rank = batch.column(1).to_numpy()
+            nb = batch.column(2).to_numpy()
+            ok = (r >= 0) & (r < len(to_table)) & (rank >= 1) & (rank <= kk) & (nb >= 0) & (nb < len(to_table))
+            r, rank, nb = r[ok], rank[ok], nb[ok]
+            at = to_table_rows[r]
+            sel = at >= 0
+            out[at[sel], rank[sel] - 1] = to_table[nb[sel]]
         if (out < 0).any():
             log.warning("kNN graph of %s does not cover every image (stale?); computing neighbours instead", aid)
             continue
@@ -291,13 +293,18 @@ def _stored_knn(store: Store, fid: str, path_rows: dict[str, int], queries: np.n
     return None
 
 
-def _takes_k(fn: Callable[..., Any]) -> bool:
-    import inspect
+def _index_to_table(adir: Path, m: dict[str, Any], path_rows: dict[str, int]) -> np.ndarray:
+    """``(index rows,) int64``: the feature-table row of each FAISS row of an index (by its id map's paths), -1
+    for a row whose path the table no longer has."""
+    from storage.index_store import read_idmap_table
 
-    try:
-        return "k" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+    idmap = read_idmap_table(adir, m)
+    rows = idmap.column("path").to_pandas().map(path_rows)
+    ok = rows.notna().to_numpy()
+    ids = idmap.column("row").to_numpy()
+    to_table = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, np.int64)
+    to_table[ids[ok]] = rows[ok].astype(np.int64).to_numpy()
+    return to_table
 
 
 def _decode_all(root: str | None, paths: list[str], order: np.ndarray, opts: ReportOptions, must: set[int],
@@ -505,7 +512,7 @@ def build_report(store: str | Path, features_id: str | None = None, compare: str
     pix_source = "exact L2 on 16×16 RGB thumbnails"
     if k > 0:
         # a stored kNN graph, else a stored index up to date with these features, else an exact streamed search
-        stored_nb = _stored_knn(s, fid, path_rows, queries, k) or _stored_index_knn(s, fid, fman, fdir, path_rows, queries, k)
+        stored_nb = _stored_knn(s, fid, fman, path_rows, queries, k) or _stored_index_knn(s, fid, fman, fdir, path_rows, queries, k)
         if stored_nb is not None:
             nbr_feat, knn_source = stored_nb
         else:

@@ -47,6 +47,7 @@ __all__ = [
     "KnnGraphWriter",
     "IdmapWriter",
     "read_knn_graph",
+    "knn_graph_file",
     "file_with_role",
     "publish_index_manifest",
 ]
@@ -231,6 +232,20 @@ class IdmapWriter(_ParquetStream):
         self._write(pa.table(cols, schema=idmap_schema()))
 
 
+def knn_graph_file(adir: Path, manifest: dict[str, Any], k: int | None = None) -> tuple[Path, int]:
+    """``(verified path, K)`` of the stored kNN graph with the smallest K >= ``k`` (the largest when ``k`` is None),
+    for a reader that streams it (``pyarrow.parquet.ParquetFile.iter_batches``). Raises :class:`StoreError` when
+    none is stored."""
+    graphs = [e for e in manifest.get("files", []) if e.get("role") == "knn"]
+    usable = [e for e in graphs if k is None or int(e.get("k", 0)) >= k]
+    if not usable:
+        have = ", ".join(str(e.get("k")) for e in graphs) or "none"
+        raise StoreError(f"index {Path(adir).name} has no kNN graph with k >= {k} (stored: {have}); "
+                         f"run `convlens neighbors --all -k {k or 10} --store ...`")
+    entry = min(usable, key=lambda e: int(e["k"])) if k is not None else max(usable, key=lambda e: int(e["k"]))
+    return _verified(Path(adir), entry, "kNN graph"), int(entry["k"])
+
+
 def read_knn_graph(adir: Path, manifest: dict[str, Any], k: int | None = None,
                    columns: tuple[str, ...] | None = None) -> pd.DataFrame:
     """A verified kNN graph of the index: the one with exactly ``k`` (or the largest K >= k, cut to ranks <= k).
@@ -239,15 +254,8 @@ def read_knn_graph(adir: Path, manifest: dict[str, Any], k: int | None = None,
 
     Raises :class:`StoreError` when none is stored (build it with ``convlens neighbors --all -k K``).
     """
-    graphs = [e for e in manifest.get("files", []) if e.get("role") == "knn"]
-    usable = [e for e in graphs if k is None or int(e.get("k", 0)) >= k]
-    if not usable:
-        have = ", ".join(str(e.get("k")) for e in graphs) or "none"
-        raise StoreError(f"index {Path(adir).name} has no kNN graph with k >= {k} (stored: {have}); "
-                         f"run `convlens neighbors --all -k {k or 10} --store ...`")
-    entry = min(usable, key=lambda e: int(e["k"])) if k is not None else max(usable, key=lambda e: int(e["k"]))
-    path = _verified(Path(adir), entry, "kNN graph")
-    cut = k is not None and int(entry["k"]) > k
+    path, stored_k = knn_graph_file(adir, manifest, k)
+    cut = k is not None and stored_k > k
     cols = None if columns is None else list(dict.fromkeys([*columns, *(["rank"] if cut else [])]))
     df = pq.read_table(path, columns=cols).to_pandas()
     if cut:

@@ -200,6 +200,14 @@ def test_feature_neighbours_come_from_a_stored_knn_graph(hs, tmp_path):
     _, feats = load_features(Store(store).artefact_dir("features", hs["a"]))
     exact = _knn_rows(feats, np.arange(len(feats)), 5, "cosine")
     assert (np.sort(np.array(pts["nf"]).reshape(-1, 5), 1) == np.sort(exact, 1)).all()
+    # a graph of an index built from other features (an older `created`) is not used
+    from storage.artefacts import artefacts_of
+    from storage.manifest import write_manifest
+
+    for _aid, m, adir in artefacts_of(Store(store), "index", hs["a"]):
+        write_manifest(adir, {**m, "source": {**m["source"], "created": "2000-01-01T00:00:00+00:00"}})
+    ctx = build_report(store, hs["a"], options=ReportOptions(k=5))
+    assert ctx["knn_source"].startswith("exact cosine kNN")
 
 
 def test_feature_neighbours_come_from_a_stored_index_up_to_date_with_the_features(hs, tmp_path):

@@ -330,10 +330,12 @@ def _decode_all(root: str | None, paths: list[str], order: np.ndarray, opts: Rep
         uri, pix = thumbnail(root, paths[i], opts.thumb_px, opts.pixel_px, opts.thumb_quality)
         return i, uri, pix
 
-    step = max(1, len(order)) if all_rows else max(16, 4 * max(1, opts.workers))
+    # in windows: ThreadPoolExecutor.map submits everything at once, and a million futures holding their results
+    # were most of a 1M-row report's peak memory
+    step = 4096 if all_rows else max(16, 4 * max(1, opts.workers))
     with ThreadPoolExecutor(max_workers=max(1, opts.workers)) as pool:
         for start in range(0, len(order), step):
-            for i, uri, pix in pool.map(work, order[start:start + step].tolist(), chunksize=64 if all_rows else 1):
+            for i, uri, pix in pool.map(work, order[start:start + step].tolist()):
                 todo_must -= i in must
                 if pix is not None:
                     has[i] = True

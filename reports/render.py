@@ -537,8 +537,6 @@ def build_report(store: str | Path, features_id: str | None = None, compare: str
         "proj": {name: None for name in projections},
         "color": {name: {"cats": c["cats"], "counts": c["counts"]} for name, c in colorings.items()},
         "palette": list(PALETTE),
-        "path": [clean_text(p) for p in paths_text], "label": labels_txt,
-        "pred": [clean_text(x) if x is not None else "" for x in names],
         "q": queries.tolist(), "k": int(nbr_feat.shape[1]) if nbr_feat.ndim == 2 else 0,
         "nf": nbr_feat.reshape(-1).tolist(), "np": nbr_pix.reshape(-1).tolist(), "knn_source": knn_source,
         "pix_source": pix_source,
@@ -554,6 +552,10 @@ def build_report(store: str | Path, features_id: str | None = None, compare: str
         "n_points": int(n), "n_shown": int(len(shown)), "n_thumbs": len(thumbs), "n_queries": int(len(queries)),
         "knn_source": knn_source,
         "points_json": safe_json(points),
+        # every point's path, label and prediction: a script element of its own that the page parses on first use
+        # (hover, a gallery caption), after the map's first paint (~45 MB of JSON at 1M points)
+        "points_text_json": safe_json({"path": [clean_text(p) for p in paths_text], "label": labels_txt,
+                                       "pred": [clean_text(x) if x is not None else "" for x in names]}),
         "scatter_json": scatter_json(scatter),
         "thumbs_json": safe_json({str(i): u for i, u in thumbs.items()}),
         "timings": {k_: round(v, 3) for k_, v in timings.items()},
@@ -665,6 +667,7 @@ def render_html(ctx: dict[str, Any]) -> str:
         scatter_script=Markup(ctx.get("scatter_json", "null")),
         report_css=Markup(_static("report.css").replace("</style", "<\\/style")),
         points_script=Markup(ctx["points_json"]),
+        points_text_script=Markup(ctx["points_text_json"]),
         thumbs_script=Markup(ctx["thumbs_json"]),
     )
 

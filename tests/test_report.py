@@ -108,12 +108,14 @@ def test_report_file_is_self_contained_and_sections_present(hs, tmp_path):
     assert not re.search(r'(src|href)\s*=\s*"(?!data:|#)', markup)
     assert "Content-Security-Policy" in html and "default-src 'none'" in html
     # the hostile label is escaped everywhere: exactly the report's own 7 script elements close
-    # (per-image table, points, thumbnails, scatter payload, plotly, scatter.js, report.js)
-    assert html.count("</script>") == 7 and SCRIPT_LABEL not in html
+    # (per-image table, points, points' text, thumbnails, scatter payload, plotly, scatter.js, report.js)
+    assert html.count("</script>") == 8 and SCRIPT_LABEL not in html
     assert "<img src=x" not in html
     # embedded JSON is parseable and aligned with the feature rows
     pts = json.loads(re.search(r'<script type="application/json" id="cl-points">(.*?)</script>', html, re.S).group(1))
-    assert pts["n"] == hs["a_manifest"]["rows"] and len(pts["path"]) == pts["n"] and "TSNE" in pts["proj"]
+    text = json.loads(re.search(r'<script type="application/json" id="cl-points-text">(.*?)</script>', html, re.S).group(1))
+    assert pts["n"] == hs["a_manifest"]["rows"] and "TSNE" in pts["proj"] and "path" not in pts
+    assert len(text["path"]) == len(text["label"]) == len(text["pred"]) == pts["n"]
     assert pts["k"] == 6 and len(pts["nf"]) == len(pts["q"]) * 6
     thumbs = json.loads(re.search(r'id="cl-thumbs">(.*?)</script>', html, re.S).group(1))
     assert len(thumbs) == pts["n"] and all(v.startswith("data:image/jpeg;base64,") for v in thumbs.values())

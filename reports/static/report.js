@@ -5,6 +5,16 @@
   var pointsEl = document.getElementById("cl-points");
   var thumbsEl = document.getElementById("cl-thumbs");
   var P = JSON.parse(pointsEl.textContent);
+  /* every point's path / label / prediction come in a script element of their own, parsed on first use (hover,
+     a caption) or once the map has painted: at a million points it is most of the JSON, and the map needs none of it */
+  var textEl = document.getElementById("cl-points-text");
+  var PT = null;
+  function pointText() { if (PT === null) { PT = JSON.parse(textEl.textContent); } return PT; }
+  if (textEl && P.path === undefined) {
+    ["path", "label", "pred"].forEach(function (key) {
+      Object.defineProperty(P, key, { enumerable: true, configurable: true, get: function () { return pointText()[key]; } });
+    });
+  }
   var TH = null;
   function thumbs() { if (TH === null) { TH = JSON.parse(thumbsEl.textContent); } return TH; }
   function thumbOf(row) { var u = thumbs()[String(row)]; return typeof u === "string" && u.indexOf("data:image/") === 0 ? u : null; }
@@ -41,6 +51,7 @@
   window.convlens = api;
   if (gd && P.bin && window.ConvlensScatter) {  // every point, binary payload, WebGL: static/scatter.js
     window.ConvlensScatter.mount(gd, P, api, { thumbOf: thumbOf, describe: describe, text: text });
+    if (textEl) { setTimeout(function () { void P.path; }, 50); }  // parse the text after the first paint
     return;
   }
   if (!gd || typeof Plotly === "undefined") { api.ready = true; return; }

@@ -72,6 +72,10 @@ class ReportOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+DECODE_ALL_WARN_ROWS = 20_000
+"""Above this many rows a report without a stored pixel index says that it decodes every image, and what to do."""
+
+
 def default_report_path(store: str | Path, fid: str) -> Path:
     return Store(store).kind_dir("reports") / f"report-{fid}.html"
 
@@ -497,6 +501,10 @@ def build_report(store: str | Path, features_id: str | None = None, compare: str
     # a stored pixel index up to date with the features answers the pixel-space search: decode a thumbnail
     # budget's worth of images then, not every image (a million decodes per report)
     pix_index = _pixel_index(s, fid, fman) if opts.k > 0 and n > 1 else None
+    if pix_index is None and n > DECODE_ALL_WARN_ROWS:
+        log.warning("no pixel index is up to date with features %s: decoding all %d images for the pixel-space "
+                    "neighbours. `convlens index --space pixel --artefact %s` builds one (the nightly flow keeps it "
+                    "updated); later reports then decode only their thumbnails", fid, n, fid)
     thumbs, pixels, has_pix = _decode_all(root, paths_text, order, opts, needed, all_rows=pix_index is None)
     timings["thumbnails"] = time.perf_counter() - t4
 

@@ -256,7 +256,7 @@ def test_feature_neighbours_come_from_a_stored_index_up_to_date_with_the_feature
     assert (neighbours(ctx) == exact).all()
 
 
-def test_pixel_neighbours_come_from_a_stored_pixel_index_and_only_thumbnails_are_decoded(hs, tmp_path, monkeypatch):
+def test_pixel_neighbours_come_from_a_stored_pixel_index_and_only_thumbnails_are_decoded(hs, tmp_path, monkeypatch, caplog):
     """With a pixel index up to date with the features the report takes pixel-space neighbours from the index:
     the exact L2 neighbours of each image's stored 32 x 32 pixel vector; an image the index does not hold gets
     none. (That it then decodes only a thumbnail budget's worth of images: the next test.)"""
@@ -281,14 +281,19 @@ def test_pixel_neighbours_come_from_a_stored_pixel_index_and_only_thumbnails_are
 
     monkeypatch.setattr(render, "thumbnail", counting)
     opts = render.ReportOptions(k=3, thumb_budget_bytes=1, workers=1)
-    ctx = render.build_report(store, hs["a"], options=opts)
+    monkeypatch.setattr(render, "DECODE_ALL_WARN_ROWS", n - 1)
+    with caplog.at_level("WARNING", logger="reports.render"):
+        ctx = render.build_report(store, hs["a"], options=opts)
     assert len(decoded) == n  # no pixel index: every image, for the report's own pixel search
+    assert f"decoding all {n} images" in caplog.text and "convlens index --space pixel" in caplog.text
+    caplog.clear()
     assert json.loads(ctx["points_json"])["pix_source"] == "exact L2 on 16×16 RGB thumbnails"
     m = build_index(IndexConfig(store=str(store), artefact=hs["a"], space="pixel"))
     decoded.clear()
     ctx = render.build_report(store, hs["a"], options=opts)
     pts = json.loads(ctx["points_json"])
     assert pts["pix_source"] == "stored pixel index: L2 on 32×32 RGB, exact, Flat"
+    assert "decoding all" not in caplog.text
     root = Store(store).resolve("features", hs["a"])[1]["dataset_root"]
     paths = [str(p) for p in meta["path"]]
     vecs, ok, _fails = pixel_vectors(root, paths)

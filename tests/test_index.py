@@ -121,6 +121,19 @@ def test_corrupted_index_names_checksum_mismatch(tmp_path: Path) -> None:
     assert build_index(IndexConfig(store=str(store), rebuild=True))["build"]["mode"] == "full"
 
 
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat,RFlat"])
+def test_gpu_on_without_a_gpu_is_refused_for_streamed_builds_too(tmp_path: Path, factory: str) -> None:
+    from tasks.core.faiss_index import gpu_available
+
+    if gpu_available():
+        pytest.skip("a GPU FAISS sees a GPU here")
+    store = tmp_path / "store"
+    write_feature_artefact(store, np.random.default_rng(3).normal(size=(200, 8)).astype(np.float32))
+    with pytest.raises(ValueError, match="--gpu on, but this FAISS has no GPU support"):
+        build_index(IndexConfig(store=str(store), factory=factory, gpu="on"))
+    assert build_index(IndexConfig(store=str(store), factory=factory, gpu="auto"))["build"]["device"] == "cpu"
+
+
 def test_bad_factory_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from flows.cli import main
 

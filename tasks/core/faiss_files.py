@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from storage.errors import UsageError
-from tasks.core.faiss_index import finalize_index, import_faiss, to_cpu, to_device
+from tasks.core.faiss_index import finalize_index, gpu_available, import_faiss, to_cpu, to_device
 
 __all__ = ["StreamedIndex", "read_vectors", "search_file", "streamable"]
 
@@ -130,6 +130,8 @@ class StreamedIndex:
         has nothing to move (its rows are a file write). Returns ``gpu`` or ``cpu``."""
         if self.base is not None and gpu != "off":
             self.base, self.device = to_device(self.base, gpu)
+        elif gpu == "on" and not gpu_available():  # the same refusal as for any other index
+            to_device(import_faiss().IndexFlatL2(self.d), gpu)
         return self.device
 
     def add(self, x: np.ndarray) -> None:

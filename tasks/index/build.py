@@ -145,7 +145,8 @@ def _iter_rows(cfg: IndexConfig, fdir: Path, fman: dict[str, Any], meta: pd.Data
     root = fman.get("dataset_root")
     if not root:
         raise StoreError(f"feature artefact {fdir.name} records no dataset_root; the pixel index needs the image files")
-    assert meta is not None
+    if meta is None:
+        raise StoreError("the pixel index reads its images from the feature table's paths; none were given")
     pos = np.flatnonzero(wanted)
     paths = meta["path"].tolist()
     for start in range(0, len(pos), cfg.batch_rows):
@@ -241,11 +242,12 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
             index_file_path(adir, old)  # verify: a corrupt index is never reported as up to date
             log.info("index %s is up to date with features %s", aid, faid)
             return {**old, "build": {**old.get("build", {}), "mode": "reused"}}
-        incremental_possible = bool(old) and not cfg.rebuild and supports_incremental_add(factory)
+        # the manifest an incremental update would continue from
+        update_of = old if old and not cfg.rebuild and supports_incremental_add(factory) else None
         # the records of every row are read only where they are needed, as Arrow columns: pixel paths, an
         # incremental update's keys and labels; a full feature-space build streams them from the parts
         records = (read_feature_table(fdir, fman, list(IDMAP_COLUMNS[1:]))
-                   if cfg.space == "pixel" or incremental_possible else None)
+                   if cfg.space == "pixel" or update_of is not None else None)
         meta = records.to_pandas() if cfg.space == "pixel" and records is not None else None
         n = records.num_rows if records is not None else _feature_rows(fdir, fman)
         if n == 0:
@@ -254,17 +256,17 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
         stream = streamable(new_index(dim, factory, metric))
         mode = "full"
         index: Any = None
-        idmap_old = None
+        previous: tuple[pa.Table, pa.Table] | None = None  # an update's (previous id map, current records)
         wanted = np.ones(n, bool)
-        if incremental_possible:
-            assert records is not None and old is not None
-            idmap_old = read_idmap_table(adir, old)
+        if update_of is not None and records is not None:
+            idmap_old = read_idmap_table(adir, update_of)
             old_keys, new_keys = _row_keys(idmap_old), _row_keys(records)
             if pc.all(pc.is_in(old_keys, value_set=new_keys)).as_py() is not False:
-                path = index_file_path(adir, old)
+                path = index_file_path(adir, update_of)
                 index = StreamedIndex.open(path, adir) if stream else read_index_file(path)
                 wanted = ~pc.is_in(new_keys, value_set=old_keys).to_numpy(zero_copy_only=False)
                 mode = "incremental"
+                previous = (idmap_old, records)
             else:
                 log.info("index %s: stored rows were removed or changed; rebuilding from scratch", aid)
             del old_keys, new_keys
@@ -293,10 +295,9 @@ def build_index(cfg: IndexConfig) -> dict[str, Any]:
                 index, device = _maybe_gpu(index, cfg.gpu, mode)
             first_row = int(index.ntotal)
             idmap_out = IdmapWriter(adir)
-            if mode == "incremental":
-                assert records is not None and idmap_old is not None
-                _write_old_rows(idmap_out, idmap_old, records, first_row)
-                idmap_old = None
+            if previous is not None:
+                _write_old_rows(idmap_out, *previous, first_row)
+                previous = None
             n_added, failures = _add_rows(cfg, index, metric, fdir, fman, meta, wanted, first_row, idmap_out)
             if cfg.space == "feature" and int(index.ntotal) != n:
                 raise StoreError(f"index {aid}: holds {int(index.ntotal)} rows after adding {n_added}, the features "

@@ -156,6 +156,22 @@ def _index_label(m: dict[str, Any]) -> str:
     return f"approximate: {f}" + (" candidates, exact re-rank" if f.replace(" ", "").endswith(",RFlat") else "")
 
 
+def _fresh_indexes(store: Store, fid: str, fman: dict[str, Any], space: str) -> list[tuple[str, dict[str, Any], Path]]:
+    """Published ``space`` indexes of ``fid`` built from these very features (same ``created``): exact ones first,
+    then the newest."""
+    return [(aid, m, adir) for aid, m, adir in sorted(artefacts_of(store, "index", fid), key=lambda t: not t[1].get("exact"))
+            if m.get("space", "feature") == space and (m.get("source") or {}).get("created") == fman.get("created")]
+
+
+def _table_neighbours(hits: np.ndarray, to_table: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Index search hits ``(Q, >k)`` -> the first ``k`` feature-table rows per query: FAISS rows mapped through
+    ``to_table``, the query itself and rows the table no longer has dropped, ``-1`` where fewer remain."""
+    t = np.where(hits >= 0, to_table[np.maximum(hits, 0)], -1)
+    t = np.where(t == queries[:, None], -1, t)
+    order = np.argsort(t < 0, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(t, order, axis=1)
+
+
 def _stored_index_knn(store: Store, fid: str, fman: dict[str, Any], fdir: Path, path_rows: dict[str, int],
                       queries: np.ndarray, k: int) -> tuple[np.ndarray, str] | None:
     """Feature-space neighbours of ``queries`` searched in a published cosine feature index of ``fid`` that is up
@@ -170,11 +186,9 @@ def _stored_index_knn(store: Store, fid: str, fman: dict[str, Any], fdir: Path, 
 
     n = len(path_rows)
     kk = min(k, n - 1)
-    # an exact index first, then the newest
-    for aid, m, adir in sorted(artefacts_of(store, "index", fid), key=lambda t: not t[1].get("exact")):
-        src = m.get("source") or {}
-        if (m.get("space", "feature") != "feature" or m.get("metric") != "cosine" or int(m.get("rows") or 0) != n
-                or src.get("created") != fman.get("created")):
+    q = None
+    for aid, m, adir in _fresh_indexes(store, fid, fman, "feature"):
+        if m.get("metric") != "cosine" or int(m.get("rows") or 0) != n:
             continue
         try:
             path = index_file_path(adir, m)
@@ -182,16 +196,14 @@ def _stored_index_knn(store: Store, fid: str, fman: dict[str, Any], fdir: Path, 
         except (StoreError, ValueError, RuntimeError) as exc:
             log.warning("cannot use the index %s: %s", aid, exc)
             continue
-        q = feature_rows(fdir, fman, queries)
-        import_faiss().normalize_L2(q)
+        if q is None:  # read once, whichever index answers
+            q = feature_rows(fdir, fman, queries)
+            import_faiss().normalize_L2(q)
         try:  # Flat / RFlat (the auto factories): the stored vectors streamed, not mapped (2 GB at 1M x 512)
             _, i = search_file(path, q, kk + 1)
         except ValueError:  # another factory: FAISS's own search of the mapped file
             _, i = read_index_file(path, mmap=True).search(q, kk + 1)
-        t = np.where(i >= 0, to_table[np.maximum(i, 0)], -1)
-        t = np.where(t == queries[:, None], -1, t)  # self
-        order = np.argsort(t < 0, axis=1, kind="stable")[:, :kk]
-        out = np.take_along_axis(t, order, axis=1)
+        out = _table_neighbours(i, to_table, queries, kk)
         if (out < 0).any():
             log.warning("index %s does not answer every query with %d neighbours; computing them instead", aid, kk)
             continue
@@ -203,10 +215,9 @@ def _stored_index_knn(store: Store, fid: str, fman: dict[str, Any], fdir: Path, 
 def _pixel_index(store: Store, fid: str, fman: dict[str, Any]) -> tuple[str, dict[str, Any], Path] | None:
     """A published pixel-space index of ``fid`` up to date with it (same ``created``) whose stored vectors can be
     read back (``Flat`` or ``…,RFlat``, the ``auto`` factories), exact first; else None."""
-    for aid, m, adir in sorted(artefacts_of(store, "index", fid), key=lambda t: not t[1].get("exact")):
+    for aid, m, adir in _fresh_indexes(store, fid, fman, "pixel"):
         f = str(m.get("factory", "")).replace(" ", "")
-        if (m.get("space") == "pixel" and (m.get("source") or {}).get("created") == fman.get("created")
-                and (f == "Flat" or f.endswith(",RFlat"))):
+        if f == "Flat" or f.endswith(",RFlat"):
             return aid, m, adir
     return None
 
@@ -235,10 +246,7 @@ def _stored_pixel_knn(found: tuple[str, dict[str, Any], Path], path_rows: dict[s
     if len(held) and k > 0:
         q = read_vectors(path, to_index[queries[held]])
         _, i = search_file(path, q, k + 1)
-        t = np.where(i >= 0, to_table[np.maximum(i, 0)], -1)
-        t = np.where(t == queries[held][:, None], -1, t)  # self
-        order = np.argsort(t < 0, axis=1, kind="stable")[:, :k]
-        out[held] = np.take_along_axis(t, order, axis=1)
+        out[held] = _table_neighbours(i, to_table, queries[held], k)
     px = m.get("pixel_size") or "?"
     what = "L2" if m.get("metric") == "l2" else "cosine"
     log.info("pixel neighbours searched in the stored pixel index %s", aid)
@@ -261,9 +269,8 @@ def _stored_knn(store: Store, fid: str, fman: dict[str, Any], path_rows: dict[st
 
     n = len(path_rows)
     kk = min(k, n - 1)
-    for aid, m, adir in artefacts_of(store, "index", fid):
-        if (m.get("space", "feature") != "feature" or (m.get("source") or {}).get("created") != fman.get("created")
-                or not any(e.get("role") == "knn" and int(e.get("k", 0)) >= kk for e in m.get("files", []))):
+    for aid, m, adir in _fresh_indexes(store, fid, fman, "feature"):
+        if not any(e.get("role") == "knn" and int(e.get("k", 0)) >= kk for e in m.get("files", [])):
             continue
         try:
             path, _k = knn_graph_file(adir, m, kk)

@@ -27,8 +27,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.atomic import TMP_PREFIX, atomic_write_bytes, fsync_dir, sha256_bytes, sha256_file
-from storage.errors import ChecksumError, StoreError, UsageError
+from storage.atomic import TMP_PREFIX, fsync_dir, sha256_bytes, sha256_file
+from storage.errors import ChecksumError, StoreError
 from storage.features import remove_garbage
 from storage.manifest import MANIFEST_NAME, read_manifest, safe_member, write_manifest
 
@@ -37,8 +37,6 @@ __all__ = [
     "KNN_COLUMNS",
     "idmap_schema",
     "knn_schema",
-    "write_index_file",
-    "write_idmap",
     "load_index_bytes",
     "index_file_path",
     "publish_index_file",
@@ -70,36 +68,6 @@ def knn_schema() -> pa.Schema:
 
 def _entry(name: str, data_len: int, digest: str, **extra: Any) -> dict[str, Any]:
     return {"name": name, "bytes": data_len, "sha256": digest, **extra}
-
-
-def write_index_file(adir: Path, data: bytes) -> dict[str, Any]:
-    """Write serialized index bytes as ``index-<sha16>.faiss`` atomically; return its manifest entry."""
-    digest = sha256_bytes(data)
-    name = f"index-{digest[:16]}.faiss"
-    path = Path(adir) / name
-    if not (path.is_file() and path.stat().st_size == len(data)):
-        atomic_write_bytes(path, data)
-    return _entry(name, len(data), digest, role="index")
-
-
-def write_idmap(adir: Path, idmap: pd.DataFrame) -> dict[str, Any]:
-    """Write the id map (columns :data:`IDMAP_COLUMNS`) as ``idmap-<sha16>.parquet``; return its entry."""
-    missing = [c for c in IDMAP_COLUMNS if c not in idmap.columns]
-    if missing:
-        raise UsageError(f"id map lacks columns {missing}")
-    df = idmap[list(IDMAP_COLUMNS)].copy()
-    for c in ("image_id", "path", "label", "split"):
-        df[c] = df[c].astype(object).where(df[c].notna(), None)
-    table = pa.Table.from_pandas(df, schema=idmap_schema(), preserve_index=False)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    data = sink.getvalue().to_pybytes()
-    digest = sha256_bytes(data)
-    name = f"idmap-{digest[:16]}.parquet"
-    path = Path(adir) / name
-    if not (path.is_file() and path.stat().st_size == len(data)):
-        atomic_write_bytes(path, data)
-    return _entry(name, len(data), digest, role="idmap", rows=len(df))
 
 
 def file_with_role(manifest: dict[str, Any], role: str, **match: Any) -> dict[str, Any] | None:

@@ -1968,9 +1968,8 @@ class DigestSet:
 
     Past ``spill_rows`` ids (default :data:`SPILL_ROWS`) the sorted array is moved to a memory-mapped, unlinked
     temp file in ``spill_dir`` (system temp dir by default): read-only, file-backed pages, no anonymous memory
-    held. Building from one array takes ~2 x 32 B per id transient (the digests given plus ``np.unique``'s sorted
-    copy); :meth:`from_chunks` builds part by part instead: past the threshold the chunks go to the temp file as
-    they come and are sorted and deduplicated there, in place (anonymous memory O(chunk))."""
+    held: the digests are written there as given and sorted and de-duplicated in place. :meth:`from_chunks` builds
+    part by part: past the threshold the chunks go to the temp file as they come (anonymous memory O(chunk))."""
 
     __slots__ = ("digests", "_spill_rows", "_spill_dir")
 
@@ -1978,8 +1977,10 @@ class DigestSet:
                  spill_dir: str | os.PathLike[str] | None = None) -> None:
         d = np.zeros(0, "S32") if digests is None else np.asarray(digests, "S32")
         self._spill_rows, self._spill_dir = spill_rows, spill_dir
-        d = np.unique(d)
-        self.digests = _mapped(d, spill_dir) if len(d) > (SPILL_ROWS if spill_rows is None else spill_rows) else d
+        if len(d) > (SPILL_ROWS if spill_rows is None else spill_rows):  # sorted in place in the spill file
+            self.digests = DigestSet.from_chunks([d], spill_rows=spill_rows, spill_dir=spill_dir).digests
+        else:
+            self.digests = np.unique(d)
 
     @classmethod
     def from_chunks(cls, chunks: Iterable[np.ndarray], *, spill_rows: int | None = None,

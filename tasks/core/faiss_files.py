@@ -200,7 +200,8 @@ class _Layout:
                 base = faiss.read_index(faiss.PyCallbackIOReader(f.read))  # owned here (downcast by SWIG)
                 if f.tell() != flat_at:
                     raise UsageError(f"{path.name}: the base index ends at {f.tell()}, expected {flat_at}")
-                (k_factor,) = struct.unpack("<f", _read_at(path, size - 4, 4))
+                f.seek(size - 4)
+                (k_factor,) = struct.unpack("<f", f.read(4))
             elif fourcc in (b"IxFI", b"IxF2"):
                 flat_at = 0
             else:
@@ -300,9 +301,3 @@ def _vector_chunks(path: str | os.PathLike[str], lay: _Layout, chunk_rows: int):
             if f.readinto(memoryview(buf).cast("B")) != buf.nbytes:
                 raise UsageError(f"{Path(path).name}: the file ends inside its stored vectors")
             yield start, buf
-
-
-def _read_at(path: Path, offset: int, n: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(n)
